@@ -1,0 +1,199 @@
+"""The decoder architecture as one frozen dataclass, with presets for the models we compress.
+
+Every field describes the computation, never the storage: a pruned model keeps `head_dim` while
+`hidden_size // num_attention_heads` changes, so nothing here is derived from another size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu2")
+NORMS = ("rms", "layernorm1p")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots")
+ROPE_KINDS = ("linear", "llama3")
+
+
+class ConfigError(ValueError):
+  """A user-facing configuration mistake; the message is one line naming the value and the rule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency rescaling. `llama3` is the Llama 3.1 scheme; `linear` divides every frequency."""
+
+  kind: str
+  factor: float
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    if self.kind not in ROPE_KINDS:
+      raise ConfigError(f"rope scaling kind={self.kind!r} is not supported; allowed: {ROPE_KINDS}")
+    if self.factor <= 0:
+      raise ConfigError(f"rope scaling factor={self.factor} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A pre-norm decoder-only transformer covering Llama 3.x, Mistral, Qwen2/3 and Nemotron."""
+
+  family: str
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: int
+  intermediate_size: int
+  activation: str = "silu"
+  gated_mlp: bool = True
+  norm: str = "rms"
+  norm_eps: float = 1e-5
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  partial_rotary_factor: float = 1.0
+  # Keys further back than this are masked; None attends to the whole causal prefix.
+  sliding_window: int | None = None
+  # Which layers use the window (Qwen2/3 mix both kinds); None means every layer.
+  sliding_window_layers: tuple[bool, ...] | None = None
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 8192
+  # Compute options; they never change what is saved.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  # Hugging Face fields we do not interpret but carry through export (token ids and the like).
+  hf_extras: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    def need(condition: bool, message: str):
+      if not condition:
+        raise ConfigError(message)
+
+    need(self.family in FAMILIES, f"family={self.family!r} is not supported; allowed: {FAMILIES}")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "intermediate_size"):
+      value = getattr(self, name)
+      need(isinstance(value, int) and value > 0, f"{name}={value!r} must be a positive integer")
+    need(self.num_attention_heads % self.num_key_value_heads == 0,
+         f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+         f"num_key_value_heads={self.num_key_value_heads}")
+    need(self.activation in ACTIVATIONS,
+         f"activation={self.activation!r} is not supported; allowed: {ACTIVATIONS}")
+    need(self.norm in NORMS, f"norm={self.norm!r} is not supported; allowed: {NORMS}")
+    need(self.dtype in DTYPES, f"dtype={self.dtype!r} is not supported; allowed: {DTYPES}")
+    need(self.param_dtype in DTYPES,
+         f"param_dtype={self.param_dtype!r} is not supported; allowed: {DTYPES}")
+    need(self.remat in REMAT_POLICIES,
+         f"remat={self.remat!r} is not supported; allowed: {REMAT_POLICIES}")
+    need(0.0 < self.partial_rotary_factor <= 1.0,
+         f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]")
+    need(self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+         f"rotary dim {self.rotary_dim} (head_dim={self.head_dim} x partial_rotary_factor="
+         f"{self.partial_rotary_factor}) must be a positive even number")
+    need(self.sliding_window is None or self.sliding_window > 0,
+         f"sliding_window={self.sliding_window} must be positive or None")
+    if self.sliding_window_layers is not None:
+      need(len(self.sliding_window_layers) == self.num_layers,
+           f"sliding_window_layers has {len(self.sliding_window_layers)} entries; "
+           f"num_layers={self.num_layers}")
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  @property
+  def queries_per_group(self) -> int:
+    return self.num_attention_heads // self.num_key_value_heads
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """The attention window of each layer (None: unlimited)."""
+    if self.sliding_window is None:
+      return (None,) * self.num_layers
+    if self.sliding_window_layers is None:
+      return (self.sliding_window,) * self.num_layers
+    return tuple(self.sliding_window if s else None for s in self.sliding_window_layers)
+
+  def num_params(self) -> int:
+    """Exact parameter count of the weights this config describes (tied head counted once)."""
+    d, h = self.hidden_size, self.head_dim
+    n, k, f = self.num_attention_heads, self.num_key_value_heads, self.intermediate_size
+    norm = d * (2 if self.norm == "layernorm1p" else 1)
+    attn = d * h * (n + 2 * k) + n * h * d
+    attn += h * (n + 2 * k) if self.qkv_bias else 0
+    attn += d if self.o_bias else 0
+    attn += 2 * h if self.qk_norm else 0
+    mlp = d * f * (3 if self.gated_mlp else 2)
+    mlp += (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
+    layer = 2 * norm + attn + mlp
+    embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    return embed + self.num_layers * layer + norm
+
+
+def _preset(defaults: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
+  return ModelConfig(**{**defaults, **overrides})
+
+
+_LLAMA3_ROPE = RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+
+
+def llama3_2_1b(**overrides) -> ModelConfig:
+  return _preset(dict(
+      family="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_attention_heads=32,
+      num_key_value_heads=8, head_dim=64, intermediate_size=8192, norm_eps=1e-5,
+      rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True,
+      max_position_embeddings=131072), overrides)
+
+
+def llama3_1_8b(**overrides) -> ModelConfig:
+  return _preset(dict(
+      family="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_attention_heads=32,
+      num_key_value_heads=8, head_dim=128, intermediate_size=14336, norm_eps=1e-5,
+      rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+      max_position_embeddings=131072), overrides)
+
+
+def nemotron4_15b(**overrides) -> ModelConfig:
+  return _preset(dict(
+      family="nemotron", vocab_size=256000, hidden_size=6144, num_layers=32, num_attention_heads=48,
+      num_key_value_heads=8, head_dim=128, intermediate_size=24576, activation="relu2",
+      gated_mlp=False, norm="layernorm1p", norm_eps=1e-5, partial_rotary_factor=0.5,
+      max_position_embeddings=4096), overrides)
+
+
+def tiny(family: str = "llama", **overrides) -> ModelConfig:
+  """A few-hundred-thousand-parameter model of the given family, for tests and smoke runs."""
+  base = dict(family=family, vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, intermediate_size=128,
+              max_position_embeddings=512)
+  family_specific = {
+      "llama": {},
+      "mistral": dict(sliding_window=8),
+      "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, norm_eps=1e-6, rope_theta=1e6),
+      "qwen3": dict(qk_norm=True, norm_eps=1e-6, rope_theta=1e6),
+      "nemotron": dict(activation="relu2", gated_mlp=False, norm="layernorm1p",
+                       partial_rotary_factor=0.5),
+  }
+  if family not in family_specific:
+    raise ConfigError(f"family={family!r} is not supported; allowed: {FAMILIES}")
+  return _preset({**base, **family_specific[family]}, overrides)
+
+
+PRESETS = {
+    "llama3_2_1b": llama3_2_1b,
+    "llama3_1_8b": llama3_1_8b,
+    "nemotron4_15b": nemotron4_15b,
+    "tiny": tiny,
+}

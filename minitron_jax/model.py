@@ -1,0 +1,354 @@
+"""The decoder in Flax NNX, with a pure-function face: params are a plain nested dict.
+
+Layers are stacked on a leading `layers` axis and run with `lax.scan`, so depth pruning is a slice
+and compile time does not grow with depth. Axis letters used in einsum strings:
+  B batch, T query positions, S key positions, D hidden, V vocab, F MLP intermediate,
+  N query heads, K key/value heads (query groups), G queries per group, H head_dim, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from minitron_jax.config import ModelConfig
+
+Params = dict[str, Any]
+# The values the layer body exposes to importance and distillation, each per layer:
+#   layer_input [B,T,D], attn_norm [B,T,D], attn_heads [B,T,N,H] (before o_proj),
+#   mlp_norm [B,T,D], mlp_act [B,T,F] (input of down_proj), layer_output [B,T,D].
+Intermediates = dict[str, jax.Array]
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+}
+_MASKED = -1e30  # finite, so fully padded rows give a uniform softmax instead of NaN
+_NO_WINDOW = np.iinfo(np.int32).max
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+  if init == "normal":
+    value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jnp.zeros(shape, dtype)
+  return nnx.Param(value, axes=axes)
+
+
+class Norm(nnx.Module):
+  """RMSNorm, or Nemotron's LayerNorm1P whose stored scale is offset by one."""
+
+  def __init__(self, size: int, kind: str, eps: float, dtype, rngs: nnx.Rngs, axis: str = "norm"):
+    self.kind, self.eps = kind, eps
+    self.scale = _param(rngs, (size,), (axis,), dtype, "ones" if kind == "rms" else "zeros")
+    self.bias = _param(rngs, (size,), (axis,), dtype, "zeros") if kind == "layernorm1p" else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == "rms":
+      y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+      y = y * self.scale[...].astype(jnp.float32)
+    else:
+      centred = x32 - jnp.mean(x32, -1, keepdims=True)
+      y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + self.eps)
+      y = y * (self.scale[...].astype(jnp.float32) + 1.0) + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+  """Per-pair inverse frequencies [rotary_dim/2], computed in float32 as the reference does."""
+  dim = config.rotary_dim
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+  inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  if scaling.kind == "linear":
+    return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
+  # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
+  old_len = scaling.original_max_position_embeddings
+  low_wavelen = old_len / scaling.low_freq_factor
+  high_wavelen = old_len / scaling.high_freq_factor
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rotary_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin of shape [B,T,rotary_dim] in float32 (the two halves repeat, as in rotate-half RoPE)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(config))
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B,T,heads,H]; rotates the first rotary_dim channels and passes the rest through."""
+  rot = cos.shape[-1]
+  x_rot, x_pass = x[..., :rot], x[..., rot:]
+  first, second = jnp.split(x_rot, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+  return jnp.concatenate([x_rot, x_pass], axis=-1)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; query head n reads key/value head n // queries_per_group."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, n, k, h = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                  config.head_dim)
+    dtype = jnp.dtype(config.param_dtype)
+    self.config = config
+    self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
+    self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+    self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+    self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
+    if config.qkv_bias:
+      self.q_bias = _param(rngs, (n, h), ("q_heads", "head_dim"), dtype, "zeros")
+      self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, "zeros")
+      self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, "zeros")
+    if config.o_bias:
+      self.o_bias = _param(rngs, (d,), ("embed",), dtype, "zeros")
+    if config.qk_norm:
+      self.q_norm = Norm(h, "rms", config.norm_eps, dtype, rngs, axis="head_dim")
+      self.k_norm = Norm(h, "rms", config.norm_eps, dtype, rngs, axis="head_dim")
+
+  def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, jax.Array]:
+    """x [B,T,D], mask [B,T,S] bool -> (output [B,T,D], per-head output [B,T,N,H])."""
+    cfg = self.config
+    dt = x.dtype
+
+    def project(name: str) -> jax.Array:
+      y = jnp.einsum("BTD,DKH->BTKH", x, getattr(self, f"{name}_proj")[...].astype(dt))
+      if cfg.qkv_bias:
+        y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+      return y
+
+    q, k, v = project("q"), project("k"), project("v")
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    b, t, _, h = q.shape
+    q = q.reshape(b, t, cfg.num_key_value_heads, cfg.queries_per_group, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (h ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    heads = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.num_attention_heads, h)
+    out = jnp.einsum("BTNH,NHD->BTD", heads, self.o_proj[...].astype(dt))
+    if cfg.o_bias:
+      out = out + self.o_bias[...].astype(dt)
+    return out, heads
+
+
+class MLP(nnx.Module):
+  """Gated (SwiGLU-style) or plain (Nemotron relu²) feed-forward block."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    dtype = jnp.dtype(config.param_dtype)
+    self.config = config
+    if config.gated_mlp:
+      self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+    if config.mlp_bias:
+      if config.gated_mlp:
+        self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, "zeros")
+      self.up_bias = _param(rngs, (f,), ("mlp",), dtype, "zeros")
+      self.down_bias = _param(rngs, (d,), ("embed",), dtype, "zeros")
+
+  def __call__(self, x) -> tuple[jax.Array, jax.Array]:
+    """x [B,T,D] -> (output [B,T,D], activation [B,T,F] that feeds down_proj)."""
+    cfg, dt = self.config, x.dtype
+
+    def project(name: str) -> jax.Array:
+      y = jnp.einsum("BTD,DF->BTF", x, getattr(self, f"{name}_proj")[...].astype(dt))
+      return y + getattr(self, f"{name}_bias")[...].astype(dt) if cfg.mlp_bias else y
+
+    act = _ACTIVATIONS[cfg.activation](project("up") if not cfg.gated_mlp else project("gate"))
+    if cfg.gated_mlp:
+      act = act * project("up")
+    out = jnp.einsum("BTF,FD->BTD", act, self.down_proj[...].astype(dt))
+    if cfg.mlp_bias:
+      out = out + self.down_bias[...].astype(dt)
+    return out, act
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.param_dtype)
+    self.attn_norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
+    self.attn = Attention(config, rngs)
+    self.mlp_norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
+    self.mlp = MLP(config, rngs)
+
+  def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, Intermediates]:
+    attn_in = self.attn_norm(x)
+    attn_out, heads = self.attn(attn_in, cos, sin, mask)
+    h = x + attn_out
+    mlp_in = self.mlp_norm(h)
+    mlp_out, act = self.mlp(mlp_in)
+    y = h + mlp_out
+    return y, dict(layer_input=x, attn_norm=attn_in, attn_heads=heads, mlp_norm=mlp_in,
+                   mlp_act=act, layer_output=y)
+
+
+class Decoder(nnx.Module):
+  """Embedding, `num_layers` stacked decoder layers, final norm and (untied) LM head."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    dtype = jnp.dtype(config.param_dtype)
+    self.config = config
+    self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+      return DecoderLayer(config, rngs)
+
+    self.layers = make_layers(rngs)
+    self.final_norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
+    if not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+                            dtype)
+
+  def __call__(self, tokens, segment_ids, positions, intermediates_fn=None):
+    """tokens [B,T] -> (final normed hidden [B,T,D], per-layer intermediates_fn outputs or None)."""
+    cfg = self.config
+    dt = jnp.dtype(cfg.dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    cos, sin = rotary_tables(cfg, positions)
+    query_pos = jnp.arange(tokens.shape[1])
+    distance = query_pos[:, None] - query_pos[None, :]  # [T,S]
+    base_mask = ((distance >= 0)[None]
+                 & (segment_ids[:, :, None] == segment_ids[:, None, :])
+                 & (segment_ids[:, None, :] != 0))  # [B,T,S]
+    windows = jnp.asarray([_NO_WINDOW if w is None else w for w in cfg.layer_windows()],
+                          jnp.int32)
+
+    graphdef, layer_state = nnx.split(self.layers)
+
+    def body(carry, xs):
+      state, window = xs
+      layer = nnx.merge(graphdef, state)
+      y, inter = layer(carry, cos, sin, base_mask & (distance < window)[None])
+      return y, (intermediates_fn(inter) if intermediates_fn is not None else None)
+
+    if cfg.remat == "full":
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    elif cfg.remat == "dots":
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    x, stacked = jax.lax.scan(body, x, (layer_state, windows))
+    return self.final_norm(x), stacked
+
+
+@functools.lru_cache(maxsize=64)
+def _graphdef_and_abstract_state(config: ModelConfig):
+  abstract = nnx.eval_shape(lambda: Decoder(config, nnx.Rngs(0)))
+  return nnx.split(abstract)
+
+
+def _bind(config: ModelConfig, params: Params) -> Decoder:
+  graphdef, abstract_state = _graphdef_and_abstract_state(config)
+  state = jax.tree.map(lambda v: v, abstract_state)  # a fresh copy: replace_by_pure_dict mutates
+  nnx.replace_by_pure_dict(state, params)
+  return nnx.merge(graphdef, state)
+
+
+def init(config: ModelConfig, seed: int = 0, out_shardings=None) -> Params:
+  """Random params as a plain nested dict (optionally created already sharded)."""
+
+  def create():
+    return nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(seed)), nnx.Param))
+
+  return jax.jit(create, out_shardings=out_shardings)()
+
+
+def abstract_params(config: ModelConfig) -> Params:
+  """ShapeDtypeStructs of every weight, without allocating anything."""
+  return nnx.to_pure_dict(_graphdef_and_abstract_state(config)[1])
+
+
+def logical_axes(config: ModelConfig) -> Params:
+  """A tuple of logical axis names for every weight, mirroring the params tree."""
+  _, state = _graphdef_and_abstract_state(config)
+  params = nnx.to_pure_dict(state)
+  axes = {}
+
+  def visit(path, _):
+    variable = state
+    for key in path:
+      variable = variable[key.key]
+    names = tuple(variable.get_metadata()["axes"])
+    return ("layers",) + names if path[0].key == "layers" else names
+
+  axes = jax.tree_util.tree_map_with_path(visit, params)
+  return axes
+
+
+def lm_head_kernel(config: ModelConfig, params: Params) -> jax.Array:
+  """The [D,V] output projection (the transposed embedding when tied)."""
+  return params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def _defaults(tokens, segment_ids, positions):
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return segment_ids, positions
+
+
+@functools.partial(jax.jit, static_argnames=("config", "intermediates_fn"))
+def hidden_states(config: ModelConfig, params: Params, tokens: jax.Array, *,
+                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+                  intermediates_fn: Callable[[Intermediates], Any] | None = None):
+  """Final normed hidden states [B,T,D] (compute dtype) and stacked per-layer intermediates.
+
+  `segment_ids` [B,T]: tokens attend only within their segment; 0 marks padding.
+  `positions` [B,T]: RoPE positions (restart them per packed segment).
+  `intermediates_fn` maps one layer's `Intermediates` to whatever should be kept (a reduction,
+  for importance); its outputs come back stacked on a leading layers axis. None keeps nothing.
+  """
+  segment_ids, positions = _defaults(tokens, segment_ids, positions)
+  return _bind(config, params)(tokens, segment_ids, positions, intermediates_fn)
+
+
+def logits_from_hidden(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+  kernel = lm_head_kernel(config, params).astype(hidden.dtype)
+  return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32)
+
+
+def _keep_all(intermediates: Intermediates) -> Intermediates:
+  return intermediates
+
+
+@functools.partial(jax.jit, static_argnames=("config", "return_intermediates"))
+def apply(config: ModelConfig, params: Params, tokens: jax.Array, *,
+          segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+          return_intermediates: bool = False):
+  """Logits float32 [B,T,V]; with `return_intermediates`, also every layer's intermediates
+  stacked as [L,...] plus `final_norm` [B,T,D]."""
+  hidden, stacked = hidden_states(config, params, tokens, segment_ids=segment_ids,
+                                  positions=positions,
+                                  intermediates_fn=_keep_all if return_intermediates else None)
+  logits = logits_from_hidden(config, params, hidden).astype(jnp.float32)
+  if not return_intermediates:
+    return logits
+  return logits, {**stacked, "final_norm": hidden}

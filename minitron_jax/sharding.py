@@ -1,0 +1,116 @@
+"""Device mesh and the one table that maps logical weight axes to mesh axes.
+
+Parallelism is a config change: every weight names its axes (see `model.logical_axes`), and
+`LOGICAL_RULES` decides where each name lives. Pruning changes head and neuron counts, so a rule
+is dropped for a dimension the mesh axis does not divide (that dimension is then replicated)
+instead of failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from minitron_jax import model as model_lib
+from minitron_jax.config import ConfigError, ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it is split over (tried in order; each mesh axis used once per array).
+LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", ()),
+    ("vocab", ("tensor",)),
+    ("embed", ("fsdp",)),
+    ("q_heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("mlp", ("tensor",)),
+    ("length", ()),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape; one entry may be -1 to take every remaining device."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def shape(self, num_devices: int) -> tuple[int, int, int]:
+    sizes = [self.data, self.fsdp, self.tensor]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} is invalid; allowed: positive sizes "
+                        "and at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+      if num_devices % known:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide {num_devices} "
+                          "devices")
+      sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; "
+                        f"{num_devices} are available")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config: MeshConfig = MeshConfig(), devices: Sequence | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_config.shape(len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str], shape: Sequence[int], mesh: Mesh,
+                    rules=LOGICAL_RULES) -> PartitionSpec:
+  """The PartitionSpec for one array; mesh axes that do not divide a dimension are skipped."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(axes, shape):
+    if name not in table:
+      raise ConfigError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+    chosen = []
+    for mesh_axis in table[name]:
+      split = math.prod(mesh.shape[a] for a in chosen) * mesh.shape[mesh_axis]
+      if mesh_axis not in used and size % split == 0:
+        chosen.append(mesh_axis)
+    used.update(chosen)
+    spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+  return PartitionSpec(*spec)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules=LOGICAL_RULES):
+  """A NamedSharding for every weight, mirroring the params tree."""
+  shapes = model_lib.abstract_params(config)
+  return jax.tree.map(
+      lambda axes, leaf: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules)),
+      model_lib.logical_axes(config), shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def shard_params(config: ModelConfig, params, mesh: Mesh, rules=LOGICAL_RULES):
+  """Places existing params on the mesh."""
+  return jax.device_put(params, param_shardings(config, mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def describe(config: ModelConfig, mesh: Mesh) -> str:
+  """One line per weight: its shape, logical axes and the PartitionSpec it gets on `mesh`."""
+  shapes = jax.tree_util.tree_flatten_with_path(model_lib.abstract_params(config))[0]
+  axes = jax.tree.leaves(model_lib.logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
+  lines = []
+  for (path, leaf), names in zip(shapes, axes):
+    name = "/".join(str(k.key) for k in path)
+    lines.append(f"{name:32s} {str(leaf.shape):24s} {names} -> "
+                 f"{logical_to_spec(names, leaf.shape, mesh)}")
+  return "\n".join(lines)
+
