@@ -343,13 +343,18 @@ def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
   return tensors
 
 
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+  """The raw `config.json` dict of a Hugging Face model directory."""
+  config_file = pathlib.Path(path) / "config.json"
+  if not config_file.is_file():
+    raise ConfigError(f"{path} has no config.json; expected a Hugging Face model directory")
+  return json.loads(config_file.read_text())
+
+
 def load(path: str | os.PathLike, *, param_dtype: str | None = None):
   """(config, params) from a Hugging Face model directory."""
   directory = pathlib.Path(path)
-  config_file = directory / "config.json"
-  if not config_file.is_file():
-    raise ConfigError(f"{directory} has no config.json; expected a Hugging Face model directory")
-  config = config_from_hf(json.loads(config_file.read_text()))
+  config = config_from_hf(read_config(directory))
   if param_dtype is not None:
     config = config.replace(param_dtype=param_dtype)
   return config, params_from_hf(config, read_safetensors(directory))

@@ -98,9 +98,10 @@ def shard_params(config: ModelConfig, params, mesh: Mesh, rules=LOGICAL_RULES):
   return jax.device_put(params, param_shardings(config, mesh, rules))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) axis over data x fsdp, the rest replicated."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp as far as they divide it, the rest replicated."""
+  axes = ("batch",) + ("length",) * (len(shape) - 1)
+  return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
 
 def describe(config: ModelConfig, mesh: Mesh) -> str:

@@ -1,0 +1,31 @@
+"""Turns the `model` section of an ml-collections config into (ModelConfig, params)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from minitron_jax import config as config_lib
+from minitron_jax import hf, model
+from minitron_jax.config import ConfigError
+
+
+def model_config(section: ml_collections.ConfigDict) -> config_lib.ModelConfig:
+  """The architecture: a Hugging Face directory's config.json, or a preset with overrides."""
+  if section.get("hf_path"):
+    return hf.config_from_hf(hf.read_config(section.hf_path))
+  if section.preset not in config_lib.PRESETS:
+    raise ConfigError(f"model.preset={section.preset!r} is unknown; allowed: "
+                      f"{sorted(config_lib.PRESETS)}")
+  overrides = dict(section.get("overrides", {}))
+  return config_lib.PRESETS[section.preset](**overrides)
+
+
+def load_model(section: ml_collections.ConfigDict, out_shardings=None):
+  """(config, params): loaded from `hf_path` when given, else randomly initialised from `seed`."""
+  if section.get("hf_path"):
+    config, params = hf.load(section.hf_path)
+  else:
+    config = model_config(section)
+    params = model.init(config, section.get("seed", 0), out_shardings=out_shardings)
+  compute = {k: section[k] for k in ("dtype", "remat") if section.get(k)}
+  return config.replace(**compute), params

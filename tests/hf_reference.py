@@ -1,0 +1,53 @@
+"""Tiny random `transformers` models built in process: the independent numerical reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
+_CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "nemotron": "NemotronConfig",
+}
+
+
+def hf_config(family: str, *, num_key_value_heads: int = 2, head_dim: int | None = 16, **overrides):
+  """hidden 48 with 4 heads of head_dim 16: head_dim != hidden/heads unless head_dim is None."""
+  fields = dict(vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=num_key_value_heads,
+                max_position_embeddings=256, initializer_range=0.1)
+  if head_dim is not None:
+    fields["head_dim"] = head_dim
+  fields.update(overrides)
+  return getattr(transformers, _CONFIG_CLASSES[family])(**fields)
+
+
+def hf_model(config, seed: int = 0):
+  """A random model whose norms and biases are far from their identity init, so they matter."""
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+  with torch.no_grad():
+    for param in model.parameters():
+      param.add_(0.1 * torch.randn_like(param))
+  return model
+
+
+def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+  with torch.no_grad():
+    mask = None if attention_mask is None else torch.tensor(attention_mask)
+    return model(torch.tensor(tokens), attention_mask=mask).logits.float().numpy()
+
+
+def assert_close_relative(actual, expected, tolerance: float):
+  """max |actual - expected| <= tolerance * max |expected| (elementwise rtol is meaningless near 0)."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  error = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
+  assert error <= tolerance, f"relative error {error:.3g} > {tolerance}"

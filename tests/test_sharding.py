@@ -1,0 +1,64 @@
+"""The forward pass on a 2x2x2 (data x fsdp x tensor) mesh of simulated CPU devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from minitron_jax import config as config_lib
+from minitron_jax import model, sharding
+from minitron_jax.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets --xla_force_host_platform_device_count)")
+  return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+
+
+@pytest.mark.parametrize("family", config_lib.FAMILIES)
+def test_sharded_forward_matches_one_device(mesh, family):
+  config = config_lib.tiny(family)
+  params = model.init(config, 0)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (4, 16)))
+  expected = model.apply(config, params, tokens)
+
+  sharded = sharding.shard_params(config, params, mesh)
+  q_proj = sharded["layers"]["attn"]["q_proj"]
+  assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  assert len(q_proj.addressable_shards) == 8
+  logits = model.apply(config, sharded, jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape)))
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_init_places_params_directly(mesh):
+  config = config_lib.tiny("qwen2")
+  params = model.init(config, 3, out_shardings=sharding.param_shardings(config, mesh))
+  expected = model.init(config, 3)
+  jax.tree.map(np.testing.assert_array_equal, params, expected)
+  assert params["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+
+
+def test_indivisible_dimension_is_replicated(mesh):
+  # One KV head cannot be split over tensor=2, so that axis is replicated instead of failing.
+  spec = sharding.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 1, 16), mesh)
+  assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+  assert sharding.batch_sharding(mesh, (4, 8)).spec == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None)
+  assert sharding.batch_sharding(mesh, (2, 8)).spec == jax.sharding.PartitionSpec("data", None)
+
+
+@pytest.mark.parametrize("mesh_config, devices, message", [
+    (sharding.MeshConfig(data=3, fsdp=1, tensor=1), 8, "needs 3 devices; 8 are available"),
+    (sharding.MeshConfig(data=-1, fsdp=3, tensor=1), 8, "does not divide 8 devices"),
+    (sharding.MeshConfig(data=-1, fsdp=-1, tensor=1), 8, "at most one -1"),
+])
+def test_bad_mesh_is_a_one_line_error(mesh_config, devices, message):
+  with pytest.raises(ConfigError, match=message):
+    mesh_config.shape(devices)
+
+
+def test_mesh_fills_the_free_axis():
+  assert sharding.MeshConfig(data=-1, fsdp=2, tensor=2).shape(8) == (2, 2, 2)
+  assert sharding.MeshConfig().shape(8) == (8, 1, 1)
