@@ -7,6 +7,7 @@ Every field describes the computation, never the storage: a pruned model keeps `
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
@@ -117,6 +118,24 @@ class ModelConfig:
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready fields (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":
+    fields = dict(fields)
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ConfigError(f"model config fields {unknown} are unknown")
+    if fields.get("rope_scaling") is not None:
+      fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    if fields.get("sliding_window_layers") is not None:
+      fields["sliding_window_layers"] = tuple(fields["sliding_window_layers"])
+    fields["hf_extras"] = tuple(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in fields.get("hf_extras", ()))
+    return cls(**fields)
 
   def layer_windows(self) -> tuple[int | None, ...]:
     """The attention window of each layer (None: unlimited)."""

@@ -7,12 +7,14 @@ from typing import Callable
 
 import ml_collections
 
-from minitron_jax import check
+from minitron_jax import check, stages
 from minitron_jax.config import ConfigError
 
 # stage name -> (function(config, workdir) -> metrics, file whose presence marks it done)
 STAGES: dict[str, tuple[Callable, str]] = {
     "check": (check.run, "check/metrics.json"),
+    "importance": (stages.run_importance, "importance/summary.json"),
+    "prune": (stages.run_prune, "prune/summary.json"),
 }
 
 

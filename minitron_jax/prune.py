@@ -1,0 +1,209 @@
+"""Structured pruning (Minitron §2.3): pure functions from (config, params, scores) to a smaller model.
+
+Every weight names its axes (`model.logical_axes`), so pruning is one rule per axis name:
+  layers   -> the kept layers            embed    -> the kept embedding channels (network-wide)
+  q_heads  -> kept query heads per layer kv_heads -> kept query groups per layer
+  mlp      -> kept neurons per layer     vocab, head_dim -> untouched
+All layers keep one width; within a layer, query heads are ranked inside their KV group so groups
+stay intact. Kept indices stay in their original order, so keeping everything is the identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from minitron_jax import model
+from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.importance import Aggregation, Scores
+
+TARGET_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size")
+DEPTH_CRITERIA = ("block_importance", "drop_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """Indices to keep, in the source model's numbering.
+
+  layers [L'], embed [D'], and per kept layer: q_heads [L',N'], kv_heads [L',K'], mlp [L',F'].
+  """
+
+  layers: np.ndarray
+  embed: np.ndarray
+  q_heads: np.ndarray
+  kv_heads: np.ndarray
+  mlp: np.ndarray
+
+
+def validate_target(config: ModelConfig, target: Mapping[str, int]) -> dict[str, int]:
+  """The full target (unspecified sizes keep the source's); one-line errors for bad values."""
+  unknown = sorted(set(target) - set(TARGET_KEYS))
+  if unknown:
+    raise ConfigError(f"target keys {unknown} are unknown; allowed: {list(TARGET_KEYS)}")
+  full = {key: int(target.get(key, getattr(config, key))) for key in TARGET_KEYS}
+  for key, value in full.items():
+    source = getattr(config, key)
+    if value < 1:
+      raise ConfigError(f"target {key}={value} must be a positive integer")
+    if value > source:
+      raise ConfigError(f"target {key}={value} exceeds the source model's {key}={source}")
+  heads, groups = full["num_attention_heads"], full["num_key_value_heads"]
+  if heads % groups:
+    raise ConfigError(f"target num_attention_heads={heads} must be a multiple of "
+                      f"num_key_value_heads={groups}")
+  if heads // groups > config.queries_per_group:
+    raise ConfigError(f"target needs {heads // groups} query heads per group "
+                      f"({heads}/{groups}); the source has only {config.queries_per_group}")
+  return full
+
+
+def _top_sorted(scores: np.ndarray, k: int) -> np.ndarray:
+  """Indices of the k largest scores along the last axis, in increasing index order."""
+  order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+  return np.sort(order, axis=-1)
+
+
+def select(config: ModelConfig, scores: Scores, target: Mapping[str, int], *,
+           aggregation: Aggregation | str | None = None,
+           depth_criterion: str = "block_importance", contiguous_depth: bool = False
+           ) -> Selection:
+  """Which layers, channels, groups, heads and neurons to keep."""
+  full = validate_target(config, target)
+  agg = Aggregation.parse(aggregation) if aggregation is not None else scores.aggregation
+  num_layers = config.num_layers
+  if depth_criterion not in DEPTH_CRITERIA:
+    raise ConfigError(f"depth_criterion={depth_criterion!r} is unknown; allowed: {DEPTH_CRITERIA}")
+
+  dropped = num_layers - full["num_layers"]
+  if dropped == 0:
+    layers = np.arange(num_layers)
+  elif contiguous_depth:
+    start = int(np.argmin(scores.layer_importance(depth_criterion, dropped)))
+    layers = np.array([i for i in range(num_layers) if not start <= i < start + dropped])
+  else:
+    layers = _top_sorted(scores.layer_importance(depth_criterion, 1), full["num_layers"])
+
+  group_size, kept_per_group = config.queries_per_group, (
+      full["num_attention_heads"] // full["num_key_value_heads"])
+  head_scores = scores.heads(agg)[layers].reshape(len(layers), config.num_key_value_heads,
+                                                   group_size)  # [L',K,G]
+  kv_heads = _top_sorted(head_scores.sum(-1), full["num_key_value_heads"])  # [L',K']
+  within = _top_sorted(np.take_along_axis(head_scores, kv_heads[..., None], axis=1),
+                       kept_per_group)  # [L',K',G']
+  q_heads = (kv_heads[..., None] * group_size + within).reshape(len(layers), -1)
+  return Selection(
+      layers=layers,
+      embed=_top_sorted(scores.embedding_channels(agg), full["hidden_size"]),
+      q_heads=q_heads,
+      kv_heads=kv_heads,
+      mlp=_top_sorted(scores.neurons(agg)[layers], full["intermediate_size"]),
+  )
+
+
+def merge_heads(config: ModelConfig, params, scores: Scores, selection: Selection,
+                aggregation: Aggregation | str | None = None):
+  """Paper §2.3 head merging, inside each kept KV group on query weights only.
+
+  With a group's heads ordered by importance h_1..h_G and K kept, kept head i (1-based) absorbs
+  pruned head j = 2K - i + 1: new Q_i = Q_i + (Q_i - Q_j), for i in [2K - G + 1, K].
+  """
+  group_size = config.queries_per_group
+  agg = Aggregation.parse(aggregation) if aggregation is not None else scores.aggregation
+  kept = selection.q_heads.shape[1] // selection.kv_heads.shape[1]
+  if kept == group_size:
+    return params
+  attn = params["layers"]["attn"]
+  q_proj = np.array(attn["q_proj"])  # [L,D,N,H]
+  q_bias = np.array(attn["q_bias"]) if "q_bias" in attn else None  # [L,N,H]
+  head_scores = scores.heads(agg)
+  for layer in selection.layers:
+    for group in range(config.num_key_value_heads):
+      members = group * group_size + np.arange(group_size)
+      ranked = members[np.argsort(-head_scores[layer, members], kind="stable")]
+      for i in range(max(1, 2 * kept - group_size + 1), kept + 1):
+        keep, absorb = ranked[i - 1], ranked[2 * kept - i]
+        q_proj[layer, :, keep] = 2 * q_proj[layer, :, keep] - q_proj[layer, :, absorb]
+        if q_bias is not None:
+          q_bias[layer, keep] = 2 * q_bias[layer, keep] - q_bias[layer, absorb]
+  new_attn = {**attn, "q_proj": q_proj}
+  if q_bias is not None:
+    new_attn["q_bias"] = q_bias
+  return {**params, "layers": {**params["layers"], "attn": new_attn}}
+
+
+def apply_selection(config: ModelConfig, params, selection: Selection):
+  """Slices every weight to the selection; returns (pruned config, pruned params as numpy)."""
+  per_layer = {"q_heads": selection.q_heads, "kv_heads": selection.kv_heads,
+               "mlp": selection.mlp}
+
+  def slice_leaf(axes: tuple[str, ...], leaf) -> np.ndarray:
+    array = np.asarray(leaf)
+    if axes[0] == "layers":
+      array = array[selection.layers]
+    for axis, name in enumerate(axes):
+      if name == "embed":
+        array = np.take(array, selection.embed, axis=axis)
+      elif name in per_layer:
+        indices = per_layer[name]
+        array = np.stack([np.take(array[i], indices[i], axis=axis - 1)
+                          for i in range(array.shape[0])])
+    return array
+
+  pruned = jax.tree.map(slice_leaf, model.logical_axes(config), params,
+                        is_leaf=lambda x: isinstance(x, tuple))
+  windows = config.sliding_window_layers
+  new_config = config.replace(
+      num_layers=len(selection.layers),
+      hidden_size=len(selection.embed),
+      num_attention_heads=selection.q_heads.shape[1],
+      num_key_value_heads=selection.kv_heads.shape[1],
+      intermediate_size=selection.mlp.shape[1],
+      sliding_window_layers=None if windows is None
+      else tuple(windows[i] for i in selection.layers))
+  return new_config, pruned
+
+
+def prune(config: ModelConfig, params, scores: Scores, target: Mapping[str, int], *,
+          aggregation: Aggregation | str | None = None, head_merging: bool = True,
+          depth_criterion: str = "block_importance", contiguous_depth: bool = False):
+  """(config, params) of the model pruned to `target` (absolute sizes; missing keys: unchanged).
+
+  target keys: num_layers, hidden_size, num_attention_heads, num_key_value_heads,
+  intermediate_size. Depth is ranked by `depth_criterion`; `contiguous_depth` removes the
+  lowest-scoring contiguous block instead of the lowest-scoring single layers.
+  """
+  selection = select(config, scores, target, aggregation=aggregation,
+                     depth_criterion=depth_criterion, contiguous_depth=contiguous_depth)
+  if head_merging:
+    params = merge_heads(config, params, scores, selection, aggregation)
+  return apply_selection(config, params, selection)
+
+
+def iterative_prune(config: ModelConfig, params, calibration, target: Mapping[str, int], *,
+                    rounds: int = 1, estimate_options: Mapping | None = None, log=None,
+                    **prune_options):
+  """Paper Table 10: T rounds of re-estimating importance on the partly pruned model and pruning
+  a further 1/T of the way. `calibration` is a callable returning a fresh batch iterator.
+  Returns (config, params, scores of the last round)."""
+  from minitron_jax import importance  # local: importance imports nothing from here
+
+  if rounds < 1:
+    raise ConfigError(f"rounds={rounds} must be at least 1")
+  full = validate_target(config, target)
+  source = {key: getattr(config, key) for key in TARGET_KEYS}
+  scores = None
+  for r in range(1, rounds + 1):
+    step = {key: source[key] - (source[key] - full[key]) * r // rounds for key in TARGET_KEYS}
+    groups = step["num_key_value_heads"]
+    per_group = -(-step["num_attention_heads"] // groups)  # ceil: never below the final target
+    step["num_attention_heads"] = min(groups * per_group, groups * config.queries_per_group)
+    if r == rounds:
+      step = full
+    scores = importance.estimate(config, params, calibration(), log=log,
+                                 **dict(estimate_options or {}))
+    config, params = prune(config, params, scores, step, **prune_options)
+  return config, params, scores
