@@ -394,6 +394,9 @@ def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params,
              "weight_map": weight_map}
     (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
   (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+  staging.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
+  for file in staging.iterdir():
+    file.chmod(0o644)
   if directory.exists():
     backup = directory.with_name(f".{directory.name}.old")
     os.replace(directory, backup)

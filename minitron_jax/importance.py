@@ -262,14 +262,12 @@ class Scores:
              "| layer | BI | drop-loss increase | mean head score | mean neuron score |",
              "|---|---|---|---|---|"]
     heads, neurons = self.heads(), self.neurons()
-    bi = self.block_importance.get(1)
-    drop = self.drop_loss.get(1)
+    bi, drop = self.block_importance.get(1), self.drop_loss.get(1)
     for layer in range(heads.shape[0]):
-      lines.append(f"| {layer} | {bi[layer]:.4f} | "
-                   f"{'' if drop is None else f'{drop[layer]:.4f}'} | "
-                   f"{heads[layer].mean():.4g} | {neurons[layer].mean():.4g} |"
-                   if bi is not None else f"| {layer} | | | {heads[layer].mean():.4g} | "
-                   f"{neurons[layer].mean():.4g} |")
+      cells = [str(layer), "" if bi is None else f"{bi[layer]:.4f}",
+               "" if drop is None else f"{drop[layer]:.4f}", f"{heads[layer].mean():.4g}",
+               f"{neurons[layer].mean():.4g}"]
+      lines.append("| " + " | ".join(cells) + " |")
     for n, values in sorted(self.block_importance.items()):
       if n > 1:
         lines.append(f"\nBI of {n}-layer blocks by start layer: "

@@ -64,12 +64,18 @@ def run_prune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) 
       aggregation=(cfg.importance.batch_aggregation, cfg.importance.seq_aggregation),
       head_merging=section.head_merging, depth_criterion=section.depth_criterion,
       contiguous_depth=section.contiguous_depth)
+  validation = corpus.byte_windows(corpus.stdlib_bytes("validation"), cfg.data.batch_size,
+                                   cfg.data.seq_len + 1, cfg.data.num_batches, cfg.seed)
+  losses = {name: importance.lm_loss(c, p, list(validation))
+            for name, (c, p) in (("source", (config, params)), ("pruned", (pruned_config, pruned)))}
   log(f"[prune] {config.num_params():,} -> {pruned_config.num_params():,} parameters "
-      f"({pruned_config.num_params() / config.num_params():.1%})")
+      f"({pruned_config.num_params() / config.num_params():.1%}); zero-shot validation loss "
+      f"{losses['source']:.4f} -> {losses['pruned']:.4f}")
   hf.save(out / "hf", pruned_config, pruned, dtype=cfg.export_dtype)
   checkpoint.save_model(out / "model", pruned_config, pruned)
   summary = dict(source=config.to_dict(), pruned=pruned_config.to_dict(), target=target,
                  source_params=config.num_params(), pruned_params=pruned_config.num_params(),
+                 source_validation_loss=losses["source"], pruned_validation_loss=losses["pruned"],
                  seconds=time.perf_counter() - started)
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
   log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out / 'model'}, "

@@ -50,3 +50,40 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
   assert result.returncode == 2
   assert "error: family='gpt' is not supported" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_importance_and_prune_stages_write_scores_checkpoint_and_export(tmp_path):
+  from minitron_jax import checkpoint, hf, importance, model
+  import jax.numpy as jnp
+  import numpy as np
+
+  config = _small_config(stages=("importance", "prune"))
+  config.importance.num_samples, config.importance.batch_size = 8, 4
+  config.importance.seq_len, config.importance.drop_loss_batches = 32, 1
+  config.prune.target.update(dict(num_layers=3, hidden_size=96, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=200))
+  lines = []
+  pipeline.run(config, tmp_path, log=lines.append)
+  scores = importance.Scores.load(tmp_path / "importance")
+  assert scores.num_samples == 8 and sorted(scores.block_importance) == [1, 2]
+  assert scores.drop_loss[1].shape == (4,)
+  saved_config, saved = checkpoint.load_model(tmp_path / "prune" / "model")
+  exported_config, exported = hf.load(tmp_path / "prune" / "hf")
+  assert exported_config == saved_config
+  assert (saved_config.num_layers, saved_config.hidden_size, saved_config.num_attention_heads,
+          saved_config.num_key_value_heads, saved_config.intermediate_size) == (3, 96, 4, 2, 200)
+  tokens = jnp.asarray(np.arange(24).reshape(2, 12))
+  np.testing.assert_array_equal(model.apply(saved_config, saved, tokens),
+                                model.apply(exported_config, exported, tokens))
+  summary = json.loads((tmp_path / "prune" / "summary.json").read_text())
+  assert summary["pruned_params"] == saved_config.num_params() < summary["source_params"]
+  assert any(line.startswith("[importance] batch 2") for line in lines)
+
+
+def test_bad_prune_target_from_config_is_a_clean_error(tmp_path):
+  config = _small_config(stages=("importance", "prune"))
+  config.importance.num_samples, config.importance.batch_size = 4, 4
+  config.importance.seq_len, config.importance.drop_loss = 16, False
+  config.prune.target.num_layers = 9
+  with pytest.raises(ConfigError, match="target num_layers=9 exceeds the source model's"):
+    pipeline.run(config, tmp_path)
