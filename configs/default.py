@@ -61,6 +61,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.prune.head_merging = True
   config.prune.depth_criterion = "block_importance"
   config.prune.contiguous_depth = False
+  config.prune.iterative_rounds = 1  # T > 1: re-estimate importance between T pruning steps
 
   config.export_dtype = "float32"
   return config

@@ -31,6 +31,14 @@ def _calibration(cfg: ml_collections.ConfigDict, vocab_size: int):
     raise ConfigError(str(error)) from None
 
 
+def _estimate_options(cfg: ml_collections.ConfigDict) -> dict:
+  section = cfg.importance
+  return dict(aggregation=(section.batch_aggregation, section.seq_aggregation),
+              block_sizes=tuple(section.block_sizes), drop_loss=section.drop_loss,
+              drop_block_sizes=tuple(section.drop_block_sizes),
+              drop_loss_batches=section.drop_loss_batches)
+
+
 def run_importance(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dict:
   out = workdir / "importance"
   started = time.perf_counter()
@@ -39,13 +47,9 @@ def run_importance(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=pr
   batches = _calibration(cfg, config.vocab_size)
   log(f"[importance] {len(batches) * batches.shape[1]} calibration samples of "
       f"{batches.shape[2]} tokens, {config.num_params():,}-parameter {config.family} model")
-  section = cfg.importance
   scores = importance.estimate(
-      config, params, batches, aggregation=(section.batch_aggregation, section.seq_aggregation),
-      block_sizes=tuple(section.block_sizes), drop_loss=section.drop_loss,
-      drop_block_sizes=tuple(section.drop_block_sizes),
-      drop_loss_batches=section.drop_loss_batches,
-      batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape), log=log)
+      config, params, batches, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
+      log=log, **_estimate_options(cfg))
   scores.save(out)
   log(f"[importance] done in {time.perf_counter() - started:.1f}s; scores in {out}")
   return scores.summary()
@@ -56,14 +60,21 @@ def run_prune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) 
   started = time.perf_counter()
   mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
   config, params = _source_model(cfg, mesh)
-  scores = importance.Scores.load(workdir / "importance")
   section = cfg.prune
   target = dict(section.target)
-  pruned_config, pruned = prune.prune(
-      config, jax.device_get(params), scores, target,
-      aggregation=(cfg.importance.batch_aggregation, cfg.importance.seq_aggregation),
-      head_merging=section.head_merging, depth_criterion=section.depth_criterion,
-      contiguous_depth=section.contiguous_depth)
+  options = dict(aggregation=(cfg.importance.batch_aggregation, cfg.importance.seq_aggregation),
+                 head_merging=section.head_merging, depth_criterion=section.depth_criterion,
+                 contiguous_depth=section.contiguous_depth)
+  if section.iterative_rounds > 1:
+    # Paper Table 10: re-estimate on the partly pruned model between rounds.
+    log(f"[prune] iterative importance over {section.iterative_rounds} rounds")
+    pruned_config, pruned, _ = prune.iterative_prune(
+        config, jax.device_get(params), lambda: _calibration(cfg, config.vocab_size), target,
+        rounds=section.iterative_rounds, log=log, estimate_options=_estimate_options(cfg),
+        **options)
+  else:
+    scores = importance.Scores.load(workdir / "importance")
+    pruned_config, pruned = prune.prune(config, jax.device_get(params), scores, target, **options)
   validation = corpus.byte_windows(corpus.stdlib_bytes("validation"), cfg.data.batch_size,
                                    cfg.data.seq_len + 1, cfg.data.num_batches, cfg.seed)
   losses = {name: importance.lm_loss(c, p, list(validation))

@@ -87,3 +87,20 @@ def test_bad_prune_target_from_config_is_a_clean_error(tmp_path):
   config.prune.target.num_layers = 9
   with pytest.raises(ConfigError, match="target num_layers=9 exceeds the source model's"):
     pipeline.run(config, tmp_path)
+
+
+def test_prune_stage_with_iterative_importance(tmp_path):
+  from minitron_jax import checkpoint
+
+  config = _small_config(stages=("importance", "prune"))
+  config.importance.num_samples, config.importance.batch_size = 4, 4
+  config.importance.seq_len, config.importance.drop_loss = 16, False
+  config.prune.target.update(dict(num_layers=2, intermediate_size=128))
+  config.prune.iterative_rounds = 2
+  lines = []
+  pipeline.run(config, tmp_path, log=lines.append)
+  pruned_config, _ = checkpoint.load_model(tmp_path / "prune" / "model")
+  assert (pruned_config.num_layers, pruned_config.intermediate_size) == (2, 128)
+  assert any("iterative importance over 2 rounds" in line for line in lines)
+  # Two estimation passes: one per round.
+  assert sum(line.startswith("[importance] batch 1:") for line in lines) == 3
