@@ -15,15 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from minitron_jax import build, corpus, hf, model, sharding
+from minitron_jax import build, corpus, hf, model, pretrain, sharding
 from minitron_jax.config import ConfigError
-
-
-def next_token_loss(config, params, tokens: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy [nats] of a [B,T] batch."""
-  logits = model.apply(config, params, tokens[:, :-1])
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  return -jnp.mean(jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1))
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dict:
@@ -48,7 +41,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dic
   losses = []
   for i, batch in enumerate(batches):
     tokens = jax.device_put(jnp.asarray(batch), sharding.batch_sharding(mesh, batch.shape))
-    losses.append(float(next_token_loss(config, params, tokens)))
+    losses.append(float(pretrain.next_token_loss(config, params, tokens)))
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
 
   log(f"[check] exporting to {out / 'hf'}")

@@ -399,6 +399,7 @@ def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params,
     file.chmod(0o644)
   if directory.exists():
     backup = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(backup, ignore_errors=True)  # left over from a run killed mid-swap
     os.replace(directory, backup)
     os.replace(staging, directory)
     shutil.rmtree(backup)

@@ -4,8 +4,8 @@ Width axes: per token an element has a magnitude (the L2 norm over head_dim of a
 |activation| for an MLP neuron, |normalised value| for an embedding channel). It is aggregated over
 each sample's valid tokens (seq aggregation), then over samples (batch aggregation), each with
 mean, l2 or var. Per element we keep, for every seq aggregation s_b, the sums Σ_b s_b and Σ_b s_b²
-and the sample count: that is enough to give all nine (batch, seq) combinations exactly, to
-accumulate batch by batch, and to sum across data-parallel shards.
+(in float64 on the host) and the sample count: that gives all nine (batch, seq) combinations
+exactly, accumulates batch by batch, and does not depend on how samples are split into batches.
 
 Depth: Block Importance BI = 1 - E[cos(x_in, x_out)] over tokens, for single layers and n-layer
 blocks, and optionally the LM-loss increase when a layer (or block) is dropped.
@@ -256,7 +256,7 @@ class Scores:
     )
 
   def summary_markdown(self) -> str:
-    lines = [f"# Importance scores\n",
+    lines = ["# Importance scores\n",
              f"{self.num_samples} calibration samples, {self.num_tokens} tokens; aggregation "
              f"batch={self.aggregation.batch}, seq={self.aggregation.seq}.\n",
              "| layer | BI | drop-loss increase | mean head score | mean neuron score |",

@@ -47,7 +47,7 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
 class Norm(nnx.Module):
   """RMSNorm, or Nemotron's LayerNorm1P whose stored scale is offset by one."""
 
-  def __init__(self, size: int, kind: str, eps: float, dtype, rngs: nnx.Rngs, axis: str = "norm"):
+  def __init__(self, size: int, kind: str, eps: float, dtype, rngs: nnx.Rngs, axis: str):
     self.kind, self.eps = kind, eps
     self.scale = _param(rngs, (size,), (axis,), dtype, "ones" if kind == "rms" else "zeros")
     self.bias = _param(rngs, (size,), (axis,), dtype, "zeros") if kind == "layernorm1p" else None
@@ -289,7 +289,6 @@ def logical_axes(config: ModelConfig) -> Params:
   """A tuple of logical axis names for every weight, mirroring the params tree."""
   _, state = _graphdef_and_abstract_state(config)
   params = nnx.to_pure_dict(state)
-  axes = {}
 
   def visit(path, _):
     variable = state
@@ -298,8 +297,7 @@ def logical_axes(config: ModelConfig) -> Params:
     names = tuple(variable.get_metadata()["axes"])
     return ("layers",) + names if path[0].key == "layers" else names
 
-  axes = jax.tree_util.tree_map_with_path(visit, params)
-  return axes
+  return jax.tree_util.tree_map_with_path(visit, params)
 
 
 def lm_head_kernel(config: ModelConfig, params: Params) -> jax.Array:

@@ -16,7 +16,7 @@ from typing import Mapping
 import jax
 import numpy as np
 
-from minitron_jax import model
+from minitron_jax import importance, model
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.importance import Aggregation, Scores
 
@@ -189,8 +189,6 @@ def iterative_prune(config: ModelConfig, params, calibration, target: Mapping[st
   """Paper Table 10: T rounds of re-estimating importance on the partly pruned model and pruning
   a further 1/T of the way. `calibration` is a callable returning a fresh batch iterator.
   Returns (config, params, scores of the last round)."""
-  from minitron_jax import importance  # local: importance imports nothing from here
-
   if rounds < 1:
     raise ConfigError(f"rounds={rounds} must be at least 1")
   full = validate_target(config, target)

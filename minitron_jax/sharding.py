@@ -103,15 +103,3 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   axes = ("batch",) + ("length",) * (len(shape) - 1)
   return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 
-
-def describe(config: ModelConfig, mesh: Mesh) -> str:
-  """One line per weight: its shape, logical axes and the PartitionSpec it gets on `mesh`."""
-  shapes = jax.tree_util.tree_flatten_with_path(model_lib.abstract_params(config))[0]
-  axes = jax.tree.leaves(model_lib.logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
-  lines = []
-  for (path, leaf), names in zip(shapes, axes):
-    name = "/".join(str(k.key) for k in path)
-    lines.append(f"{name:32s} {str(leaf.shape):24s} {names} -> "
-                 f"{logical_to_spec(names, leaf.shape, mesh)}")
-  return "\n".join(lines)
-
