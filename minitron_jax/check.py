@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from minitron_jax import build, corpus, hf, model, pretrain, sharding
-from minitron_jax.config import ConfigError
+from minitron_jax import build, hf, importance, model, sharding, stages
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dict:
@@ -31,23 +30,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dic
   log(f"[check] {config.family} model: {config.num_layers} layers, hidden {config.hidden_size}, "
       f"{config.num_params():,} parameters")
 
-  if cfg.data.source != "stdlib":
-    raise ConfigError(f"data.source={cfg.data.source!r} is not supported by the check stage; "
-                      "allowed: stdlib")
-  if config.vocab_size < corpus.BYTE_VOCAB:
-    raise ConfigError(f"vocab_size={config.vocab_size} cannot score byte tokens; need >= 256")
-  batches = corpus.byte_windows(corpus.stdlib_bytes("validation"), cfg.data.batch_size,
-                                cfg.data.seq_len + 1, cfg.data.num_batches, cfg.seed)
+  batches = stages.validation(cfg, config.vocab_size)
   losses = []
   for i, batch in enumerate(batches):
-    tokens = jax.device_put(jnp.asarray(batch), sharding.batch_sharding(mesh, batch.shape))
-    losses.append(float(pretrain.next_token_loss(config, params, tokens)))
+    placed = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.shape))
+              for k, v in batch.items()}
+    losses.append(importance.lm_loss(config, params, [placed]))
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
 
   log(f"[check] exporting to {out / 'hf'}")
   hf.save(out / "hf", config, jax.device_get(params), dtype=cfg.export_dtype)
   reloaded_config, reloaded = hf.load(out / "hf", param_dtype=config.param_dtype)
-  probe = jnp.asarray(batches[0][:, :-1])
+  probe = jnp.asarray(batches[0]["tokens"])
   original_logits = np.asarray(model.apply(config, jax.device_get(params), probe))
   reloaded_logits = np.asarray(model.apply(reloaded_config.replace(dtype=config.dtype,
                                                                    remat=config.remat),
@@ -61,7 +55,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dic
   metrics = dict(family=config.family, num_params=config.num_params(),
                  validation_loss=float(np.mean(losses)),
                  validation_perplexity=float(np.exp(np.mean(losses))),
-                 tokens_scored=int(batches.shape[0] * batches.shape[1] * (batches.shape[2] - 1)),
+                 tokens_scored=int(sum((b["segment_ids"] != 0).sum() for b in batches)),
                  hf_round_trip_relative_error=round_trip_error,
                  devices=jax.device_count(), seconds=time.perf_counter() - started)
   out.mkdir(parents=True, exist_ok=True)
@@ -77,5 +71,4 @@ def _report(config, metrics: dict) -> str:
   return (f"# Model check\n\n{config.family} decoder, {config.num_layers} layers, hidden "
           f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}"
           f", head_dim {config.head_dim}, MLP {config.intermediate_size}.\n\n"
-          f"Loss is next-token cross-entropy on byte tokens of the Python standard library "
-          f"(validation split).\n\n| metric | value |\n|---|---|\n{rows}\n")
+          f"Loss is next-token cross-entropy on the validation split of the configured data.\n\n| metric | value |\n|---|---|\n{rows}\n")

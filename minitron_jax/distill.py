@@ -62,6 +62,19 @@ def _state_list(config: ModelConfig, stacked_norms, final_hidden) -> list[jax.Ar
   return [stacked_norms[i] for i in range(config.num_layers)] + [final_hidden]
 
 
+def _replicate_unplaced(tree):
+  """Replicates leaves that sit on one device (step counters, the projection) over the mesh the
+  params live on, so a checkpoint restores every leaf onto the same devices."""
+  meshes = [leaf.sharding.mesh for leaf in jax.tree.leaves(tree)
+            if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)]
+  if not meshes:
+    return tree
+  replicated = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
+  return jax.tree.map(
+      lambda leaf: leaf if isinstance(leaf.sharding, jax.sharding.NamedSharding)
+      else jax.device_put(leaf, replicated), tree)
+
+
 class Distiller:
   """Static pieces of a distillation run: configs, optimiser, and the jitted functions."""
 
@@ -95,8 +108,9 @@ class Distiller:
     if self.loss_config.uses_hidden:
       trainable["projection"] = jnp.eye(self.student_config.hidden_size,
                                         self.teacher_config.hidden_size, dtype=jnp.float32)
-    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
-            "opt_state": self.optimizer.init(trainable)}
+    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+             "opt_state": self.optimizer.init(trainable)}
+    return _replicate_unplaced(state)
 
   # --------------------------------------------------------------------------- losses
 

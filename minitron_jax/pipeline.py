@@ -15,6 +15,7 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "check": (check.run, "check/metrics.json"),
     "importance": (stages.run_importance, "importance/summary.json"),
     "prune": (stages.run_prune, "prune/summary.json"),
+    "distill": (stages.run_distill, "distill/summary.json"),
 }
 
 

@@ -17,7 +17,8 @@ import default  # noqa: E402  (configs/ is not a package)
 
 def _small_config(**changes):
   config = default.get_config("family=nemotron")
-  config.data.batch_size, config.data.seq_len, config.data.num_batches = 2, 32, 2
+  config.stages = ("check",)
+  config.data.batch_size, config.data.seq_len, config.eval_batches = 2, 32, 2
   for key, value in changes.items():
     config[key] = value
   return config
@@ -104,3 +105,33 @@ def test_prune_stage_with_iterative_importance(tmp_path):
   assert any("iterative importance over 2 rounds" in line for line in lines)
   # Two estimation passes: one per round.
   assert sum(line.startswith("[importance] batch 1:") for line in lines) == 3
+
+
+def test_distill_stage_trains_exports_and_resumes(tmp_path):
+  from minitron_jax import checkpoint, hf
+
+  config = _small_config(stages=("importance", "prune", "distill"))
+  config.importance.num_samples, config.importance.batch_size = 4, 4
+  config.importance.seq_len, config.importance.drop_loss = 16, False
+  config.prune.target.update(dict(num_layers=2, intermediate_size=128))
+  config.distill.update(dict(steps=6, batch_size=4, seq_len=32, log_every=2, eval_every=3,
+                             checkpoint_every=3))
+  config.distill.loss.update(dict(hidden_loss="cosine", hidden_pairs=((-1, -1),)))
+  lines = []
+  pipeline.run(config, tmp_path, log=lines.append)
+  summary = json.loads((tmp_path / "distill" / "summary.json").read_text())
+  assert summary["steps"] == 6 and summary["val_ce"] > 0 and "val_hidden_loss" in summary
+  records = [json.loads(l) for l in (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [2, 3, 4, 6]
+  trained_config, _ = checkpoint.load_model(tmp_path / "distill" / "model")
+  assert hf.load(tmp_path / "distill" / "hf")[0] == trained_config
+  assert trained_config.num_layers == 2
+  assert any("[distill] step 6/6" in line for line in lines)
+
+  # A longer run in the same workdir resumes from the last checkpoint instead of restarting.
+  (tmp_path / "distill" / "summary.json").unlink()
+  config.distill.steps = 8
+  lines.clear()
+  pipeline.run(config, tmp_path, log=lines.append)
+  assert any("resumed from step 6" in line for line in lines)
+  assert json.loads((tmp_path / "distill" / "summary.json").read_text())["steps"] == 8
