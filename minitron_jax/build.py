@@ -24,6 +24,10 @@ def load_model(section: ml_collections.ConfigDict, out_shardings=None):
   """(config, params): loaded from `hf_path` when given, else randomly initialised from `seed`."""
   if section.get("hf_path"):
     config, params = hf.load(section.hf_path)
+  elif section.get("require_checkpoint"):
+    raise ConfigError(f"model.hf_path is empty; this config compresses a real "
+                      f"{section.preset} checkpoint: pass --config.model.hf_path=DIR "
+                      "(or add :runlocal to the config path for a smoke test)")
   else:
     config = model_config(section)
     params = model.init(config, section.get("seed", 0), out_shardings=out_shardings)

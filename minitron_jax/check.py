@@ -7,26 +7,21 @@ export to a Hugging Face directory and re-import with identical logits.
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from minitron_jax import build, hf, importance, model, sharding, stages
+from minitron_jax import hf, importance, model, sharding, stages
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dict:
-  out = workdir / "check"
+def run(ctx: stages.Context) -> dict:
+  cfg, log, out = ctx.cfg, ctx.log, ctx.directory / "check"
   started = time.perf_counter()
-  mesh = sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
+  mesh = stages.mesh_of(cfg)
   log(f"[check] mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
-  model_config = build.model_config(cfg.model)
-  config, params = build.load_model(
-      cfg.model, out_shardings=sharding.param_shardings(model_config, mesh))
-  params = sharding.shard_params(config, params, mesh)
+  config, params = stages.load(cfg, ctx.source, mesh)
   log(f"[check] {config.family} model: {config.num_layers} layers, hidden {config.hidden_size}, "
       f"{config.num_params():,} parameters")
 

@@ -30,13 +30,21 @@ def save_model(directory: str | pathlib.Path, config: ModelConfig, params) -> No
   tmp.replace(directory / _CONFIG_FILE)
 
 
+def load_config(directory: str | pathlib.Path) -> ModelConfig:
+  """Only the architecture of a saved model (nothing is read from the params)."""
+  directory = pathlib.Path(directory).absolute()
+  if not (directory / _CONFIG_FILE).is_file():
+    raise ConfigError(f"{directory} is not a saved model (expected {_CONFIG_FILE})")
+  return ModelConfig.from_dict(json.loads((directory / _CONFIG_FILE).read_text()))
+
+
 def load_model(directory: str | pathlib.Path, shardings=None):
   """(config, params); `shardings` (a tree like the params) restores directly onto a mesh."""
   directory = pathlib.Path(directory).absolute()
   if not (directory / _CONFIG_FILE).is_file() or not (directory / _PARAMS_DIR).is_dir():
     raise ConfigError(f"{directory} is not a saved model (expected {_CONFIG_FILE} and "
                       f"{_PARAMS_DIR}/)")
-  config = ModelConfig.from_dict(json.loads((directory / _CONFIG_FILE).read_text()))
+  config = load_config(directory)
   abstract = model.abstract_params(config)
   if shardings is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -216,6 +216,7 @@ class LoopConfig:
   steps: int
   log_every: int = 10
   eval_every: int = 100
+  eval_steps: tuple[int, ...] = ()  # extra steps to evaluate at (the search ranks at these)
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
 
@@ -290,7 +291,7 @@ def train(distiller: Distiller, student_params, teacher_params, train_iterator: 
       record = {}
       if step % loop.log_every == 0 or step == loop.steps:
         record.update(jax.device_get(metrics))
-      if step % loop.eval_every == 0 or step == loop.steps:
+      if step % loop.eval_every == 0 or step == loop.steps or step in loop.eval_steps:
         final = distiller.evaluate(state["trainable"], teacher_params, validation)
         record.update(final)
       if record:

@@ -1,33 +1,78 @@
-"""Runs the configured stages in order; a stage whose output already exists is skipped."""
+"""Runs the configured stages in order; a stage whose output already exists is skipped.
+
+  teacher_correction -> check -> [importance -> search -> prune -> distill] per compression
+  stage -> evaluate -> report
+
+`config.compression` lists the compression stages (target, teacher, distill steps); without it
+there is one, with `config.prune.target`, working directly in the workdir. Stage k starts from
+stage k-1's distilled student; its teacher is the original model or that previous student.
+"""
 
 from __future__ import annotations
 
+import json
 import pathlib
+import time
 from typing import Callable
 
 import ml_collections
 
-from minitron_jax import check, stages
+from minitron_jax import check, report, stages
 from minitron_jax.config import ConfigError
+from minitron_jax.stages import Context, ModelRef
 
-# stage name -> (function(config, workdir) -> metrics, file whose presence marks it done)
+# stage name -> (function(Context) -> summary, file whose presence marks it done)
 STAGES: dict[str, tuple[Callable, str]] = {
+    "teacher_correction": (stages.run_teacher_correction, "teacher_correction/summary.json"),
     "check": (check.run, "check/metrics.json"),
     "importance": (stages.run_importance, "importance/summary.json"),
+    "search": (stages.run_search, "search/result.json"),
     "prune": (stages.run_prune, "prune/summary.json"),
     "distill": (stages.run_distill, "distill/summary.json"),
+    "evaluate": (report.run_evaluate, "evaluate/metrics.json"),
+    "report": (report.run_report, "report.md"),
 }
+PER_COMPRESSION = ("importance", "search", "prune", "distill")
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) -> None:
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()
   unknown = [s for s in cfg.stages if s not in STAGES]
   if unknown:
-    raise ConfigError(f"stages {unknown} are unknown; allowed: {sorted(STAGES)}")
+    raise ConfigError(f"stages {unknown} are unknown; allowed: {list(STAGES)}")
   workdir.mkdir(parents=True, exist_ok=True)
-  for name in cfg.stages:
+  timings_path = workdir / "timings.json"
+  timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+
+  def run_stage(name: str, ctx: Context, key: str) -> None:
     function, marker = STAGES[name]
-    if (workdir / marker).exists():
-      log(f"[{name}] skipped: {workdir / marker} exists")
-      continue
-    function(cfg, workdir, log=log)
+    if (ctx.directory / marker).exists():
+      log(f"[{name}] skipped: {ctx.directory / marker} exists")
+      return
+    started = time.perf_counter()
+    function(ctx)
+    timings[key] = time.perf_counter() - started
+    timings_path.write_text(json.dumps(timings, indent=2))
+
+  original = stages.original_ref(cfg, workdir)
+  base = Context(cfg=cfg, directory=workdir, source=original, teacher=original, log=log)
+  for name in ("teacher_correction", "check"):
+    if name in cfg.stages:
+      run_stage(name, base if name == "check" else Context(cfg=cfg, directory=workdir, log=log),
+                name)
+
+  previous = original
+  for step in stages.compression_plan(cfg, workdir):
+    ctx = Context(cfg=cfg, directory=step["directory"], source=previous,
+                  teacher=original if step["teacher"] == "original" else previous,
+                  target=step["target"], distill_steps=step["distill_steps"], log=log)
+    for name in PER_COMPRESSION:
+      if name in cfg.stages:
+        run_stage(name, ctx, f"{step['name']}/{name}" if step["name"] else name)
+    produced = "distill" if "distill" in cfg.stages else "prune"
+    previous = ModelRef(step["directory"] / produced / "model",
+                        f"{step['name'] or 'stage'} {produced}")
+
+  for name in ("evaluate", "report"):
+    if name in cfg.stages:
+      run_stage(name, base, name)

@@ -1,20 +1,113 @@
-"""The `importance`, `prune` and `distill` stages of the main job: thin adapters from config to
-library. Every stage reads its data through `data` with the configured tokenizer."""
+"""The stages of the main job: thin adapters from config to library.
+
+A stage reads `Context`: which model it starts from, which model teaches, the target size and the
+directory its outputs go to. Models are `ModelRef`s: the original (from `config.model`, or the
+corrected teacher when teacher correction ran) or a model an earlier stage saved. Every stage reads
+its data through `data` with the configured tokenizer.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import pathlib
 import time
+from typing import Callable
 
 import jax
 import ml_collections
 
-from minitron_jax import (build, checkpoint, data, distill, hf, importance, prune, sharding,
-                          tokenizer)
+from minitron_jax import (build, checkpoint, data, distill, hf, importance, prune, search,
+                          sharding, tokenizer)
 from minitron_jax.config import ConfigError
 from minitron_jax.losses import LossConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+  """`path` None: the model `config.model` describes; else a directory `checkpoint` saved."""
+
+  path: pathlib.Path | None = None
+  label: str = "original"
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  cfg: ml_collections.ConfigDict
+  directory: pathlib.Path
+  source: ModelRef = ModelRef()
+  teacher: ModelRef = ModelRef()
+  target: dict | None = None
+  distill_steps: int | None = None
+  log: Callable[[str], None] = print
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+TEACHER_CHOICES = ("original", "previous")
+
+
+def compression_plan(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]:
+  """One dict per compression stage: name, directory, target, teacher, distill_steps."""
+  entries = list(cfg.get("compression", ()) or ())
+  if not entries:
+    return [dict(name="", directory=workdir, target=dict(cfg.prune.target), teacher="original",
+                 distill_steps=None)]
+  plan = []
+  for index, entry in enumerate(entries):
+    entry = dict(entry)
+    name = entry.get("name") or f"stage{index + 1}"
+    teacher = entry.get("teacher", "original")
+    if teacher not in TEACHER_CHOICES:
+      raise ConfigError(f"compression stage {name!r} teacher={teacher!r} is not allowed; "
+                        f"allowed: {TEACHER_CHOICES}")
+    plan.append(dict(name=name, directory=workdir / f"{index + 1}_{name}",
+                     target=dict(entry.get("target", {})), teacher=teacher,
+                     distill_steps=entry.get("distill_steps")))
+  return plan
+
+
+def models_of(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, ModelRef]:
+  """Every model the run can produce, by label, in order: the teacher, then each stage's pruned
+  and distilled students (callers skip those not saved yet)."""
+  original = original_ref(cfg, workdir)
+  refs = {"teacher": original}
+  for step in compression_plan(cfg, workdir):
+    prefix = f"{step['name']} " if step["name"] else ""
+    for kind in ("prune", "distill"):
+      path = step["directory"] / kind / "model"
+      label = f"{prefix}{'pruned' if kind == 'prune' else 'distilled'}"
+      refs[label] = ModelRef(path, label)
+  return refs
+
+
+def original_ref(cfg, workdir: pathlib.Path) -> ModelRef:
+  """The model compression starts from: the corrected teacher when correction is a stage."""
+  if "teacher_correction" in cfg.stages:
+    return ModelRef(workdir / "teacher_correction" / "model", "corrected teacher")
+  return ModelRef(None, "original")
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def mesh_of(cfg: ml_collections.ConfigDict):
+  return sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
+
+
+def load(cfg: ml_collections.ConfigDict, ref: ModelRef, mesh):
+  """(config, params placed on the mesh) of a model reference."""
+  if ref.path is None:
+    model_config = build.model_config(cfg.model)
+    config, params = build.load_model(
+        cfg.model, out_shardings=sharding.param_shardings(model_config, mesh))
+    return config, sharding.shard_params(config, params, mesh)
+  if not checkpoint.is_saved_model(ref.path):
+    raise ConfigError(f"no saved model at {ref.path}; run the stage that produces it")
+  config = checkpoint.load_config(ref.path).replace(dtype=cfg.model.dtype, remat=cfg.model.remat)
+  return config, checkpoint.load_model(ref.path, sharding.param_shardings(config, mesh))[1]
 
 
 def data_config(cfg: ml_collections.ConfigDict, **changes) -> data.DataConfig:
@@ -39,18 +132,6 @@ def validation(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
                                  cfg.eval_batches)
 
 
-def source_model(cfg: ml_collections.ConfigDict, mesh):
-  """The model the run starts from (and distils from), placed on the mesh."""
-  model_config = build.model_config(cfg.model)
-  config, params = build.load_model(
-      cfg.model, out_shardings=sharding.param_shardings(model_config, mesh))
-  return config, sharding.shard_params(config, params, mesh)
-
-
-def _mesh(cfg):
-  return sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
-
-
 def _calibration(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
   section = cfg.importance
   batches = -(-section.num_samples // section.batch_size)
@@ -68,57 +149,10 @@ def _estimate_options(cfg: ml_collections.ConfigDict) -> dict:
               drop_loss_batches=section.drop_loss_batches)
 
 
-def run_importance(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dict:
-  out = workdir / "importance"
-  started = time.perf_counter()
-  mesh = _mesh(cfg)
-  config, params = source_model(cfg, mesh)
-  batches = _calibration(cfg, config.vocab_size)
-  log(f"[importance] {len(batches) * cfg.importance.batch_size} calibration samples of "
-      f"{cfg.importance.seq_len} tokens, {config.num_params():,}-parameter {config.family} model")
-  scores = importance.estimate(
-      config, params, batches, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
-      log=log, **_estimate_options(cfg))
-  scores.save(out)
-  log(f"[importance] done in {time.perf_counter() - started:.1f}s; scores in {out}")
-  return scores.summary()
-
-
-def run_prune(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dict:
-  out = workdir / "prune"
-  started = time.perf_counter()
-  config, params = source_model(cfg, _mesh(cfg))
-  section = cfg.prune
-  target = dict(section.target)
-  options = dict(aggregation=(cfg.importance.batch_aggregation, cfg.importance.seq_aggregation),
-                 head_merging=section.head_merging, depth_criterion=section.depth_criterion,
-                 contiguous_depth=section.contiguous_depth)
-  if section.iterative_rounds > 1:
-    # Paper Table 10: re-estimate on the partly pruned model between rounds.
-    log(f"[prune] iterative importance over {section.iterative_rounds} rounds")
-    pruned_config, pruned, _ = prune.iterative_prune(
-        config, jax.device_get(params), lambda: _calibration(cfg, config.vocab_size), target,
-        rounds=section.iterative_rounds, log=log, estimate_options=_estimate_options(cfg),
-        **options)
-  else:
-    scores = importance.Scores.load(workdir / "importance")
-    pruned_config, pruned = prune.prune(config, jax.device_get(params), scores, target, **options)
-  batches = validation(cfg, config.vocab_size)
-  losses = {name: importance.lm_loss(c, p, batches)
-            for name, (c, p) in (("source", (config, params)), ("pruned", (pruned_config, pruned)))}
-  log(f"[prune] {config.num_params():,} -> {pruned_config.num_params():,} parameters "
-      f"({pruned_config.num_params() / config.num_params():.1%}); zero-shot validation loss "
-      f"{losses['source']:.4f} -> {losses['pruned']:.4f}")
-  hf.save(out / "hf", pruned_config, pruned, dtype=cfg.export_dtype)
-  checkpoint.save_model(out / "model", pruned_config, pruned)
-  summary = dict(source=config.to_dict(), pruned=pruned_config.to_dict(), target=target,
-                 source_params=config.num_params(), pruned_params=pruned_config.num_params(),
-                 source_validation_loss=losses["source"], pruned_validation_loss=losses["pruned"],
-                 seconds=time.perf_counter() - started)
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
-  log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out / 'model'}, "
-      f"Hugging Face export in {out / 'hf'}")
-  return summary
+def _prune_options(cfg: ml_collections.ConfigDict) -> dict:
+  return dict(aggregation=(cfg.importance.batch_aggregation, cfg.importance.seq_aggregation),
+              head_merging=cfg.prune.head_merging, depth_criterion=cfg.prune.depth_criterion,
+              contiguous_depth=cfg.prune.contiguous_depth)
 
 
 def loss_config(section: ml_collections.ConfigDict) -> LossConfig:
@@ -127,45 +161,192 @@ def loss_config(section: ml_collections.ConfigDict) -> LossConfig:
   return LossConfig(**fields)
 
 
-def run_distill(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log=print) -> dict:
-  """Retrains the pruned student (workdir/prune/model) from the source model as teacher."""
-  out = workdir / "distill"
+def _write_json(path: pathlib.Path, value: dict) -> None:
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(value, indent=2))
+  tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def run_importance(ctx: Context) -> dict:
+  cfg, out = ctx.cfg, ctx.directory / "importance"
   started = time.perf_counter()
-  section = cfg.distill
-  mesh = _mesh(cfg)
-  teacher_config, teacher = source_model(cfg, mesh)
-  if not checkpoint.is_saved_model(workdir / "prune" / "model"):
-    raise ConfigError(f"no pruned student at {workdir / 'prune' / 'model'}; run the prune stage")
-  student_config, _ = checkpoint.load_model(workdir / "prune" / "model")
-  compute = dict(dtype=section.dtype, remat=section.remat)
-  student_config = student_config.replace(**compute)
-  teacher_config = teacher_config.replace(dtype=section.dtype)
-  _, student = checkpoint.load_model(workdir / "prune" / "model",
-                                     sharding.param_shardings(student_config, mesh))
+  mesh = mesh_of(cfg)
+  config, params = load(cfg, ctx.source, mesh)
+  batches = _calibration(cfg, config.vocab_size)
+  ctx.log(f"[importance] {len(batches) * cfg.importance.batch_size} calibration samples of "
+          f"{cfg.importance.seq_len} tokens, {config.num_params():,}-parameter {ctx.source.label} "
+          "model")
+  scores = importance.estimate(
+      config, params, batches, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
+      log=ctx.log, **_estimate_options(cfg))
+  scores.save(out)
+  ctx.log(f"[importance] done in {time.perf_counter() - started:.1f}s; scores in {out}")
+  return scores.summary()
+
+
+def chosen_target(ctx: Context) -> dict:
+  """The search's best candidate when a search ran here, else the configured target."""
+  result = ctx.directory / "search" / "result.json"
+  if result.exists():
+    return search.SearchResult.from_json(result.read_text()).best.target
+  if not ctx.target:
+    raise ConfigError("no prune target: set prune.target (or compression stages), or run search")
+  return dict(ctx.target)
+
+
+def run_prune(ctx: Context) -> dict:
+  cfg, out = ctx.cfg, ctx.directory / "prune"
+  started = time.perf_counter()
+  config, params = load(cfg, ctx.source, mesh_of(cfg))
+  target = chosen_target(ctx)
+  if cfg.prune.iterative_rounds > 1:
+    # Paper Table 10: re-estimate on the partly pruned model between rounds.
+    ctx.log(f"[prune] iterative importance over {cfg.prune.iterative_rounds} rounds")
+    pruned_config, pruned, _ = prune.iterative_prune(
+        config, jax.device_get(params), lambda: _calibration(cfg, config.vocab_size), target,
+        rounds=cfg.prune.iterative_rounds, log=ctx.log, estimate_options=_estimate_options(cfg),
+        **_prune_options(cfg))
+  else:
+    scores = importance.Scores.load(ctx.directory / "importance")
+    pruned_config, pruned = prune.prune(config, jax.device_get(params), scores, target,
+                                        **_prune_options(cfg))
+  batches = validation(cfg, config.vocab_size)
+  losses = {name: importance.lm_loss(c, p, batches)
+            for name, (c, p) in (("source", (config, params)), ("pruned", (pruned_config, pruned)))}
+  ctx.log(f"[prune] {config.num_params():,} -> {pruned_config.num_params():,} parameters "
+          f"({pruned_config.num_params() / config.num_params():.1%}); zero-shot validation loss "
+          f"{losses['source']:.4f} -> {losses['pruned']:.4f}")
+  hf.save(out / "hf", pruned_config, pruned, dtype=cfg.export_dtype)
+  checkpoint.save_model(out / "model", pruned_config.replace(dtype="float32", remat="none"),
+                        pruned)
+  summary = dict(source=config.to_dict(), pruned=pruned_config.to_dict(), target=target,
+                 source_params=config.num_params(), pruned_params=pruned_config.num_params(),
+                 source_validation_loss=losses["source"], pruned_validation_loss=losses["pruned"],
+                 seconds=time.perf_counter() - started)
+  _write_json(out / "summary.json", summary)
+  ctx.log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out / 'model'}, "
+          f"Hugging Face export in {out / 'hf'}")
+  return summary
+
+
+def _retrain(cfg, section, student_config, student, teacher_config, teacher, out: pathlib.Path,
+             steps: int, log, eval_steps=(), checkpoint_every=None):
+  """Distils `student` from `teacher` for `steps` steps; (trained params, final metrics)."""
+  mesh = mesh_of(cfg)
   losses = loss_config(section.loss)
+  student_config = student_config.replace(dtype=section.dtype, remat=section.remat)
   distiller = distill.Distiller(
-      student_config, teacher_config if losses.uses_teacher else None, losses,
-      distill.OptimizerConfig(**section.optimizer.to_dict()), section.steps)
+      student_config, teacher_config.replace(dtype=section.dtype) if losses.uses_teacher else None,
+      losses, distill.OptimizerConfig(**section.optimizer.to_dict()), steps)
   tok = load_tokenizer(cfg, student_config.vocab_size)
   train_data = data_config(cfg, batch_size=section.batch_size, seq_len=section.seq_len)
-  loop = distill.LoopConfig(steps=section.steps, log_every=section.log_every,
-                            eval_every=section.eval_every,
-                            checkpoint_every=section.checkpoint_every,
+  loop = distill.LoopConfig(steps=steps, log_every=section.log_every,
+                            eval_every=section.eval_every, eval_steps=tuple(eval_steps),
+                            checkpoint_every=checkpoint_every or section.checkpoint_every,
                             keep_checkpoints=section.keep_checkpoints)
-  log(f"[distill] {section.steps} steps of {section.batch_size}x{section.seq_len} tokens; "
-      f"student {student_config.num_params():,}, teacher {teacher_config.num_params():,} "
-      f"parameters; losses {losses}")
-  trained, final = distill.train(
-      distiller, student, teacher, data.make_iterator(train_data, tok, "train"),
-      validation(cfg, student_config.vocab_size), loop, out,
-      batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape), log=log)
+  return distill.train(distiller, student, teacher, data.make_iterator(train_data, tok, "train"),
+                       validation(cfg, student_config.vocab_size), loop, out,
+                       batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape), log=log)
+
+
+def run_teacher_correction(ctx: Context) -> dict:
+  """Follow-up paper (2408.11796): fine-tune the teacher briefly on the distillation data."""
+  cfg, out = ctx.cfg, ctx.directory / "teacher_correction"
+  started = time.perf_counter()
+  section = cfg.teacher_correction
+  config, params = load(cfg, ModelRef(), mesh_of(cfg))
+  corrected_section = ml_collections.ConfigDict(cfg.distill.to_dict())
+  corrected_section.update(optimizer=section.optimizer.to_dict(),
+                           loss=dict(LossConfig.cross_entropy_only().__dict__))
+  ctx.log(f"[teacher_correction] {section.steps} cross-entropy steps on the original model")
+  trained, final = _retrain(cfg, corrected_section, config, params, config, params, out,
+                            section.steps, ctx.log)
+  checkpoint.save_model(out / "model", config.replace(dtype="float32", remat="none"),
+                        jax.device_get(trained))
+  summary = dict(steps=section.steps, **final, seconds=time.perf_counter() - started)
+  _write_json(out / "summary.json", summary)
+  return summary
+
+
+def run_distill(ctx: Context) -> dict:
+  """Retrains the pruned student (directory/prune/model) from ctx.teacher."""
+  cfg, out = ctx.cfg, ctx.directory / "distill"
+  started = time.perf_counter()
+  section = cfg.distill
+  steps = ctx.distill_steps or section.steps
+  mesh = mesh_of(cfg)
+  teacher_config, teacher = load(cfg, ctx.teacher, mesh)
+  student_config, student = load(cfg, ModelRef(ctx.directory / "prune" / "model", "pruned"), mesh)
+  ctx.log(f"[distill] {steps} steps of {section.batch_size}x{section.seq_len} tokens; student "
+          f"{student_config.num_params():,}, teacher ({ctx.teacher.label}) "
+          f"{teacher_config.num_params():,} parameters")
+  trained, final = _retrain(cfg, section, student_config, student, teacher_config, teacher, out,
+                            steps, ctx.log)
   trained = jax.device_get(trained)
   saved_config = student_config.replace(dtype="float32", remat="none")
   checkpoint.save_model(out / "model", saved_config, trained)
   hf.save(out / "hf", saved_config, trained, dtype=cfg.export_dtype)
-  summary = dict(steps=section.steps, student_params=student_config.num_params(), **final,
+  summary = dict(steps=steps, student_params=student_config.num_params(), **final,
                  seconds=time.perf_counter() - started)
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
-  log(f"[distill] done in {summary['seconds']:.1f}s: validation loss {final['val_ce']:.4f}; "
-      f"model in {out / 'model'}, Hugging Face export in {out / 'hf'}")
+  _write_json(out / "summary.json", summary)
+  ctx.log(f"[distill] done in {summary['seconds']:.1f}s: validation loss {final['val_ce']:.4f}; "
+          f"model in {out / 'model'}, Hugging Face export in {out / 'hf'}")
   return summary
+
+
+def search_space(cfg: ml_collections.ConfigDict) -> search.SearchSpace:
+  fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+            for k, v in cfg.search.space.to_dict().items()}
+  return search.SearchSpace(**fields)
+
+
+def run_search(ctx: Context) -> dict:
+  """Paper §3: prune every feasible candidate, distil each briefly, keep the best."""
+  cfg, out = ctx.cfg, ctx.directory / "search"
+  started = time.perf_counter()
+  section = cfg.search
+  mesh = mesh_of(cfg)
+  config, params = load(cfg, ctx.source, mesh)
+  teacher_config, teacher = load(cfg, ctx.teacher, mesh)
+  host_params = jax.device_get(params)
+  scores = importance.Scores.load(ctx.directory / "importance")
+  candidates = search.enumerate_candidates(config, search_space(cfg))
+  if section.max_candidates and len(candidates) > section.max_candidates:
+    # The ones nearest the budget; the paper retrains every feasible candidate (0: all).
+    nearest = sorted(candidates, key=lambda c: (abs(c.num_params - section.space.budget), c.name))
+    keep = {c.name for c in nearest[:section.max_candidates]}
+    candidates = [c for c in candidates if c.name in keep]
+  ctx.log(f"[search] {len(candidates)} candidates within {section.space.tolerance:.0%} of "
+          f"{section.space.budget:,} parameters; {section.retrain_steps} steps each")
+  progress = out / "progress.json"
+  done = json.loads(progress.read_text()) if progress.exists() else {}
+  done = {name: {int(k): v for k, v in losses.items()} for name, losses in done.items()}
+  out.mkdir(parents=True, exist_ok=True)
+
+  def evaluate(candidate) -> dict[int, float]:
+    ctx.log(f"[search] candidate {candidate.name}: {candidate.num_params:,} parameters")
+    pruned_config, pruned = prune.prune(config, host_params, scores, candidate.target,
+                                        **_prune_options(cfg))
+    pruned = sharding.shard_params(pruned_config, pruned, mesh)
+    run_dir = out / "candidates" / candidate.name
+    _retrain(cfg, cfg.distill, pruned_config, pruned, teacher_config, teacher, run_dir,
+             section.retrain_steps, ctx.log, eval_steps=section.eval_steps,
+             checkpoint_every=section.retrain_steps)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}
+    return {s: losses[s] for s in section.eval_steps}
+
+  def save_progress(candidate, losses) -> None:  # a killed search resumes after this candidate
+    done[candidate.name] = losses
+    _write_json(progress, done)
+
+  result = search.run_search(candidates, evaluate, tuple(section.eval_steps), done=dict(done),
+                             on_result=save_progress)
+  (out / "report.md").write_text(result.to_markdown())
+  (out / "result.json").write_text(result.to_json())
+  ctx.log(f"[search] best {result.best.name} ({result.best.num_params:,} parameters) in "
+          f"{time.perf_counter() - started:.0f}s; table in {out / 'report.md'}")
+  return {"best": result.best.name, "seconds": time.perf_counter() - started}

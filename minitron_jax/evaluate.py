@@ -1,0 +1,481 @@
+"""Downstream evaluation: multiple-choice log-likelihood scoring and held-out perplexity.
+
+Pruning and distillation are judged by what the compressed model still does, not only by its
+loss. The Minitron paper reports zero-shot HellaSwag, ARC and Winogrande, which lm-evaluation-harness
+scores by log-likelihood: for each choice, the sum of the log-probabilities of the choice's tokens
+given the context; the prediction is the choice with the highest sum (`acc`), or with the highest
+sum divided by the choice's length (`acc_norm`). This module does the same with our own forward
+pass, so a pruned or distilled model is evaluated without exporting it or installing anything,
+and with no download: tasks come from local JSONL files or TFDS datasets already prepared locally.
+
+Scoring batches every (example, choice) pair into padded [B,T] rows (segment_ids 0 = padding, so
+the model never attends to padding); B is fixed and T is rounded up to a multiple of
+`pad_to_multiple`, so a whole task compiles once per length bucket, never per example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitron_jax import data, importance, model
+from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.tokenizer import Tokenizer
+
+FORMATS = ("generic", "hellaswag", "arc", "winogrande")
+_JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoiceExample:
+  """One question: a context, N choices and the index of the right one.
+
+  Ordinarily choice j is scored as the continuation of `context`: the text scored is
+  `choices[j]` and the conditioning text is `context` (include any delimiter, e.g. a leading space,
+  in the choice). With `continuation` set (Winogrande's partial scoring) the choices are instead
+  alternative endings of the context: the conditioning text is `context + choices[j]` and the
+  text scored is `continuation`, the same for every choice.
+  """
+
+  context: str
+  choices: tuple[str, ...]
+  gold: int
+  continuation: str | None = None
+
+  def __post_init__(self):
+    object.__setattr__(self, "choices", tuple(self.choices))
+    if len(self.choices) < 2 or not all(isinstance(c, str) for c in self.choices):
+      raise ConfigError(f"choices={self.choices!r} must be at least two strings")
+    if not isinstance(self.gold, (int, np.integer)) or not 0 <= self.gold < len(self.choices):
+      raise ConfigError(f"gold={self.gold!r} must be an index in [0, {len(self.choices)})")
+    object.__setattr__(self, "gold", int(self.gold))
+
+  def pairs(self) -> list[tuple[str, str]]:
+    """(conditioning text, scored text) for every choice, in order."""
+    if self.continuation is None:
+      return [(self.context, choice) for choice in self.choices]
+    return [(self.context + choice, self.continuation) for choice in self.choices]
+
+  def to_json(self) -> dict[str, Any]:
+    record = dict(context=self.context, choices=list(self.choices), gold=self.gold)
+    if self.continuation is not None:
+      record["continuation"] = self.continuation
+    return record
+
+
+def write_jsonl(examples: Iterable[MultipleChoiceExample], path: str | os.PathLike) -> None:
+  """One JSON object per line (`context`, `choices`, `gold`, and `continuation` when set), which
+  `load_task(path)` reads back unchanged."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    for example in examples:
+      f.write(json.dumps(example.to_json(), ensure_ascii=False) + "\n")
+
+
+def _plain(value: Any) -> Any:
+  """TFDS record values (bytes, numpy scalars and arrays) as str, int and lists."""
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, np.ndarray):
+    return _plain(value.item()) if value.ndim == 0 else [_plain(v) for v in value]
+  if isinstance(value, (list, tuple)):
+    return [_plain(v) for v in value]
+  if isinstance(value, (bytes, np.bytes_)):
+    return bytes(value).decode("utf-8", errors="replace")
+  if isinstance(value, np.integer):
+    return int(value)
+  return value
+
+
+def _get(record: Mapping[str, Any], field: str, where: str) -> Any:
+  """record[a][b] for "a/b", with a one-line error naming the fields there are."""
+  value: Any = record
+  for part in field.split("/"):
+    if not isinstance(value, Mapping) or part not in value:
+      keys = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+      raise ConfigError(f"field {field!r} is not in {where}; fields there: {keys}")
+    value = value[part]
+  return value
+
+
+def _index(value: Any, count: int, where: str, base: int = 0) -> int:
+  """An int (or int-like string) answer index, `base`-based, as a 0-based index below count."""
+  try:
+    index = int(value) - base
+  except (TypeError, ValueError):
+    raise ConfigError(f"answer {value!r} in {where} is not an integer index") from None
+  if not 0 <= index < count:
+    raise ConfigError(f"answer {value!r} in {where} is out of range for {count} choices")
+  return index
+
+
+def _hellaswag_text(text: str) -> str:
+  """lm-evaluation-harness's HellaSwag clean-up: WikiHow [title] / [step] markers removed."""
+  text = text.strip().replace(" [title]", ". ")
+  text = re.sub(r"\[.*?\]", "", text)
+  return text.replace("  ", " ")
+
+
+def _from_generic(record, where, context_field, choices_field, gold_field):
+  choices = _get(record, choices_field, where)
+  if not isinstance(choices, list):
+    raise ConfigError(f"field {choices_field!r} in {where} must be a list of strings")
+  return MultipleChoiceExample(
+      context=str(_get(record, context_field, where)), choices=tuple(choices),
+      gold=_index(_get(record, gold_field, where), len(choices), where),
+      continuation=record.get("continuation"))
+
+
+def _from_hellaswag(record, where):
+  if "ctx_a" in record and "ctx_b" in record:  # the original JSONL, as the harness builds it
+    context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
+  else:  # `ctx`, or TFDS's `context`
+    context = record["ctx"] if "ctx" in record else _get(record, "context", where)
+  if record.get("activity_label"):
+    context = f"{record['activity_label']}: {context}"
+  endings = _get(record, "endings", where)
+  return MultipleChoiceExample(
+      context=_hellaswag_text(context),
+      choices=tuple(" " + _hellaswag_text(e) for e in endings),
+      gold=_index(_get(record, "label", where), len(endings), where))
+
+
+def _from_arc(record, where):
+  question = _get(record, "question", where)
+  if isinstance(question, Mapping):  # the original ARC JSONL: {"stem", "choices": [{text, label}]}
+    items = _get(question, "choices", where)
+    texts, labels = [c["text"] for c in items], [c["label"] for c in items]
+    question = question["stem"]
+  else:  # the Hugging Face / TFDS layout: choices {"text": [...], "label": [...]}
+    texts = _get(record, "choices/text", where)
+    labels = _get(record, "choices/label", where)
+  answer = _get(record, "answerKey", where)
+  if answer not in labels:
+    raise ConfigError(f"answerKey {answer!r} in {where} is not one of the labels {labels}")
+  return MultipleChoiceExample(context=f"Question: {question}\nAnswer:",
+                               choices=tuple(" " + t for t in texts), gold=labels.index(answer))
+
+
+def _from_winogrande(record, where):
+  sentence = _get(record, "sentence", where)
+  if sentence.count("_") != 1:
+    raise ConfigError(f"sentence in {where} must hold exactly one '_' blank: {sentence!r}")
+  if "answer" in record:  # the original JSONL: "1" / "2"
+    gold = _index(record["answer"], 2, where, base=1)
+  else:  # TFDS: ClassLabel(names=["1", "2"]) -> 0 / 1
+    gold = _index(_get(record, "label", where), 2, where)
+  blank = sentence.index("_")
+  return MultipleChoiceExample(
+      context=sentence[:blank],
+      choices=(_get(record, "option1", where), _get(record, "option2", where)),
+      gold=gold, continuation=" " + sentence[blank + 1:].strip())
+
+
+def _records_jsonl(path: pathlib.Path) -> Iterable[tuple[dict, str]]:
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{line_number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f"{where} is not a JSON line: {e.msg}") from None
+      if not isinstance(record, dict):
+        raise ConfigError(f"{where} holds a JSON {type(record).__name__}, not an object")
+      yield record, where
+
+
+def _records_tfds(name: str, split: str, data_dir: str | None) -> Iterable[tuple[dict, str]]:
+  source = data._tfds_source(name, split, data_dir)  # ConfigError unless prepared locally
+  for i in range(len(source)):
+    yield _plain(source[i]), f"record {i} of TFDS {name!r} split {split!r}"
+
+
+def load_task(spec: str | os.PathLike, *, format: str = "generic", split: str = "validation",
+              data_dir: str | None = None, context_field: str = "context",
+              choices_field: str = "choices", gold_field: str = "gold",
+              limit: int | None = None) -> list[MultipleChoiceExample]:
+  """A multiple-choice task from a local JSONL file or a locally prepared TFDS dataset.
+
+  spec: an existing file (one JSON object per line), or a TFDS name such as "hellaswag" or
+    "ai2_arc/ARC-Challenge", read from `split` under `data_dir` (array_record; never downloaded:
+    a dataset that is not prepared raises ConfigError).
+  format: how a record becomes an example, following lm-evaluation-harness's prompts:
+    generic     context/choices/gold under the given field names ("a/b" reaches into nested
+                objects; gold a 0-based index; an optional `continuation` field as in
+                MultipleChoiceExample). Text is used as given: put delimiters in the data.
+    hellaswag   `ctx` (or `ctx_a` + `ctx_b`, or TFDS's `context`), `endings`, `label`; prefixed
+                with `activity_label` when present, WikiHow markers removed, choices " " + ending.
+    arc         `question`, `choices: {text: [...], label: [...]}`, `answerKey`; context
+                "Question: {question}\\nAnswer:", choices " " + text.
+    winogrande  `sentence` with one "_", `option1`, `option2`, `answer` "1"/"2" (TFDS: `label`
+                0/1); each option fills the blank and the rest of the sentence is scored.
+  limit: keep only the first `limit` examples.
+  """
+  if format not in FORMATS:
+    raise ConfigError(f"task format={format!r} is not supported; allowed: {FORMATS}")
+  if limit is not None and limit <= 0:
+    raise ConfigError(f"limit={limit!r} must be a positive integer or None")
+  path = pathlib.Path(spec).expanduser()
+  if path.is_file():
+    records = _records_jsonl(path)
+  elif path.suffix in _JSONL_SUFFIXES or path.is_dir():
+    raise ConfigError(f"task file {str(spec)!r} does not exist; allowed: a JSONL file or the "
+                      "name of a locally prepared TFDS dataset")
+  else:
+    records = _records_tfds(str(spec), split, data_dir)
+  convert: Callable[[dict, str], MultipleChoiceExample] = {
+      "generic": functools.partial(_from_generic, context_field=context_field,
+                                   choices_field=choices_field, gold_field=gold_field),
+      "hellaswag": _from_hellaswag, "arc": _from_arc, "winogrande": _from_winogrande,
+  }[format]
+  examples = []
+  for record, where in records:
+    if limit is not None and len(examples) >= limit:
+      break
+    try:
+      examples.append(convert(record, where))
+    except ConfigError as e:
+      if where in str(e):
+        raise
+      raise ConfigError(f"{where}: {e}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+      raise ConfigError(f"{where} does not fit format={format!r}: {type(e).__name__} {e}") from None
+  if not examples:
+    raise ConfigError(f"task {str(spec)!r} has no examples")
+  return examples
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleScore:
+  """The per-choice numbers behind one example's predictions."""
+
+  loglikelihoods: tuple[float, ...]  # Σ log p(scored tokens | conditioning), per choice
+  num_bytes: tuple[int, ...]  # UTF-8 bytes of each choice's scored text
+  num_tokens: tuple[int, ...]  # scored tokens per choice
+  gold: int
+
+  @property
+  def prediction(self) -> int:
+    """argmax of the summed log-likelihood (first on ties)."""
+    return int(np.argmax(self.loglikelihoods))
+
+  @property
+  def prediction_norm(self) -> int:
+    """argmax of the log-likelihood per UTF-8 byte of the scored text (first on ties)."""
+    return int(np.argmax(np.asarray(self.loglikelihoods) / np.maximum(self.num_bytes, 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+  example: int
+  choice: int
+  sequence: np.ndarray  # int32 [n]: conditioning then scored tokens, already truncated
+  num_scored: int  # the last `num_scored` tokens of `sequence` are scored
+
+
+def _requests(tokenizer: Tokenizer, examples: Sequence[MultipleChoiceExample],
+              max_length: int) -> list[_Request]:
+  """Tokenised pairs, as the harness forms them: conditioning ids = encode(context), scored ids =
+  encode(context + text)[len(conditioning):]; then the last max_length + 1 tokens are kept."""
+  requests = []
+  for i, example in enumerate(examples):
+    for j, (context, text) in enumerate(example.pairs()):
+      context_ids = list(tokenizer.encode(context))
+      scored = list(tokenizer.encode(context + text))[len(context_ids):]
+      if not context_ids:
+        if tokenizer.eos_id is None:
+          raise ConfigError(f"example {i} choice {j} has an empty context and the tokenizer has "
+                            "no eos to condition on; allowed: a non-empty context")
+        context_ids = [tokenizer.eos_id]
+      if not scored:
+        raise ConfigError(f"example {i} choice {j} ({text!r}) adds no tokens to its context")
+      if len(scored) > max_length:
+        raise ConfigError(f"example {i} choice {j} has {len(scored)} scored tokens, more than "
+                          f"max_length={max_length}; raise max_length")
+      sequence = np.asarray((context_ids + scored)[-(max_length + 1):], np.int32)
+      requests.append(_Request(i, j, sequence, len(scored)))
+  return requests
+
+
+def _pack_rows(requests: Sequence[_Request], batch_size: int, pad_to_multiple: int):
+  """[B,T] int32 arrays: model inputs, targets (the next token) and the scored mask.
+
+  Row r holds request r's sequence minus its last token (the inputs) left-aligned; unused rows
+  and the tail of every row are padding (segment 0), which nothing attends to or scores.
+  """
+  longest = max(len(r.sequence) - 1 for r in requests)
+  length = -(-longest // pad_to_multiple) * pad_to_multiple
+  tokens = np.zeros((batch_size, length), np.int32)
+  targets = np.zeros((batch_size, length), np.int32)
+  segment_ids = np.zeros((batch_size, length), np.int32)
+  positions = np.zeros((batch_size, length), np.int32)
+  scored = np.zeros((batch_size, length), bool)
+  for row, request in enumerate(requests):
+    n = len(request.sequence) - 1
+    tokens[row, :n] = request.sequence[:-1]
+    targets[row, :n] = request.sequence[1:]
+    segment_ids[row, :n] = 1
+    positions[row, :n] = np.arange(n)
+    scored[row, n - request.num_scored:n] = True
+  return tokens, segment_ids, positions, targets, scored
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _scored_loglikelihoods(config: ModelConfig, params, tokens, segment_ids, positions, targets,
+                           scored) -> jax.Array:
+  """Σ over scored positions of log p(target) per row: [B] float32."""
+  logits = model.apply(config, params, tokens, segment_ids=segment_ids, positions=positions)
+  logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B,T,V]
+  picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]  # [B,T]
+  return jnp.sum(jnp.where(scored, picked, 0.0), axis=-1)
+
+
+def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
+                          examples: Sequence[MultipleChoiceExample], *, batch_size: int = 16,
+                          max_length: int = 512, pad_to_multiple: int = 64,
+                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+  """Zero-shot log-likelihood accuracy on a multiple-choice task, as lm-evaluation-harness does.
+
+  For every choice, LL = Σ log p(token | everything before it) over the tokens of the scored text
+  (the choice, or the shared `continuation`; see MultipleChoiceExample). Contexts longer than
+  `max_length` tokens in all are cut from the left (the scored tokens are always kept whole).
+    accuracy       fraction of examples whose argmax_j LL_j is the gold choice.
+    accuracy_norm  the same with LL_j / bytes_j, bytes_j being the number of UTF-8 bytes of the
+                   scored text exactly as given (a leading delimiter space counts). The harness
+                   divides by characters; bytes make the measure independent of the tokenizer
+                   and the same as characters for ASCII text.
+  Ties go to the first choice. Returns accuracy, accuracy_norm, num_examples, and per_example:
+  an ExampleScore per example (its log-likelihoods, lengths and predictions).
+  Pairs are scored in batches of `batch_size` rows, longest first, each padded to a multiple of
+  `pad_to_multiple` tokens, so compilation happens once per length bucket.
+  """
+  for name, value in (("batch_size", batch_size), ("max_length", max_length),
+                      ("pad_to_multiple", pad_to_multiple)):
+    if not isinstance(value, int) or value <= 0:
+      raise ConfigError(f"{name}={value!r} must be a positive integer")
+  if not examples:
+    raise ConfigError("no examples to score; allowed: a non-empty list of MultipleChoiceExample")
+  log = log or (lambda message: None)
+  started = time.perf_counter()
+  requests = _requests(tokenizer, examples, max_length)
+  requests.sort(key=lambda r: -len(r.sequence))  # stable: ties keep task order
+  loglikelihoods = [np.zeros(len(e.choices)) for e in examples]
+  num_tokens = [np.zeros(len(e.choices), int) for e in examples]
+  num_batches = -(-len(requests) // batch_size)
+  for index, start in enumerate(range(0, len(requests), batch_size)):
+    chunk = requests[start:start + batch_size]
+    arrays = _pack_rows(chunk, batch_size, pad_to_multiple)
+    sums = np.asarray(_scored_loglikelihoods(config, params, *map(jnp.asarray, arrays)))
+    for row, request in enumerate(chunk):
+      loglikelihoods[request.example][request.choice] = float(sums[row])
+      num_tokens[request.example][request.choice] = request.num_scored
+    if (index + 1) % 10 == 0 or index + 1 == num_batches:
+      log(f"[evaluate] batch {index + 1}/{num_batches} (T={arrays[0].shape[1]}), "
+          f"{time.perf_counter() - started:.1f}s")
+  per_example = [
+      ExampleScore(loglikelihoods=tuple(float(v) for v in ll),
+                   num_bytes=tuple(len(text.encode("utf-8")) for _, text in example.pairs()),
+                   num_tokens=tuple(int(n) for n in counts), gold=example.gold)
+      for example, ll, counts in zip(examples, loglikelihoods, num_tokens)]
+  return dict(
+      accuracy=float(np.mean([s.prediction == s.gold for s in per_example])),
+      accuracy_norm=float(np.mean([s.prediction_norm == s.gold for s in per_example])),
+      num_examples=len(per_example), per_example=per_example)
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def perplexity(config: ModelConfig, params, batches: Iterable) -> dict[str, float]:
+  """Token-weighted next-token cross-entropy over every batch, and its exponential.
+
+  batches: [B,T] token arrays or packed dicts (tokens, segment_ids with 0 = padding, positions),
+  as `data.validation_batches` yields. A token is predicted only from earlier tokens of its own
+  segment; loss = Σ CE / Σ predicted tokens over all batches (not a mean of batch means).
+  """
+  total, count = 0.0, 0
+  for batch in batches:
+    # importance's loss sums are the one definition of the next-token loss in this package.
+    loss_sum, n = importance._lm_loss_sums_jit(
+        config, params, *map(jnp.asarray, importance.as_batch(batch)))
+    total, count = total + float(loss_sum), count + int(n)
+  if count == 0:
+    raise ConfigError("the perplexity batches hold no predicted tokens; allowed: batches with "
+                      "at least one segment of two or more tokens")
+  loss = total / count
+  return dict(loss=loss, perplexity=math.exp(loss), tokens=count)
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def evaluate_model(config: ModelConfig, params, tokenizer: Tokenizer, *,
+                   tasks: Mapping[str, Sequence[MultipleChoiceExample]],
+                   perplexity_batches: Iterable | None = None, batch_size: int = 16,
+                   max_length: int = 512, pad_to_multiple: int = 64,
+                   log: Callable[[str], None] | None = None) -> dict[str, float]:
+  """One flat dict of metrics: `<task>/acc`, `<task>/acc_norm`, `<task>/num_examples` for every
+  task, and `val_loss`, `perplexity`, `val_tokens` when perplexity_batches are given."""
+  log = log or (lambda message: None)
+  metrics: dict[str, float] = {}
+  for name, examples in tasks.items():
+    result = score_multiple_choice(config, params, tokenizer, examples, batch_size=batch_size,
+                                   max_length=max_length, pad_to_multiple=pad_to_multiple, log=log)
+    metrics[f"{name}/acc"] = result["accuracy"]
+    metrics[f"{name}/acc_norm"] = result["accuracy_norm"]
+    metrics[f"{name}/num_examples"] = result["num_examples"]
+    log(f"[evaluate] {name}: acc {result['accuracy']:.4f}, acc_norm "
+        f"{result['accuracy_norm']:.4f} over {result['num_examples']} examples")
+  if perplexity_batches is not None:
+    result = perplexity(config, params, perplexity_batches)
+    metrics.update(val_loss=result["loss"], perplexity=result["perplexity"],
+                   val_tokens=result["tokens"])
+    log(f"[evaluate] validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "
+        f"over {result['tokens']} tokens")
+  return metrics
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None,
+                   digits: int = 4) -> str:
+  """Rows = models, columns = metrics (default: every metric, in order of first appearance).
+
+  A metric a model lacks is an empty cell; floats get `digits` decimals, ints are exact.
+  """
+  if columns is None:
+    columns = list(dict.fromkeys(key for metrics in results.values() for key in metrics))
+
+  def cell(value: Any) -> str:
+    if value is None:
+      return ""
+    if isinstance(value, (bool, int, np.integer)):
+      return str(int(value))
+    if isinstance(value, (float, np.floating)):
+      return f"{float(value):.{digits}f}"
+    return str(value).replace("|", "\\|")
+
+  lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  for name, metrics in results.items():
+    cells = [cell(name)] + [cell(metrics.get(column)) for column in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

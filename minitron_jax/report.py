@@ -1,0 +1,103 @@
+"""The `evaluate` and `report` stages: every model the run produced, scored the same way, and one
+markdown page that says what the compression achieved and what each stage cost."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+
+from minitron_jax import checkpoint, evaluate, stdlib_tasks, stages
+from minitron_jax.config import ConfigError
+from minitron_jax.stages import Context
+
+
+def load_tasks(section: ml_collections.ConfigDict) -> dict[str, list]:
+  """name -> examples, from `evaluate.tasks` (the embedded stdlib task or local/TFDS files)."""
+  tasks = {}
+  for name, spec in section.tasks.items():
+    spec = dict(spec)
+    source = spec.pop("source")
+    if source == "stdlib_next_line":
+      tasks[name] = stdlib_tasks.next_line_task(**spec)
+    else:
+      tasks[name] = evaluate.load_task(source, **spec)
+  return tasks
+
+
+def run_evaluate(ctx: Context) -> dict:
+  cfg, out = ctx.cfg, ctx.directory / "evaluate"
+  mesh = stages.mesh_of(cfg)
+  tasks = load_tasks(cfg.evaluate)
+  results = {}
+  for label, ref in stages.models_of(cfg, ctx.directory).items():
+    if ref.path is not None and not checkpoint.is_saved_model(ref.path):
+      continue
+    config, params = stages.load(cfg, ref, mesh)
+    tok = stages.load_tokenizer(cfg, config.vocab_size)
+    metrics = evaluate.evaluate_model(
+        config, jax.device_get(params), tok, tasks=tasks,
+        perplexity_batches=stages.validation(cfg, config.vocab_size),
+        batch_size=cfg.evaluate.batch_size, max_length=cfg.evaluate.max_length)
+    results[label] = {"params": config.num_params(), **metrics}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    ctx.log(f"[evaluate] {label}: {shown}")
+  if not results:
+    raise ConfigError("no model to evaluate")
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "table.md").write_text(evaluate.markdown_table(results))
+  (out / "metrics.json").write_text(json.dumps(results, indent=2))
+  return results
+
+
+def _read(path: pathlib.Path) -> dict | None:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_report(ctx: Context) -> str:
+  """workdir/report.md: losses and sizes of every model, search ranking, time per stage."""
+  cfg, workdir = ctx.cfg, ctx.directory
+  lines = ["# Compression report", ""]
+  plan = stages.compression_plan(cfg, workdir)
+  rows = []
+  teacher_loss = None
+  for step in plan:
+    pruned = _read(step["directory"] / "prune" / "summary.json")
+    distilled = _read(step["directory"] / "distill" / "summary.json")
+    if pruned is None:
+      continue
+    teacher_loss = teacher_loss if teacher_loss is not None else pruned["source_validation_loss"]
+    if not rows:
+      rows.append(("teacher", pruned["source_params"], pruned["source_validation_loss"]))
+    name = f"{step['name']} " if step["name"] else ""
+    rows.append((f"{name}pruned (zero-shot)", pruned["pruned_params"],
+                 pruned["pruned_validation_loss"]))
+    if distilled is not None:
+      rows.append((f"{name}distilled ({distilled['steps']} steps)", distilled["student_params"],
+                   distilled["val_ce"]))
+  if rows:
+    lines += ["## Validation loss", "",
+              "Next-token cross-entropy (nats per token) on the validation split.", "",
+              "| model | parameters | validation loss | gap to teacher |", "|---|---|---|---|"]
+    for label, params, loss in rows:
+      lines.append(f"| {label} | {params:,} | {loss:.4f} | {loss - teacher_loss:+.4f} |")
+    lines.append("")
+  evaluation = workdir / "evaluate" / "table.md"
+  if evaluation.exists():
+    lines += ["## Evaluation", "", evaluation.read_text().strip(), ""]
+  for step in plan:
+    search_report = step["directory"] / "search" / "report.md"
+    if search_report.exists():
+      lines += [f"## Architecture search {step['name']}".rstrip(), "",
+                search_report.read_text().strip(), ""]
+  timings = _read(workdir / "timings.json") or {}
+  if timings:
+    lines += ["## Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
+    lines.append("")
+  text = "\n".join(lines)
+  (workdir / "report.md").write_text(text)
+  ctx.log(f"[report] written to {workdir / 'report.md'}")
+  return text
