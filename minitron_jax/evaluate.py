@@ -1,12 +1,13 @@
 """Downstream evaluation: multiple-choice log-likelihood scoring and held-out perplexity.
 
 Pruning and distillation are judged by what the compressed model still does, not only by its
-loss. The Minitron paper reports zero-shot HellaSwag, ARC and Winogrande, which lm-evaluation-harness
-scores by log-likelihood: for each choice, the sum of the log-probabilities of the choice's tokens
-given the context; the prediction is the choice with the highest sum (`acc`), or with the highest
-sum divided by the choice's length (`acc_norm`). This module does the same with our own forward
-pass, so a pruned or distilled model is evaluated without exporting it or installing anything,
-and with no download: tasks come from local JSONL files or TFDS datasets already prepared locally.
+loss. The Minitron paper reports zero-shot HellaSwag, ARC and Winogrande, which
+lm-evaluation-harness scores by log-likelihood: for each choice, the sum of the log-probabilities
+of the choice's tokens given the context; the prediction is the choice with the highest sum
+(`acc`), or with the highest sum divided by the choice's length (`acc_norm`). This module does the
+same with our own forward pass, so a pruned or distilled model is evaluated without exporting it
+or installing anything, and with no download: tasks come from local JSONL files or TFDS datasets
+already prepared locally.
 
 Scoring batches every (example, choice) pair into padded [B,T] rows (segment_ids 0 = padding, so
 the model never attends to padding); B is fixed and T is rounded up to a multiple of
@@ -35,6 +36,7 @@ from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.tokenizer import Tokenizer
 
 FORMATS = ("generic", "hellaswag", "arc", "winogrande")
+TFDS_PREFIX = "tfds:"  # "tfds:NAME" always means a TFDS dataset, even if a file NAME exists
 _JSONL_SUFFIXES = (".jsonl", ".json")
 
 
@@ -215,8 +217,8 @@ def load_task(spec: str | os.PathLike, *, format: str = "generic", split: str = 
   """A multiple-choice task from a local JSONL file or a locally prepared TFDS dataset.
 
   spec: an existing file (one JSON object per line), or a TFDS name such as "hellaswag" or
-    "ai2_arc/ARC-Challenge", read from `split` under `data_dir` (array_record; never downloaded:
-    a dataset that is not prepared raises ConfigError).
+    "ai2_arc/ARC-Challenge" (optionally prefixed "tfds:"), read from `split` under `data_dir`
+    (array_record; never downloaded: a dataset that is not prepared raises ConfigError).
   format: how a record becomes an example, following lm-evaluation-harness's prompts:
     generic     context/choices/gold under the given field names ("a/b" reaches into nested
                 objects; gold a 0-based index; an optional `continuation` field as in
@@ -234,11 +236,13 @@ def load_task(spec: str | os.PathLike, *, format: str = "generic", split: str = 
   if limit is not None and limit <= 0:
     raise ConfigError(f"limit={limit!r} must be a positive integer or None")
   path = pathlib.Path(spec).expanduser()
-  if path.is_file():
+  if str(spec).startswith(TFDS_PREFIX):
+    records = _records_tfds(str(spec)[len(TFDS_PREFIX):], split, data_dir)
+  elif path.is_file():
     records = _records_jsonl(path)
   elif path.suffix in _JSONL_SUFFIXES or path.is_dir():
-    raise ConfigError(f"task file {str(spec)!r} does not exist; allowed: a JSONL file or the "
-                      "name of a locally prepared TFDS dataset")
+    raise ConfigError(f"task file {str(spec)!r} does not exist or is a directory; allowed: a "
+                      "JSONL file or the name of a locally prepared TFDS dataset")
   else:
     records = _records_tfds(str(spec), split, data_dir)
   convert: Callable[[dict, str], MultipleChoiceExample] = {
@@ -297,7 +301,11 @@ class _Request:
 def _requests(tokenizer: Tokenizer, examples: Sequence[MultipleChoiceExample],
               max_length: int) -> list[_Request]:
   """Tokenised pairs, as the harness forms them: conditioning ids = encode(context), scored ids =
-  encode(context + text)[len(conditioning):]; then the last max_length + 1 tokens are kept."""
+  encode(context + text)[len(conditioning):]; then the last max_length + 1 tokens are kept.
+
+  Unlike the harness, trailing whitespace of the context is not moved onto the scored text: the
+  text is scored as given, so delimiters belong at the start of the choice (as the loaders do).
+  """
   requests = []
   for i, example in enumerate(examples):
     for j, (context, text) in enumerate(example.pairs()):

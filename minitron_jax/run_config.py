@@ -131,9 +131,10 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   config.evaluate = ml_collections.ConfigDict()
   # name -> source ("stdlib_next_line", a JSONL path or tfds:NAME) and its loader arguments.
   config.evaluate.tasks = ml_collections.ConfigDict(dict(
-      next_line=dict(source="stdlib_next_line", num_examples=200, num_choices=4, seed=0)))
+      next_line=dict(source="stdlib_next_line", num_examples=200, num_choices=4, seed=0,
+                     mode="context")))
   config.evaluate.batch_size = 32
-  config.evaluate.max_length = 256
+  config.evaluate.max_length = 128  # the shipped teacher was trained on 128-byte windows
 
   config.export_dtype = "float32"
   return config
@@ -220,7 +221,8 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
     config.distill.update(dtype="float32", remat="none")
     config.distill.optimizer.accumulation_steps = 1
     config.evaluate.tasks = ml_collections.ConfigDict(dict(
-        next_line=dict(source="stdlib_next_line", num_examples=200, num_choices=4, seed=0)))
+        next_line=dict(source="stdlib_next_line", num_examples=16, num_choices=4, seed=0,
+                       mode="context")))
   config.eval_batches = 2
   config.data.batch_size, config.data.seq_len = 4, 64
   config.importance.update(num_samples=8, batch_size=4, seq_len=64, drop_loss_batches=1)

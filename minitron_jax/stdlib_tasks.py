@@ -17,8 +17,9 @@ a docstring sentence) than a context shifts it, so in mode "line" a model with l
 context mostly picks the intrinsically likeliest line. Mode "context" asks the reverse, the way
 lm-evaluation-harness scores Winogrande: the choices are the contexts (the true one and those
 before lines of other files) and the scored text is the same line for every choice, so its prior
-cancels and only how well each context predicts it counts. It is the more sensitive measure for
-small models; see the numbers in README.md.
+cancels and only how well each context predicts it counts. The shipped teacher (1M parameters,
+trained on 128-byte windows), scored with max_length=128 on 1000 validation examples of 4 choices:
+mode "line" acc 0.28, acc_norm 0.30; mode "context" acc 0.67 (chance 0.25 for both).
 
 Everything is drawn from a seeded generator over files in a fixed order, so a seed gives the same
 task on every run of the same Python version (each version ships different source).
