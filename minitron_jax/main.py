@@ -2,7 +2,7 @@
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from minitron_jax import pipeline
@@ -16,6 +16,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # library INFO logs would bury the progress lines
+    logging.set_verbosity(logging.WARNING)
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
   except ConfigError as error:  # a user mistake: one line, no traceback

@@ -116,3 +116,17 @@ def test_one_billion_parameter_forward_on_cpu():
   assert logits.shape == (1, 16, config.vocab_size)
   assert bool(jnp.all(jnp.isfinite(logits)))
   assert float(jnp.std(logits)) > 0
+
+
+def test_flops_count_llama_1b_by_hand():
+  from minitron_jax import flops
+
+  config = config_lib.llama3_2_1b()
+  # Per layer: q 2048x2048, k and v 2048x512, o 2048x2048, MLP 3 x 2048x8192; head 2048x128256.
+  per_layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192
+  assert flops.matmul_params(config) == 16 * per_layer + 2048 * 128256
+  attention = 4 * 16 * 1024 * 32 * 64
+  assert flops.forward_flops_per_token(config, 1024) == 2 * flops.matmul_params(config) + attention
+  student = config.replace(num_layers=8)
+  assert flops.distillation_flops_per_token(student, config, 1024) == (
+      flops.forward_flops_per_token(config, 1024) + 3 * flops.forward_flops_per_token(student, 1024))

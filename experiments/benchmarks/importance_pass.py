@@ -1,0 +1,66 @@
+r"""The importance pass (every statistic of every axis) against a plain forward pass.
+
+  python experiments/benchmarks/importance_pass.py --hidden=512 --layers=8 --vocab=32768 \
+      --batch=4 --seq=512 --batches=4
+
+Both process the same batches; the importance side is `importance.estimate` (device statistics,
+host float64 accumulation, Block Importance), the forward side `model.apply` producing logits.
+"""
+
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from minitron_jax import benchmark, importance, model
+from minitron_jax import config as config_lib
+
+_PRESET = flags.DEFINE_string("preset", "tiny", "Model preset.")
+_HIDDEN = flags.DEFINE_integer("hidden", 512, "tiny preset: hidden size.")
+_LAYERS = flags.DEFINE_integer("layers", 8, "tiny preset: layers.")
+_VOCAB = flags.DEFINE_integer("vocab", 32768, "tiny preset: vocabulary.")
+_BATCH = flags.DEFINE_integer("batch", 4, "Sequences per batch.")
+_SEQ = flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
+_BATCHES = flags.DEFINE_integer("batches", 4, "Batches timed.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+
+
+def main(argv):
+  del argv
+  if _PRESET.value == "tiny":
+    config = config_lib.tiny("llama", vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value,
+                             num_layers=_LAYERS.value, num_attention_heads=_HIDDEN.value // 64,
+                             num_key_value_heads=max(1, _HIDDEN.value // 256), head_dim=64,
+                             intermediate_size=4 * _HIDDEN.value)
+  else:
+    config = config_lib.PRESETS[_PRESET.value]()
+  config = config.replace(dtype=_DTYPE.value)
+  params = model.init(config, 0)
+  rng = np.random.default_rng(0)
+  batches = [rng.integers(0, config.vocab_size, (_BATCH.value, _SEQ.value)).astype(np.int32)
+             for _ in range(_BATCHES.value)]
+  importance.estimate(config, params, batches[:1])  # compile
+  jax.block_until_ready(model.apply(config, params, batches[0]))
+
+  def timed(fn):
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+  estimate = min(timed(lambda: importance.estimate(config, params, batches)) for _ in range(2))
+  forward = min(timed(lambda: [jax.block_until_ready(model.apply(config, params, b))
+                               for b in batches]) for _ in range(2))
+  tokens = _BATCHES.value * _BATCH.value * _SEQ.value
+  row = (f"{config.num_params() / 1e6:,.0f}M", f"{_BATCHES.value} x {_BATCH.value}x{_SEQ.value}",
+         _DTYPE.value, f"{tokens / forward:,.0f}", f"{tokens / estimate:,.0f}",
+         f"{estimate / forward:.2f}")
+  print(benchmark.append_to_log(
+      f"Importance pass vs forward ({_PRESET.value} model)",
+      ["params", "batches", "dtype", "forward tokens/s", "importance tokens/s",
+       "importance time / forward time"], [row],
+      "`python experiments/benchmarks/importance_pass.py`; target: ratio <= 1.15."))
+
+
+if __name__ == "__main__":
+  app.run(main)
