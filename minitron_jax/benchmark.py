@@ -37,6 +37,18 @@ def matmul_peak_flops(dtype=jnp.float32, size: int | None = None, repeats: int =
   return 2 * size**3 / seconds_per_call(matmul, a, b, repeats=repeats)
 
 
+def model_config(preset: str, hidden: int, layers: int, vocab: int):
+  """A named preset, or for "tiny" a Llama-style model of the given width (head_dim 64, GQA 4:1,
+  MLP 4x hidden): the model the benchmark scripts measure."""
+  from minitron_jax import config as config_lib
+
+  if preset != "tiny":
+    return config_lib.PRESETS[preset]()
+  return config_lib.tiny("llama", vocab_size=vocab, hidden_size=hidden, num_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
+                         head_dim=64, intermediate_size=4 * hidden)
+
+
 def device_description() -> str:
   device = jax.devices()[0]
   if device.platform == "cpu":

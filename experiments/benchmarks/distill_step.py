@@ -10,13 +10,11 @@ depend on them). MFU = (teacher forward + student forward/backward model FLOPs) 
 the measured matmul peak of the same dtype on this device.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from minitron_jax import benchmark, distill, flops, model
-from minitron_jax import config as config_lib
 from minitron_jax.losses import LossConfig
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Teacher preset (minitron_jax.config.PRESETS).")
@@ -30,18 +28,10 @@ _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Student r
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
 
 
-def teacher_config():
-  if _PRESET.value == "tiny":
-    return config_lib.tiny("llama", vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value,
-                           num_layers=_LAYERS.value, num_attention_heads=_HIDDEN.value // 64,
-                           num_key_value_heads=max(1, _HIDDEN.value // 256), head_dim=64,
-                           intermediate_size=4 * _HIDDEN.value)
-  return config_lib.PRESETS[_PRESET.value]()
-
-
 def main(argv):
   del argv
-  teacher_cfg = teacher_config().replace(dtype=_DTYPE.value)
+  teacher_cfg = benchmark.model_config(_PRESET.value, _HIDDEN.value, _LAYERS.value,
+                                       _VOCAB.value).replace(dtype=_DTYPE.value)
   student_cfg = teacher_cfg.replace(num_layers=teacher_cfg.num_layers // 2,
                                     intermediate_size=teacher_cfg.intermediate_size // 2,
                                     remat=_REMAT.value)

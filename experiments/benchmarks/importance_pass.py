@@ -14,7 +14,6 @@ import numpy as np
 from absl import app, flags
 
 from minitron_jax import benchmark, importance, model
-from minitron_jax import config as config_lib
 
 _PRESET = flags.DEFINE_string("preset", "tiny", "Model preset.")
 _HIDDEN = flags.DEFINE_integer("hidden", 512, "tiny preset: hidden size.")
@@ -28,14 +27,8 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 
 def main(argv):
   del argv
-  if _PRESET.value == "tiny":
-    config = config_lib.tiny("llama", vocab_size=_VOCAB.value, hidden_size=_HIDDEN.value,
-                             num_layers=_LAYERS.value, num_attention_heads=_HIDDEN.value // 64,
-                             num_key_value_heads=max(1, _HIDDEN.value // 256), head_dim=64,
-                             intermediate_size=4 * _HIDDEN.value)
-  else:
-    config = config_lib.PRESETS[_PRESET.value]()
-  config = config.replace(dtype=_DTYPE.value)
+  config = benchmark.model_config(_PRESET.value, _HIDDEN.value, _LAYERS.value,
+                                  _VOCAB.value).replace(dtype=_DTYPE.value)
   params = model.init(config, 0)
   rng = np.random.default_rng(0)
   batches = [rng.integers(0, config.vocab_size, (_BATCH.value, _SEQ.value)).astype(np.int32)
