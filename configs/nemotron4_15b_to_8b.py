@@ -1,9 +1,9 @@
 r"""Nemotron-4 15B -> Minitron 8B: importance, the paper's architecture search (Table 13 space,
 8B +- 5%, each candidate retrained ~400 steps), prune, distil, evaluate.
 
-With exact parameter counts the Table 13 grid has 18 candidates in 7.6B-8.4B, not the paper's 15:
-the paper's list (Table 20) is the grid's 7.77B-8.55B window; `search.table20_window_space_15b_to_8b`
-reproduces it exactly.
+With exact parameter counts the Table 13 grid has 18 candidates in 7.6B-8.4B, not the paper's
+15: the paper's list (Table 20) is the grid's 7.77B-8.55B window;
+`search.table20_window_space_15b_to_8b` reproduces it exactly.
 
 Run (the checkpoint and a prepared TFDS dataset on disk):
   python -m minitron_jax.main --config=configs/nemotron4_15b_to_8b.py --workdir=/runs/15b_to_8b \

@@ -14,6 +14,9 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def get_config(name: str, arg: str = ""):
+  """configs/NAME.py's get_config; NAME may carry an argument: 'file:variant=depth'."""
+  name, _, fixed = name.partition(":")
+  arg = ",".join(a for a in (fixed, arg) if a)
   spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -27,8 +30,8 @@ def _pruned(source, target):
 # Parameter counts of METHOD.md §6 / the papers' tables, in billions (rounded as published).
 @pytest.mark.parametrize("name, published", [
     ("nemotron4_15b_to_8b", {"source": 15.6, "target": 8.3}),
-    ("llama3_1_8b_to_4b_width", {"source": 8.0, "target": 4.5}),
-    ("llama3_1_8b_to_4b_depth", {"source": 8.0, "target": 4.5}),
+    ("llama3_1_8b_to_4b:variant=width", {"source": 8.0, "target": 4.5}),
+    ("llama3_1_8b_to_4b:variant=depth", {"source": 8.0, "target": 4.5}),
 ])
 def test_single_stage_configs_build_the_papers_architectures(name, published):
   config = get_config(name)
@@ -64,11 +67,14 @@ def test_search_space_of_the_15b_to_8b_config_is_feasible():
 
 def test_real_configs_refuse_to_run_without_a_checkpoint(tmp_path):
   with pytest.raises(ConfigError, match="model.hf_path is empty"):
-    pipeline.run(get_config("llama3_1_8b_to_4b_width"), tmp_path)
+    pipeline.run(get_config("llama3_1_8b_to_4b"), tmp_path)
+  with pytest.raises(ConfigError, match="variant='deep' is not supported"):
+    get_config("llama3_1_8b_to_4b:variant=deep")
 
 
 @pytest.mark.parametrize("name", ["nemotron4_15b_to_8b", "nemotron4_15b_to_4b",
-                                  "llama3_1_8b_to_4b_width", "llama3_1_8b_to_4b_depth"])
+                                  "llama3_1_8b_to_4b:variant=width",
+                                  "llama3_1_8b_to_4b:variant=depth"])
 def test_runlocal_smoke_runs_every_stage(tmp_path, name):
   config = get_config(name, "runlocal")
   lines = []

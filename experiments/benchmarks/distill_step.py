@@ -14,24 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from model_flags import BATCH, DTYPE, PRESET, SEQ, model_config  # sibling module
 from minitron_jax import benchmark, distill, flops, model
 from minitron_jax.losses import LossConfig
 
-_PRESET = flags.DEFINE_string("preset", "tiny", "Teacher preset (minitron_jax.config.PRESETS).")
-_HIDDEN = flags.DEFINE_integer("hidden", 512, "tiny preset: hidden size.")
-_LAYERS = flags.DEFINE_integer("layers", 8, "tiny preset: layers.")
-_VOCAB = flags.DEFINE_integer("vocab", 32768, "tiny preset: vocabulary.")
-_BATCH = flags.DEFINE_integer("batch", 4, "Sequences per step.")
-_SEQ = flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _REMAT = flags.DEFINE_enum("remat", "none", ["none", "full", "dots"], "Student remat policy.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps.")
 
 
 def main(argv):
   del argv
-  teacher_cfg = benchmark.model_config(_PRESET.value, _HIDDEN.value, _LAYERS.value,
-                                       _VOCAB.value).replace(dtype=_DTYPE.value)
+  teacher_cfg = model_config()
   student_cfg = teacher_cfg.replace(num_layers=teacher_cfg.num_layers // 2,
                                     intermediate_size=teacher_cfg.intermediate_size // 2,
                                     remat=_REMAT.value)
@@ -40,10 +33,12 @@ def main(argv):
   distiller = distill.Distiller(student_cfg, teacher_cfg, LossConfig(),
                                 distill.OptimizerConfig(), _STEPS.value + 1)
   state = distiller.init_state(student)
-  tokens = np.random.default_rng(0).integers(0, teacher_cfg.vocab_size, (_BATCH.value, _SEQ.value))
+  tokens = np.random.default_rng(0).integers(0, teacher_cfg.vocab_size,
+                                             (BATCH.value, SEQ.value))
   batch = {"tokens": jnp.asarray(tokens, jnp.int32),
            "segment_ids": jnp.ones(tokens.shape, jnp.int32),
-           "positions": jnp.broadcast_to(jnp.arange(_SEQ.value, dtype=jnp.int32), tokens.shape)}
+           "positions": jnp.broadcast_to(jnp.arange(SEQ.value, dtype=jnp.int32),
+                                         tokens.shape)}
 
   holder = {"state": state}
 
@@ -52,16 +47,17 @@ def main(argv):
     return metrics["loss"]
 
   seconds = benchmark.seconds_per_call(step, repeats=_STEPS.value, warmup=1)
-  tokens_per_step = _BATCH.value * _SEQ.value
-  per_token = flops.distillation_flops_per_token(student_cfg, teacher_cfg, _SEQ.value)
+  tokens_per_step = BATCH.value * SEQ.value
+  per_token = flops.distillation_flops_per_token(student_cfg, teacher_cfg, SEQ.value)
   achieved = per_token * tokens_per_step / seconds
-  peak = benchmark.matmul_peak_flops(jnp.dtype(_DTYPE.value))
+  peak = benchmark.matmul_peak_flops(jnp.dtype(DTYPE.value))
   row = (f"{teacher_cfg.num_params() / 1e6:,.0f}M -> {student_cfg.num_params() / 1e6:,.0f}M",
-         f"{_BATCH.value}x{_SEQ.value}", _DTYPE.value, _REMAT.value, f"{seconds * 1e3:,.0f}",
+         f"{BATCH.value}x{SEQ.value}", DTYPE.value, _REMAT.value,
+         f"{seconds * 1e3:,.0f}",
          f"{tokens_per_step / seconds:,.0f}", f"{per_token / 1e9:.2f}",
          f"{achieved / 1e12:.3f}", f"{peak / 1e12:.3f}", f"{achieved / peak:.1%}")
   print(benchmark.append_to_log(
-      f"Distillation step ({_PRESET.value} teacher)",
+      f"Distillation step ({PRESET.value} teacher)",
       ["teacher -> student params", "batch", "dtype", "remat", "ms/step", "tokens/s",
        "GFLOP/token", "achieved TFLOP/s", "matmul peak TFLOP/s", "MFU"], [row],
       "`python experiments/benchmarks/distill_step.py` with the flags above; fused logit KLD, "

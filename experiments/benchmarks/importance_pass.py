@@ -13,25 +13,18 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from model_flags import BATCH, DTYPE, PRESET, SEQ, model_config  # sibling module
 from minitron_jax import benchmark, importance, model
 
-_PRESET = flags.DEFINE_string("preset", "tiny", "Model preset.")
-_HIDDEN = flags.DEFINE_integer("hidden", 512, "tiny preset: hidden size.")
-_LAYERS = flags.DEFINE_integer("layers", 8, "tiny preset: layers.")
-_VOCAB = flags.DEFINE_integer("vocab", 32768, "tiny preset: vocabulary.")
-_BATCH = flags.DEFINE_integer("batch", 4, "Sequences per batch.")
-_SEQ = flags.DEFINE_integer("seq", 512, "Tokens per sequence.")
 _BATCHES = flags.DEFINE_integer("batches", 4, "Batches timed.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 
 
 def main(argv):
   del argv
-  config = benchmark.model_config(_PRESET.value, _HIDDEN.value, _LAYERS.value,
-                                  _VOCAB.value).replace(dtype=_DTYPE.value)
+  config = model_config()
   params = model.init(config, 0)
   rng = np.random.default_rng(0)
-  batches = [rng.integers(0, config.vocab_size, (_BATCH.value, _SEQ.value)).astype(np.int32)
+  batches = [rng.integers(0, config.vocab_size, (BATCH.value, SEQ.value)).astype(np.int32)
              for _ in range(_BATCHES.value)]
   importance.estimate(config, params, batches[:1])  # compile
   jax.block_until_ready(model.apply(config, params, batches[0]))
@@ -44,12 +37,13 @@ def main(argv):
   estimate = min(timed(lambda: importance.estimate(config, params, batches)) for _ in range(2))
   forward = min(timed(lambda: [jax.block_until_ready(model.apply(config, params, b))
                                for b in batches]) for _ in range(2))
-  tokens = _BATCHES.value * _BATCH.value * _SEQ.value
-  row = (f"{config.num_params() / 1e6:,.0f}M", f"{_BATCHES.value} x {_BATCH.value}x{_SEQ.value}",
-         _DTYPE.value, f"{tokens / forward:,.0f}", f"{tokens / estimate:,.0f}",
+  tokens = _BATCHES.value * BATCH.value * SEQ.value
+  row = (f"{config.num_params() / 1e6:,.0f}M",
+         f"{_BATCHES.value} x {BATCH.value}x{SEQ.value}",
+         DTYPE.value, f"{tokens / forward:,.0f}", f"{tokens / estimate:,.0f}",
          f"{estimate / forward:.2f}")
   print(benchmark.append_to_log(
-      f"Importance pass vs forward ({_PRESET.value} model)",
+      f"Importance pass vs forward ({PRESET.value} model)",
       ["params", "batches", "dtype", "forward tokens/s", "importance tokens/s",
        "importance time / forward time"], [row],
       "`python experiments/benchmarks/importance_pass.py`; target: ratio <= 1.15."))
