@@ -44,11 +44,3 @@ def byte_windows(data: np.ndarray, batch_size: int, seq_len: int, num_batches: i
                                                 size=(num_batches, batch_size))
   return data[starts[..., None] + np.arange(seq_len)].astype(np.int32)
 
-
-def calibration_batches(source: str, num_samples: int, batch_size: int, seq_len: int,
-                        seed: int = 0, split: str = "train") -> np.ndarray:
-  """[num_batches, batch_size, seq_len] calibration windows; num_samples rounds up to full batches."""
-  if source != "stdlib":
-    raise ValueError(f"data source={source!r} is not supported yet; allowed: stdlib")
-  num_batches = -(-num_samples // batch_size)
-  return byte_windows(stdlib_bytes(split), batch_size, seq_len, num_batches, seed)

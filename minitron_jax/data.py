@@ -30,7 +30,7 @@ import json
 import os
 import pathlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -135,13 +135,14 @@ def _split_of_key(key: str, validation_percent: int) -> str:
   return "validation" if zlib.crc32(key.encode()) % 100 < validation_percent else "train"
 
 
-def _field(record: Any, field: str, where: str) -> Any:
-  """record[a][b] for field "a/b", with a one-line error naming the fields there are."""
+def nested_field(record: Any, field: str, where: str, what: str | None = None) -> Any:
+  """record[a][b] for field "a/b", with a one-line error naming `what` (default: the field) and
+  the fields there are."""
   value = record
   for part in field.split("/"):
-    if not isinstance(value, dict) or part not in value:
-      keys = sorted(value) if isinstance(value, dict) else type(value).__name__
-      raise ConfigError(f"text_field={field!r} is not in {where}; fields there: {keys}")
+    if not isinstance(value, Mapping) or part not in value:
+      keys = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+      raise ConfigError(f"{what or f'field {field!r}'} is not in {where}; fields there: {keys}")
     value = value[part]
   return value
 
@@ -203,7 +204,8 @@ class LocalTextSource:
       record = json.loads(line)
     except json.JSONDecodeError as e:
       raise ConfigError(f"{where} is not a JSON line: {e.msg}") from None
-    return _as_text(_field(record, self._text_field, where))
+    return _as_text(nested_field(record, self._text_field, where,
+                                       f"text_field={self._text_field!r}"))
 
   def __repr__(self) -> str:
     return f"LocalTextSource({len(self._files)} {self._kind} files, {len(self)} documents)"
@@ -253,7 +255,7 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[Any]:
 
 
 def _extract_text(record: Any, field: str, name: str) -> str:
-  return _as_text(_field(record, field, f"records of {name!r}"))
+  return _as_text(nested_field(record, field, f"records of {name!r}", f"text_field={field!r}"))
 
 
 def documents(config: DataConfig, split: str = "train") -> grain.MapDataset:

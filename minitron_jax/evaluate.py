@@ -105,17 +105,6 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def _get(record: Mapping[str, Any], field: str, where: str) -> Any:
-  """record[a][b] for "a/b", with a one-line error naming the fields there are."""
-  value: Any = record
-  for part in field.split("/"):
-    if not isinstance(value, Mapping) or part not in value:
-      keys = sorted(value) if isinstance(value, Mapping) else type(value).__name__
-      raise ConfigError(f"field {field!r} is not in {where}; fields there: {keys}")
-    value = value[part]
-  return value
-
-
 def _index(value: Any, count: int, where: str, base: int = 0) -> int:
   """An int (or int-like string) answer index, `base`-based, as a 0-based index below count."""
   try:
@@ -135,12 +124,12 @@ def _hellaswag_text(text: str) -> str:
 
 
 def _from_generic(record, where, context_field, choices_field, gold_field):
-  choices = _get(record, choices_field, where)
+  choices = data.nested_field(record, choices_field, where)
   if not isinstance(choices, list):
     raise ConfigError(f"field {choices_field!r} in {where} must be a list of strings")
   return MultipleChoiceExample(
-      context=str(_get(record, context_field, where)), choices=tuple(choices),
-      gold=_index(_get(record, gold_field, where), len(choices), where),
+      context=str(data.nested_field(record, context_field, where)), choices=tuple(choices),
+      gold=_index(data.nested_field(record, gold_field, where), len(choices), where),
       continuation=record.get("continuation"))
 
 
@@ -148,26 +137,26 @@ def _from_hellaswag(record, where):
   if "ctx_a" in record and "ctx_b" in record:  # the original JSONL, as the harness builds it
     context = record["ctx_a"] + " " + record["ctx_b"].capitalize()
   else:  # `ctx`, or TFDS's `context`
-    context = record["ctx"] if "ctx" in record else _get(record, "context", where)
+    context = record["ctx"] if "ctx" in record else data.nested_field(record, "context", where)
   if record.get("activity_label"):
     context = f"{record['activity_label']}: {context}"
-  endings = _get(record, "endings", where)
+  endings = data.nested_field(record, "endings", where)
   return MultipleChoiceExample(
       context=_hellaswag_text(context),
       choices=tuple(" " + _hellaswag_text(e) for e in endings),
-      gold=_index(_get(record, "label", where), len(endings), where))
+      gold=_index(data.nested_field(record, "label", where), len(endings), where))
 
 
 def _from_arc(record, where):
-  question = _get(record, "question", where)
+  question = data.nested_field(record, "question", where)
   if isinstance(question, Mapping):  # the original ARC JSONL: {"stem", "choices": [{text, label}]}
-    items = _get(question, "choices", where)
+    items = data.nested_field(question, "choices", where)
     texts, labels = [c["text"] for c in items], [c["label"] for c in items]
     question = question["stem"]
   else:  # the Hugging Face / TFDS layout: choices {"text": [...], "label": [...]}
-    texts = _get(record, "choices/text", where)
-    labels = _get(record, "choices/label", where)
-  answer = _get(record, "answerKey", where)
+    texts = data.nested_field(record, "choices/text", where)
+    labels = data.nested_field(record, "choices/label", where)
+  answer = data.nested_field(record, "answerKey", where)
   if answer not in labels:
     raise ConfigError(f"answerKey {answer!r} in {where} is not one of the labels {labels}")
   return MultipleChoiceExample(context=f"Question: {question}\nAnswer:",
@@ -175,17 +164,17 @@ def _from_arc(record, where):
 
 
 def _from_winogrande(record, where):
-  sentence = _get(record, "sentence", where)
+  sentence = data.nested_field(record, "sentence", where)
   if sentence.count("_") != 1:
     raise ConfigError(f"sentence in {where} must hold exactly one '_' blank: {sentence!r}")
   if "answer" in record:  # the original JSONL: "1" / "2"
     gold = _index(record["answer"], 2, where, base=1)
   else:  # TFDS: ClassLabel(names=["1", "2"]) -> 0 / 1
-    gold = _index(_get(record, "label", where), 2, where)
+    gold = _index(data.nested_field(record, "label", where), 2, where)
   blank = sentence.index("_")
   return MultipleChoiceExample(
       context=sentence[:blank],
-      choices=(_get(record, "option1", where), _get(record, "option2", where)),
+      choices=tuple(data.nested_field(record, option, where) for option in ("option1", "option2")),
       gold=gold, continuation=" " + sentence[blank + 1:].strip())
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minitron_jax import model
+from minitron_jax import losses, model
 from minitron_jax.config import ConfigError, ModelConfig
 
 AGGREGATIONS = ("mean", "l2", "var")
@@ -128,9 +128,9 @@ def _lm_loss_sums(config: ModelConfig, params, tokens, segment_ids, positions):
   """(Σ next-token CE, number of predicted tokens) over pairs inside one segment."""
   logits = model.apply(config, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1],
                        positions=positions[:, :-1])
-  target_valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-  return jnp.sum(losses * target_valid), jnp.sum(target_valid)
+  target_valid = losses.next_token_mask(segment_ids)
+  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+  return jnp.sum(per_token * target_valid), jnp.sum(target_valid)
 
 
 _lm_loss_sums_jit = jax.jit(_lm_loss_sums, static_argnames=("config",))

@@ -208,7 +208,7 @@ def test_iterative_pruning_reaches_the_target():
 ], ids=["neurons", "query-groups", "depth+groups+neurons"])
 def test_importance_pruning_beats_random_pruning_on_trained_teacher(target):
   config, params = hf.load(TEACHER)
-  calibration = corpus.calibration_batches("stdlib", 64, 16, 128, seed=0)
+  calibration = corpus.byte_windows(corpus.stdlib_bytes("train"), 16, 128, 4, seed=0)
   validation = [dict(tokens=b) for b in corpus.byte_windows(
       corpus.stdlib_bytes("validation"), 16, 129, 4, seed=1)]
   scores = importance.estimate(config, params, calibration)
