@@ -84,6 +84,8 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   config.prune.depth_criterion = "block_importance"
   config.prune.contiguous_depth = False
   config.prune.iterative_rounds = 1  # T > 1: re-estimate importance between T pruning steps
+  # Paper Table 12's baseline: the target architecture with fresh random weights (model.seed+1).
+  config.prune.reinitialize = False
 
   config.distill = ml_collections.ConfigDict()
   config.distill.steps = 500

@@ -18,8 +18,8 @@ from typing import Callable
 import jax
 import ml_collections
 
-from minitron_jax import (build, checkpoint, data, distill, hf, importance, prune, search,
-                          sharding, tokenizer)
+from minitron_jax import (build, checkpoint, data, distill, hf, importance, model, prune,
+                          search, sharding, tokenizer)
 from minitron_jax.config import ConfigError
 from minitron_jax.losses import LossConfig
 
@@ -213,6 +213,10 @@ def run_prune(ctx: Context) -> dict:
     scores = importance.Scores.load(ctx.directory / "importance")
     pruned_config, pruned = prune.prune(config, jax.device_get(params), scores, target,
                                         **_prune_options(cfg))
+  reinitialize = bool(cfg.prune.get("reinitialize", False))
+  if reinitialize:
+    ctx.log("[prune] reinitialize: the target architecture with random weights")
+    pruned = model.init(pruned_config, cfg.model.seed + 1)
   batches = validation(cfg, config.vocab_size)
   losses = {name: importance.lm_loss(c, p, batches)
             for name, (c, p) in (("source", (config, params)), ("pruned", (pruned_config, pruned)))}
@@ -225,6 +229,7 @@ def run_prune(ctx: Context) -> dict:
   summary = dict(source=config.to_dict(), pruned=pruned_config.to_dict(), target=target,
                  source_params=config.num_params(), pruned_params=pruned_config.num_params(),
                  source_validation_loss=losses["source"], pruned_validation_loss=losses["pruned"],
+                 reinitialized=reinitialize,
                  seconds=time.perf_counter() - started)
   _write_json(out / "summary.json", summary)
   ctx.log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out / 'model'}, "
