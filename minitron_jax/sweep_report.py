@@ -1,0 +1,266 @@
+"""From sweep outputs to experiments/RESULTS.md: read each point's stage summaries, let the sweep
+file turn them into a table, a verdict and plots, keep that as results/NAME.json, and render every
+kept section into one page.
+
+A section's numbers are regenerated only by running its sweep; the page is re-rendered from the
+kept JSON, so running one sweep never drops another's section. Hand-written notes on a finding
+live in results/NAME.md and are shown under its table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import pathlib
+from types import ModuleType
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+from minitron_jax import importance, search
+from minitron_jax.config import ConfigError
+
+
+def read_json(path: pathlib.Path) -> Any:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class PointResult:
+  """What one sweep point's pipeline run left in its directory."""
+
+  name: str
+  directory: pathlib.Path
+  overrides: Mapping[str, Any]
+  seconds: float
+
+  def summary(self, stage: str) -> dict:
+    found = read_json(self.directory / stage / "summary.json")
+    if found is None:
+      raise ConfigError(f"sweep point {self.name} has no {stage} summary in {self.directory}; "
+                        "run its sweep first")
+    return found
+
+  @property
+  def prune(self) -> dict:
+    return self.summary("prune")
+
+  @property
+  def distill(self) -> dict:
+    return self.summary("distill")
+
+  @functools.cached_property
+  def config(self) -> ml_collections.ConfigDict:
+    """The full settings this point ran with."""
+    found = read_json(self.directory / "config.json")
+    if found is None:
+      raise ConfigError(f"sweep point {self.name} has no config.json in {self.directory}")
+    return ml_collections.ConfigDict(found)
+
+  @property
+  def evaluation(self) -> dict:
+    """label ('teacher', 'pruned', 'distilled') -> metrics of the evaluate stage; {} if it did
+    not run."""
+    return read_json(self.directory / "evaluate" / "metrics.json") or {}
+
+  def metrics(self) -> list[dict]:
+    path = self.directory / "distill" / "metrics.jsonl"
+    if not path.exists():
+      raise ConfigError(f"sweep point {self.name} has no distillation metrics at {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+  def curve(self, key: str = "val_ce") -> tuple[list[int], list[float]]:
+    """(steps, values) of one logged metric; validation loss by default, with the pruned model's
+    zero-shot loss as step 0."""
+    records = [r for r in self.metrics() if key in r]
+    steps, values = [r["step"] for r in records], [r[key] for r in records]
+    if key == "val_ce":
+      steps, values = [0] + steps, [self.prune["pruned_validation_loss"]] + values
+    return steps, values
+
+  @functools.cached_property
+  def scores(self) -> importance.Scores:
+    return importance.Scores.load(self.directory / "importance")
+
+  @functools.cached_property
+  def search(self) -> search.SearchResult:
+    path = self.directory / "search" / "result.json"
+    if not path.exists():
+      raise ConfigError(f"sweep point {self.name} has no search result at {path}")
+    return search.SearchResult.from_json(path.read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResults:
+  name: str
+  arg: str
+  points: dict[str, PointResult]
+  hardware: dict
+  seconds: float
+
+  def __getitem__(self, name: str) -> PointResult:
+    if name not in self.points:
+      raise ConfigError(f"sweep {self.name} has no point {name!r}; it has {list(self.points)}")
+    return self.points[name]
+
+  @property
+  def runlocal(self) -> bool:
+    return "runlocal" in self.arg
+
+
+def read(directory: str | pathlib.Path) -> SweepResults:
+  """The results of a sweep `minitron_jax.sweep.run` wrote to `directory`."""
+  directory = pathlib.Path(directory)
+  record = read_json(directory / "sweep.json")
+  if record is None:
+    raise ConfigError(f"{directory} holds no sweep.json; run the sweep first")
+  order = record.get("order") or list(record["points"])
+  points = {name: PointResult(name, directory / name, record["points"][name]["overrides"],
+                              record["points"][name]["seconds"])
+            for name in order if name in record["points"]}
+  return SweepResults(record["sweep"], record["arg"], points, record["hardware"],
+                      sum(p.seconds for p in points.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+  """What a sweep file's summarize() returns: a markdown table, a one-line verdict on the
+  paper's direction, and the PNG files it wrote."""
+
+  table: str
+  verdict: str
+  plots: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- tables and plots
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  def cell(value):
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _pyplot():
+  import matplotlib  # noqa: PLC0415  (only the results page needs it)
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  return plt
+
+
+def plot_lines(path: pathlib.Path, series: Mapping[str, tuple[Sequence, Sequence]], *, title: str,
+               xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None,
+               ylim: tuple[float, float] | None = None, invert_y: bool = False,
+               markers: bool = True) -> str:
+  """One line per series; dashed horizontal references (e.g. the teacher's loss)."""
+  plt = _pyplot()
+  figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+  for label, (x, y) in series.items():
+    axes.plot(x, y, marker="o" if markers else None, markersize=3, label=label)
+  for label, value in (hlines or {}).items():
+    axes.axhline(value, linestyle="--", color="gray", linewidth=1)
+    axes.annotate(label, (axes.get_xlim()[0], value), fontsize=8, color="gray",
+                  xytext=(4, 3), textcoords="offset points")
+  if ylim:
+    axes.set_ylim(*ylim)
+  if invert_y:
+    axes.invert_yaxis()
+  axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
+  axes.grid(alpha=0.3)
+  axes.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+  return path.name
+
+
+def plot_bars(path: pathlib.Path, groups: Mapping[str, Mapping[str, float]], *, title: str,
+              ylabel: str, hline: tuple[str, float] | None = None) -> str:
+  """Grouped bars: groups[x label][series] = value."""
+  plt = _pyplot()
+  labels = list(groups)
+  series = list(dict.fromkeys(s for values in groups.values() for s in values))
+  width = 0.8 / max(len(series), 1)
+  figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+  for i, name in enumerate(series):
+    xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+    axes.bar(xs, [groups[label].get(name, float("nan")) for label in labels], width, label=name)
+  if hline:
+    axes.axhline(hline[1], linestyle="--", color="gray", linewidth=1, label=hline[0])
+  axes.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+  axes.set(title=title, ylabel=ylabel)
+  axes.grid(axis="y", alpha=0.3)
+  if len(series) > 1 or hline:
+    axes.legend(fontsize=8)
+  figure.tight_layout()
+  figure.savefig(path)
+  plt.close(figure)
+  return path.name
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def command(name: str, arg: str = "") -> str:
+  spec = f"experiments/sweeps/{name}.py" + (f":{arg}" if arg else "")
+  return f"python experiments/sweep.py --sweep={spec}"
+
+
+def write_section(module: ModuleType, results: SweepResults, results_dir: pathlib.Path) -> dict:
+  """Runs the sweep file's summarize() and keeps its section as results_dir/NAME.json."""
+  results_dir.mkdir(parents=True, exist_ok=True)
+  section = module.summarize(results, results_dir)
+  record = dict(
+      name=results.name, title=module.TITLE, finding=module.FINDING, table=section.table,
+      verdict=section.verdict, plots=list(section.plots), command=command(results.name,
+                                                                            results.arg),
+      size="runlocal" if results.runlocal else "full", hardware=results.hardware,
+      seconds=results.seconds, points=len(results.points),
+      date=datetime.date.today().isoformat())
+  tmp = results_dir / f"{results.name}.json.tmp"
+  tmp.write_text(json.dumps(record, indent=2))
+  tmp.replace(results_dir / f"{results.name}.json")
+  return record
+
+
+def _hardware_line(hardware: dict) -> str:
+  where = (f"{hardware.get('cores')}-core {hardware.get('cpu')}"
+           if hardware.get("backend") == "cpu" else
+           f"{hardware.get('devices')}× {hardware.get('device')}")
+  return f"{where}, jax {hardware.get('jax')}"
+
+
+def render(results_dir: pathlib.Path, order: Sequence[str], *, intro: str = "",
+           image_dir: str = "results") -> str:
+  """RESULTS.md: every kept section in `order`; a sweep not yet run says so. `image_dir` is
+  results_dir as seen from the page."""
+  lines = ["# Results: the Minitron paper's findings at small scale", ""]
+  if intro:
+    lines += [intro.strip(), ""]
+  for index, name in enumerate(order, start=1):
+    record = read_json(results_dir / f"{name}.json")
+    if record is None:
+      lines += [f"## {index}. {name}", "", "Not run yet: " f"`{command(name)}`", ""]
+      continue
+    minutes = record["seconds"] / 60
+    lines += [f"## {index}. {record['title']}", "",
+              f"**Paper:** {record['finding']}", "",
+              record["table"], "",
+              f"**Ours:** {record['verdict']}", ""]
+    lines += [f"![{plot}]({image_dir}/{plot})" for plot in record["plots"]]
+    if record["plots"]:
+      lines.append("")
+    notes = results_dir / f"{name}.md"
+    if notes.exists():
+      lines += [notes.read_text().strip(), ""]
+    size = "" if record["size"] == "full" else " (**runlocal smoke size, not the full sweep**)"
+    lines += [f"Regenerate: `{record['command']}`{size}. {record['points']} runs, "
+              f"{minutes:.1f} min on {_hardware_line(record['hardware'])}, {record['date']}.", ""]
+  return "\n".join(lines)
