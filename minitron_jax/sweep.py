@@ -140,7 +140,8 @@ def hardware() -> dict[str, Any]:
   except OSError:
     pass
   device = jax.devices()[0]
-  return dict(cpu=cpu, cores=os.cpu_count(), backend=jax.default_backend(),
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return dict(cpu=cpu, cores=os.cpu_count(), memory_gib=round(memory), backend=jax.default_backend(),
               device=getattr(device, "device_kind", str(device)), devices=jax.device_count(),
               jax=jax.__version__, python=platform.python_version())
 
@@ -183,11 +184,17 @@ def run(spec: str, root: str | pathlib.Path, *, only: Sequence[str] = (),
     pipeline.run(configs[label], directory / label,
                  log=lambda text, point=label: log(f"  {point} {text}"))
     seconds = time.perf_counter() - started
-    entry = record["points"].get(label, {"seconds": 0.0})
-    entry.update(overrides={k: v for k, v in point.items() if k != "name"},
-                 seconds=entry["seconds"] + seconds,
-                 finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    record["points"][label] = entry
+    previous = record["points"].get(label, {})
+    # The pipeline times each stage when it runs (timings.json); a resumed point's skipped
+    # stages keep their first time instead of adding the skip.
+    timings_path = directory / label / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    ran = previous.get("stage_seconds") != timings
+    record["points"][label] = dict(
+        overrides={k: v for k, v in point.items() if k != "name"},
+        seconds=sum(timings.values()), stage_seconds=timings,
+        finished=(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+                  if ran or "finished" not in previous else previous["finished"]))
     _write_json(record_path, record)
     log(f"[sweep {name}] {label} done in {seconds:.0f}s")
   record["order"] = [point_name(p) for p in points_of(module, base)]

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import functools
 import json
+import math
 import pathlib
 from types import ModuleType
 from typing import Any, Mapping, Sequence
@@ -99,6 +100,7 @@ class SweepResults:
   points: dict[str, PointResult]
   hardware: dict
   seconds: float
+  finished: str = ""  # ISO time the last point finished
 
   def __getitem__(self, name: str) -> PointResult:
     if name not in self.points:
@@ -116,25 +118,50 @@ def read(directory: str | pathlib.Path) -> SweepResults:
   record = read_json(directory / "sweep.json")
   if record is None:
     raise ConfigError(f"{directory} holds no sweep.json; run the sweep first")
-  order = record.get("order") or list(record["points"])
+  order = record.get("order")  # written once every point has run
+  missing = [name for name in order or () if name not in record["points"]]
+  if order is None or missing:
+    raise ConfigError(f"sweep {record['sweep']} in {directory} is incomplete "
+                      f"({'points ' + str(missing) + ' have' if missing else 'it has'} not "
+                      "finished); rerun its command, which resumes it")
   points = {name: PointResult(name, directory / name, record["points"][name]["overrides"],
-                              record["points"][name]["seconds"])
-            for name in order if name in record["points"]}
+                              record["points"][name]["seconds"]) for name in order}
+  finished = max((record["points"][name].get("finished", "") for name in order), default="")
   return SweepResults(record["sweep"], record["arg"], points, record["hardware"],
-                      sum(p.seconds for p in points.values()))
+                      sum(p.seconds for p in points.values()), finished)
+
+
+AGREEMENT = ("agrees", "in part", "disagrees")
 
 
 @dataclasses.dataclass(frozen=True)
 class Section:
   """What a sweep file's summarize() returns: a markdown table, a one-line verdict on the
-  paper's direction, and the PNG files it wrote."""
+  paper's direction, the PNG files it wrote, and the verdict in one word."""
 
   table: str
   verdict: str
   plots: tuple[str, ...] = ()
+  agreement: str = "agrees"  # one of AGREEMENT
+
+  def __post_init__(self):
+    if self.agreement not in AGREEMENT:
+      raise ConfigError(f"agreement={self.agreement!r} is not one of {AGREEMENT}")
 
 
 # ----------------------------------------------------------------------------- tables and plots
+
+
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and its standard error (sample standard deviation / sqrt(n); 0 for one value)."""
+  values = list(values)
+  if not values:
+    raise ConfigError("mean_and_error needs at least one value")
+  mean = sum(values) / len(values)
+  if len(values) < 2:
+    return mean, 0.0
+  variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+  return mean, math.sqrt(variance / len(values))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -155,6 +182,12 @@ def _pyplot():
   return plt
 
 
+def _ticker():
+  import matplotlib.ticker  # noqa: PLC0415
+
+  return matplotlib.ticker
+
+
 def plot_lines(path: pathlib.Path, series: Mapping[str, tuple[Sequence, Sequence]], *, title: str,
                xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None,
                ylim: tuple[float, float] | None = None, invert_y: bool = False,
@@ -168,6 +201,8 @@ def plot_lines(path: pathlib.Path, series: Mapping[str, tuple[Sequence, Sequence
     axes.axhline(value, linestyle="--", color="gray", linewidth=1)
     axes.annotate(label, (axes.get_xlim()[0], value), fontsize=8, color="gray",
                   xytext=(4, 3), textcoords="offset points")
+  if all(isinstance(v, int) for x, _ in series.values() for v in x):
+    axes.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
   if ylim:
     axes.set_ylim(*ylim)
   if invert_y:
@@ -182,7 +217,8 @@ def plot_lines(path: pathlib.Path, series: Mapping[str, tuple[Sequence, Sequence
 
 
 def plot_bars(path: pathlib.Path, groups: Mapping[str, Mapping[str, float]], *, title: str,
-              ylabel: str, hline: tuple[str, float] | None = None) -> str:
+              ylabel: str, hline: tuple[str, float] | None = None,
+              ylim: tuple[float, float] | None = None) -> str:
   """Grouped bars: groups[x label][series] = value."""
   plt = _pyplot()
   labels = list(groups)
@@ -194,11 +230,13 @@ def plot_bars(path: pathlib.Path, groups: Mapping[str, Mapping[str, float]], *, 
     axes.bar(xs, [groups[label].get(name, float("nan")) for label in labels], width, label=name)
   if hline:
     axes.axhline(hline[1], linestyle="--", color="gray", linewidth=1, label=hline[0])
+  if ylim:
+    axes.set_ylim(*ylim)
   axes.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
   axes.set(title=title, ylabel=ylabel)
   axes.grid(axis="y", alpha=0.3)
   if len(series) > 1 or hline:
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left")
   figure.tight_layout()
   figure.savefig(path)
   plt.close(figure)
@@ -219,11 +257,11 @@ def write_section(module: ModuleType, results: SweepResults, results_dir: pathli
   section = module.summarize(results, results_dir)
   record = dict(
       name=results.name, title=module.TITLE, finding=module.FINDING, table=section.table,
-      verdict=section.verdict, plots=list(section.plots), command=command(results.name,
-                                                                            results.arg),
+      verdict=section.verdict, agreement=section.agreement, plots=list(section.plots),
+      command=command(results.name, results.arg),
       size="runlocal" if results.runlocal else "full", hardware=results.hardware,
       seconds=results.seconds, points=len(results.points),
-      date=datetime.date.today().isoformat())
+      date=results.finished[:10] or datetime.date.today().isoformat())
   tmp = results_dir / f"{results.name}.json.tmp"
   tmp.write_text(json.dumps(record, indent=2))
   tmp.replace(results_dir / f"{results.name}.json")
@@ -231,7 +269,8 @@ def write_section(module: ModuleType, results: SweepResults, results_dir: pathli
 
 
 def _hardware_line(hardware: dict) -> str:
-  where = (f"{hardware.get('cores')}-core {hardware.get('cpu')}"
+  memory = f" ({hardware['memory_gib']} GiB)" if hardware.get("memory_gib") else ""
+  where = (f"{hardware.get('cores')}-core {hardware.get('cpu')}{memory}, no accelerator"
            if hardware.get("backend") == "cpu" else
            f"{hardware.get('devices')}× {hardware.get('device')}")
   return f"{where}, jax {hardware.get('jax')}"
@@ -244,13 +283,26 @@ def render(results_dir: pathlib.Path, order: Sequence[str], *, intro: str = "",
   lines = ["# Results: the Minitron paper's findings at small scale", ""]
   if intro:
     lines += [intro.strip(), ""]
-  for index, name in enumerate(order, start=1):
-    record = read_json(results_dir / f"{name}.json")
+  records = {name: read_json(results_dir / f"{name}.json") for name in order}
+  done = [r for r in records.values() if r is not None]
+  if done:
+    lines += ["| # | finding | ours vs the paper | runs | minutes |", "|---|---|---|---|---|"]
+    for index, (name, record) in enumerate(records.items(), start=1):
+      if record is None:
+        lines.append(f"| {index} | {name} | not run yet | | |")
+        continue
+      size = "" if record["size"] == "full" else " (runlocal)"
+      lines.append(f"| {index} | [{record['title']}](#{index}) | {record.get('agreement', '')}"
+                   f"{size} | {record['points']} | {record['seconds'] / 60:.1f} |")
+    hardware = {_hardware_line(r["hardware"]) for r in done}
+    lines += ["", f"{sum(r['seconds'] for r in done) / 60:.0f} min of runs in all, on "
+              f"{'; '.join(sorted(hardware))}.", ""]
+  for index, (name, record) in enumerate(records.items(), start=1):
     if record is None:
       lines += [f"## {index}. {name}", "", "Not run yet: " f"`{command(name)}`", ""]
       continue
     minutes = record["seconds"] / 60
-    lines += [f"## {index}. {record['title']}", "",
+    lines += [f'<a id="{index}"></a>', "", f"## {index}. {record['title']}", "",
               f"**Paper:** {record['finding']}", "",
               record["table"], "",
               f"**Ours:** {record['verdict']}", ""]
@@ -261,6 +313,7 @@ def render(results_dir: pathlib.Path, order: Sequence[str], *, intro: str = "",
     if notes.exists():
       lines += [notes.read_text().strip(), ""]
     size = "" if record["size"] == "full" else " (**runlocal smoke size, not the full sweep**)"
-    lines += [f"Regenerate: `{record['command']}`{size}. {record['points']} runs, "
+    runs = f"{record['points']} run{'s' if record['points'] != 1 else ''}"
+    lines += [f"Regenerate: `{record['command']}`{size}. {runs}, "
               f"{minutes:.1f} min on {_hardware_line(record['hardware'])}, {record['date']}.", ""]
   return "\n".join(lines)

@@ -94,14 +94,16 @@ def test_equal_flops_steps_match_the_flop_ratio():
 
 def test_render_marks_missing_and_runlocal_sections_and_includes_notes(tmp_path):
   record = dict(name="a", title="Finding A", finding="paper says", table="| x |\n|---|\n| 1 |",
-                verdict="Agrees.", plots=["a.png"], command="python experiments/sweep.py "
-                "--sweep=experiments/sweeps/a.py:runlocal", size="runlocal",
+                verdict="Agrees.", agreement="agrees", plots=["a.png"],
+                command="python experiments/sweep.py --sweep=experiments/sweeps/a.py:runlocal",
+                size="runlocal",
                 hardware=dict(backend="cpu", cores=2, cpu="EPYC", jax="0.10.2"), seconds=90.0,
                 points=3, date="2026-11-23")
   (tmp_path / "a.json").write_text(json.dumps(record))
   (tmp_path / "a.md").write_text("Why it differs.")
   page = sweep_report.render(tmp_path, ["a", "b"], intro="Intro.", image_dir="res")
   assert "## 1. Finding A" in page and "**Paper:** paper says" in page
+  assert "| 1 | [Finding A](#1) | agrees (runlocal) | 3 | 1.5 |" in page
   assert "![a.png](res/a.png)" in page and "Why it differs." in page
   assert "runlocal smoke size" in page and "1.5 min on 2-core EPYC" in page
   assert "## 2. b\n\nNot run yet: `python experiments/sweep.py --sweep=experiments/sweeps/b.py`" \
@@ -154,3 +156,23 @@ def test_aggregation_sweep_runs_end_to_end_and_renders(tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "error: sweep file 'nope.py' does not exist" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_an_unfinished_sweep_is_not_summarised(tmp_path):
+  record = dict(sweep="s", arg="", hardware={}, points={"a": dict(overrides={}, seconds=1.0)})
+  (tmp_path / "sweep.json").write_text(json.dumps(record))
+  with pytest.raises(ConfigError, match="sweep s .* is incomplete .*rerun its command"):
+    sweep_report.read(tmp_path)
+  (tmp_path / "sweep.json").write_text(json.dumps({**record, "order": ["a", "b"]}))
+  with pytest.raises(ConfigError, match=r"points \['b'\] have not finished"):
+    sweep_report.read(tmp_path)
+  (tmp_path / "sweep.json").write_text(json.dumps({**record, "order": ["a"]}))
+  assert list(sweep_report.read(tmp_path).points) == ["a"]
+
+
+def test_mean_and_error_is_the_standard_error_of_the_mean():
+  mean, error = sweep_report.mean_and_error([1.0, 2.0, 3.0])
+  assert mean == 2.0 and math.isclose(error, math.sqrt(1.0 / 3.0))  # sd 1 over sqrt(3)
+  assert sweep_report.mean_and_error([5.0]) == (5.0, 0.0)
+  with pytest.raises(ConfigError, match="at least one value"):
+    sweep_report.mean_and_error([])

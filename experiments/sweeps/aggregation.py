@@ -78,13 +78,15 @@ def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_re
   verdict = (f"{len(held)} of the {total} paper comparisons (each of (l2, mean) and (mean, mean) "
              f"against (l2, l2) and every var variant) hold by more than the {spread:.4f} that "
              "other calibration samples alone change the loss. ")
-  verdict += ("Agrees with the paper." if total and len(held) == total else
-              "Agrees in part." if held else "Disagrees with the paper.")
+  agreement = ("agrees" if total and len(held) == total else "in part" if held else "disagrees")
+  verdict += {"agrees": "Agrees with the paper.", "in part": "Agrees in part.",
+              "disagrees": "Disagrees with the paper."}[agreement]
 
   plots = (sweep_report.plot_bars(
       out / "aggregation_zero_shot.png",
       {f"batch={b}": {f"seq={s}": loss[(b, s)] for s in AGGREGATIONS if (b, s) in loss}
        for b in AGGREGATIONS},
       title="Zero-shot loss after width pruning, by aggregation",
-      ylabel="validation loss (nats/byte)", hline=("teacher", teacher)),)
-  return sweep_report.Section(table, verdict, plots)
+      ylabel="validation loss (nats/byte)", hline=("teacher", teacher),
+      ylim=(teacher - 0.1, max(loss.values()) + 0.15)),)
+  return sweep_report.Section(table, verdict, plots, agreement)

@@ -75,4 +75,4 @@ def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_re
       title="Iterative vs one-shot importance", xlabel="distillation step (0 = pruned)",
       ylabel="validation loss (nats/byte)", hlines={"teacher": teacher},
       ylim=(teacher - 0.05, max(v[1][0] for v in curves.values()) + 0.1)),)
-  return sweep_report.Section(table, verdict, plots)
+  return sweep_report.Section(table, verdict, plots, "disagrees" if beyond else "agrees")

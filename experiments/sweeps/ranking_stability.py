@@ -70,4 +70,5 @@ def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_re
                               title="Candidate validation loss during retraining",
                               xlabel="retraining step", ylabel="validation loss (nats/byte)"),
   )
-  return sweep_report.Section(table, verdict, plots)
+  agreement = "agrees" if changed and settled_from < result.final_step else "disagrees"
+  return sweep_report.Section(table, verdict, plots, agreement)
