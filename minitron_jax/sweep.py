@@ -54,7 +54,7 @@ def product(sweeps: Sequence[list[Point]]) -> list[Point]:
   points = []
   for combination in itertools.product(*sweeps):
     merged: Point = {}
-    names = [p["name"] for p in combination if "name" in p]
+    names = [p["name"] for p in combination if p.get("name")]  # named("") adds nothing
     for part in combination:
       merged.update({k: v for k, v in part.items() if k != "name"})
     if names:

@@ -149,6 +149,19 @@ class Section:
       raise ConfigError(f"agreement={self.agreement!r} is not one of {AGREEMENT}")
 
 
+def paired_difference(runs: Sequence[PointResult], reference: Sequence[PointResult],
+                      value) -> tuple[float, float, int]:
+  """Mean and standard error of value(run) - value(reference run with the same data seed), over
+  the seeds both have, and how many. Runs with one seed share calibration samples and batches, so
+  the paired difference is much less noisy than the difference of the two means."""
+  by_seed = {p.config.data.seed: value(p) for p in reference}
+  differences = [value(p) - by_seed[p.config.data.seed] for p in runs
+                 if p.config.data.seed in by_seed]
+  if not differences:
+    raise ConfigError("paired_difference: the two settings share no data seed")
+  return (*mean_and_error(differences), len(differences))
+
+
 # ----------------------------------------------------------------------------- tables and plots
 
 

@@ -134,7 +134,7 @@ def test_aggregation_sweep_runs_end_to_end_and_renders(tmp_path):
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
   section = json.loads((results / "aggregation.json").read_text())
-  assert section["size"] == "runlocal" and section["points"] == 10
+  assert section["size"] == "runlocal" and section["points"] == 9
   assert (results / "aggregation_zero_shot.png").stat().st_size > 1000
   text = page.read_text()
   assert "Aggregation metrics for activation importance (Table 15)" in text
@@ -176,3 +176,24 @@ def test_mean_and_error_is_the_standard_error_of_the_mean():
   assert sweep_report.mean_and_error([5.0]) == (5.0, 0.0)
   with pytest.raises(ConfigError, match="at least one value"):
     sweep_report.mean_and_error([])
+
+
+def test_paired_difference_pairs_runs_by_data_seed(tmp_path):
+  def point(name, seed, loss):
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"data": {"seed": seed}}))
+    return sweep_report.PointResult(name, directory, {}, 0.0), loss
+
+  losses = {}
+  runs, reference = [], []
+  for seed, (a, b) in enumerate([(1.0, 1.5), (2.0, 2.4), (3.0, 3.6)]):
+    p, losses[f"a{seed}"] = point(f"a{seed}", seed, a)
+    q, losses[f"b{seed}"] = point(f"b{seed}", seed, b)
+    runs.append(p)
+    reference.append(q)
+  extra, losses["a9"] = point("a9", 9, 0.0)  # no partner: left out
+  mean, error, pairs = sweep_report.paired_difference(runs[::-1] + [extra], reference,
+                                                      lambda p: losses[p.name])
+  assert pairs == 3 and math.isclose(mean, -0.5)
+  assert math.isclose(error, math.sqrt(0.01 / 3))  # differences -0.5, -0.4, -0.6: sd 0.1

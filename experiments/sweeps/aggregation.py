@@ -32,61 +32,70 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.prune.target = ml_collections.ConfigDict(WIDTH_TARGET)
   config.prune.head_merging = False
   config.importance.update(drop_loss=False, block_sizes=(1,))  # width only: no layer ranking
+  config.replicate_seeds = (0, 1, 2)  # calibration sets (data seeds) per aggregation
   if "runlocal" in options:
     run_config.runlocal(config)
+    config.replicate_seeds = (0,)
   return config
 
 
-SPREAD_POINT = "batch=l2,seq=mean,calibration_seed=1"
-
-
 def get_hyper(h, config):
-  del config  # the same points at every size
   batch = h.chain([h.named(f"batch={a}", {"config.importance.batch_aggregation": a})
                    for a in AGGREGATIONS])
   seq = h.chain([h.named(f"seq={a}", {"config.importance.seq_aggregation": a})
                  for a in AGGREGATIONS])
-  return h.chain([h.product([batch, seq]), h.named(SPREAD_POINT, {
-      "config.importance.batch_aggregation": "l2", "config.importance.seq_aggregation": "mean",
-      "config.data.seed": 1})])
+  seed = h.chain([h.named(f"calibration_seed={s}" if s else "", {"config.data.seed": s})
+                  for s in config.replicate_seeds])
+  return h.product([batch, seq, seed])
 
 
 def _pair(name: str) -> tuple[str, str]:
-  batch, seq = (part.split("=")[1] for part in name.split(",")[:2])
+  batch, seq = (part.split("=")[1] for part in name.split(",") if part.split("=")[0] in
+                ("batch", "seq"))
   return batch, seq
 
 
 def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_report.Section:
-  loss = {_pair(name): point.prune["pruned_validation_loss"]
-          for name, point in results.points.items() if name != SPREAD_POINT}
-  replicate = (results[SPREAD_POINT].prune["pruned_validation_loss"]
-               if SPREAD_POINT in results.points else loss[("l2", "mean")])
-  spread = abs(replicate - loss[("l2", "mean")])
+  runs: dict[tuple[str, str], list] = {}
+  for name, point in results.points.items():
+    runs.setdefault(_pair(name), []).append(point)
+  def loss_of(point):
+    return point.prune["pruned_validation_loss"]
+  loss = {pair: sweep_report.mean_and_error([loss_of(p) for p in points])
+          for pair, points in runs.items()}
+  seeds = max(len(points) for points in runs.values())
   teacher = next(iter(results.points.values())).prune["source_validation_loss"]
-  best = min(loss, key=loss.get)
-  rows = [(f"batch={b}", *(loss.get((b, s), float("nan")) for s in AGGREGATIONS))
-          for b in AGGREGATIONS]
+  best = min(loss, key=lambda pair: loss[pair][0])
+  rows = [(f"batch={b}", *(f"{loss[(b, s)][0]:.4f} ± {loss[(b, s)][1]:.4f}" if (b, s) in loss
+                           else "" for s in AGGREGATIONS)) for b in AGGREGATIONS]
   table = sweep_report.markdown_table(
-      ("zero-shot val loss", *(f"seq={s}" for s in AGGREGATIONS)), rows)
-  table += (f"\n\nTeacher: {teacher:.4f}. Lowest: batch={best[0]}, seq={best[1]} "
-            f"({loss[best]:.4f}). (l2, mean) on other calibration samples: {replicate:.4f}.")
+      (f"zero-shot val loss, mean ± s.e. of {seeds} calibration sets",
+       *(f"seq={s}" for s in AGGREGATIONS)), rows)
+  table += (f"\n\nTeacher: {teacher:.4f}. Lowest: batch={best[0]}, seq={best[1]}. Each "
+            "calibration set is 256 samples of 128 bytes drawn with its own data seed.")
 
-  winners = [p for p in (("l2", "mean"), ("mean", "mean")) if p in loss]
-  losers = [p for p in loss if p == ("l2", "l2") or "var" in p]
-  held = [(w, other) for w in winners for other in losers if loss[other] - loss[w] > spread]
-  total = len(winners) * len(losers)
-  verdict = (f"{len(held)} of the {total} paper comparisons (each of (l2, mean) and (mean, mean) "
-             f"against (l2, l2) and every var variant) hold by more than the {spread:.4f} that "
-             "other calibration samples alone change the loss. ")
-  agreement = ("agrees" if total and len(held) == total else "in part" if held else "disagrees")
+  # Each paper comparison, paired by calibration set: loser minus winner against 2 s.e.
+  winners = [p for p in (("l2", "mean"), ("mean", "mean")) if p in runs]
+  losers = [p for p in runs if p == ("l2", "l2") or "var" in p]
+  gaps = {(w, other): sweep_report.paired_difference(runs[other], runs[w], loss_of)[:2]
+          for w in winners for other in losers}
+  held = [k for k, (gap, error) in gaps.items() if gap > 2 * error]
+  reversed_ = [k for k, (gap, error) in gaps.items() if -gap > 2 * error]
+  verdict = (f"of the {len(gaps)} paper comparisons (each of (l2, mean) and (mean, mean) against "
+             f"(l2, l2) and every var variant), paired by calibration set, {len(held)} hold "
+             f"beyond two standard errors, {len(reversed_)} go the other way ("
+             + "; ".join(f"({o[0]}, {o[1]}) beats ({w[0]}, {w[1]})" for w, o in reversed_)
+             + ") and the rest are ties. ")
+  agreement = ("agrees" if gaps and len(held) == len(gaps) else "in part" if held else
+               "disagrees")
   verdict += {"agrees": "Agrees with the paper.", "in part": "Agrees in part.",
               "disagrees": "Disagrees with the paper."}[agreement]
 
   plots = (sweep_report.plot_bars(
       out / "aggregation_zero_shot.png",
-      {f"batch={b}": {f"seq={s}": loss[(b, s)] for s in AGGREGATIONS if (b, s) in loss}
+      {f"batch={b}": {f"seq={s}": loss[(b, s)][0] for s in AGGREGATIONS if (b, s) in loss}
        for b in AGGREGATIONS},
-      title="Zero-shot loss after width pruning, by aggregation",
+      title=f"Zero-shot loss after width pruning, by aggregation (mean of {seeds})",
       ylabel="validation loss (nats/byte)", hline=("teacher", teacher),
-      ylim=(teacher - 0.1, max(loss.values()) + 0.15)),)
+      ylim=(teacher - 0.1, max(m for m, _ in loss.values()) + 0.15)),)
   return sweep_report.Section(table, verdict, plots, agreement)

@@ -26,7 +26,6 @@ FINDING = ("Width pruning has a higher loss than depth pruning right after pruni
 
 TEACHER = dict(num_layers=4, hidden_size=128, num_attention_heads=8, num_key_value_heads=4,
                intermediate_size=512)
-SEEDS = (1, 2)  # besides the default data seed 0
 TARGETS = {
     "depth": dict(TEACHER, num_layers=2),
     "width_mlp": dict(TEACHER, intermediate_size=192),
@@ -39,18 +38,19 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = run_config.base_config()
   config.stages = ("importance", "prune", "distill", "evaluate")
   config.distill.update(steps=600, eval_every=50, checkpoint_every=200)
+  config.replicate_seeds = (0, 1, 2)  # data orders each pruning is retrained with
   if "runlocal" in options:
     run_config.runlocal(config)
+    config.replicate_seeds = (0,)
   return config
 
 
 def get_hyper(h, config):
-  del config  # the same points at every size
   return h.chain([
       *(h.named(name, {"config.prune.target": target}) for name, target in TARGETS.items()),
       *(h.named(f"{name},data_seed={seed}", {"config.prune.target": target,
                                              "config.data.seed": seed})
-        for name, target in TARGETS.items() for seed in SEEDS),
+        for name, target in TARGETS.items() for seed in config.replicate_seeds if seed),
   ])
 
 
@@ -84,13 +84,14 @@ def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_re
 
   width = [n for n in by_setting if n.startswith("width")]
   zero_shot = [n for n in width if before[n][0] > before["depth"][0]]
-  gaps = {n: (after["depth"][0] - after[n][0], math.hypot(after["depth"][1], after[n][1]))
-          for n in width}
+  # depth minus width, paired by data seed (same calibration samples and batches).
+  gaps = {n: sweep_report.paired_difference(by_setting["depth"], by_setting[n],
+                                            lambda p: p.distill["val_ce"])[:2] for n in width}
   retrained = [n for n, (gap, error) in gaps.items() if gap > 2 * error]
   verdict = (f"right after pruning, {len(zero_shot)}/{len(width)} width variants have a higher "
-             f"loss than depth; after retraining their mean loss is lower than depth's by "
-             + ", ".join(f"{gap:.4f} ± {error:.4f} ({n})" for n, (gap, error) in gaps.items())
-             + f", beyond two standard errors for {len(retrained)}/{len(width)}. ")
+             f"loss than depth; after retraining they are lower than depth, paired by data seed, "
+             "by " + ", ".join(f"{gap:.4f} ± {error:.4f} ({n})" for n, (gap, error) in gaps.items())
+             + f": beyond two standard errors for {len(retrained)}/{len(width)}. ")
   agreement = ("agrees" if zero_shot == width and retrained == width else
                "in part" if retrained == width else "disagrees")
   if agreement == "agrees":
