@@ -204,10 +204,10 @@ def _ticker():
 def plot_lines(path: pathlib.Path, series: Mapping[str, tuple[Sequence, Sequence]], *, title: str,
                xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None,
                ylim: tuple[float, float] | None = None, invert_y: bool = False,
-               markers: bool = True) -> str:
+               markers: bool = True, legend_outside: bool = False) -> str:
   """One line per series; dashed horizontal references (e.g. the teacher's loss)."""
   plt = _pyplot()
-  figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+  figure, axes = plt.subplots(figsize=(8.6 if legend_outside else 6.4, 4.0), dpi=110)
   for label, (x, y) in series.items():
     axes.plot(x, y, marker="o" if markers else None, markersize=3, label=label)
   for label, value in (hlines or {}).items():
@@ -222,7 +222,10 @@ def plot_lines(path: pathlib.Path, series: Mapping[str, tuple[Sequence, Sequence
     axes.invert_yaxis()
   axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
   axes.grid(alpha=0.3)
-  axes.legend(fontsize=8)
+  if legend_outside:
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  else:
+    axes.legend(fontsize=8)
   figure.tight_layout()
   figure.savefig(path)
   plt.close(figure)

@@ -63,7 +63,7 @@ def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_re
   teacher_accuracy = first.evaluation.get("teacher", {}).get("next_line/acc", float("nan"))
   steps = first.distill["steps"]
 
-  rows, before, after = [], {}, {}
+  rows, before, after, mean_accuracy = [], {}, {}, {}
   for setting, points in by_setting.items():
     before[setting] = sweep_report.mean_and_error(
         [p.prune["pruned_validation_loss"] for p in points])
@@ -71,6 +71,7 @@ def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_re
     after[setting] = sweep_report.mean_and_error(runs)
     accuracies = [p.evaluation.get("distilled", {}).get("next_line/acc") for p in points]
     accuracy = sweep_report.mean_and_error([a for a in accuracies if a is not None] or [math.nan])
+    mean_accuracy[setting] = accuracy[0]
     rows.append((setting, f"{points[0].prune['pruned_params']:,}", f"{before[setting][0]:.4f}",
                  " / ".join(f"{v:.4f}" for v in runs),
                  f"{after[setting][0]:.4f} ± {after[setting][1]:.4f}",
@@ -92,13 +93,19 @@ def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_re
              f"loss than depth; after retraining they are lower than depth, paired by data seed, "
              "by " + ", ".join(f"{gap:.4f} ± {error:.4f} ({n})" for n, (gap, error) in gaps.items())
              + f": beyond two standard errors for {len(retrained)}/{len(width)}. ")
-  agreement = ("agrees" if zero_shot == width and retrained == width else
-               "in part" if retrained == width else "disagrees")
+  ahead = [n for n in width if mean_accuracy[n] > mean_accuracy["depth"]]
+  verdict += (f"Next-line accuracy after KD is higher than depth's for {len(ahead)}/{len(width)} "
+              "width variants (" + ", ".join(f"{n} {mean_accuracy[n]:.3f}" for n in by_setting)
+              + "). ")
+  misses = [part for part, held in (
+      ("right after pruning (width is already ahead there)", zero_shot == width),
+      ("on next-line accuracy (depth is ahead there)", ahead == width)) if not held]
+  agreement = ("disagrees" if retrained != width else "in part" if misses else "agrees")
   if agreement == "agrees":
     verdict += "Agrees with the paper."
   elif agreement == "in part":
-    verdict += ("Agrees after retraining, the paper's main point; disagrees right after pruning, "
-                "where width is already ahead here.")
+    verdict += ("Agrees on the loss after retraining, the paper's main point; disagrees "
+                + " and ".join(misses) + ".")
   else:
     verdict += "Does not reproduce the paper's advantage of width after retraining."
 

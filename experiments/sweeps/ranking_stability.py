@@ -65,10 +65,12 @@ def summarize(results: sweep_report.SweepResults, out: pathlib.Path) -> sweep_re
   plots = (
       sweep_report.plot_lines(out / "ranking_stability_ranks.png", ranks,
                               title="Candidate rank during retraining (1 = best)",
-                              xlabel="retraining step", ylabel="rank", invert_y=True),
+                              xlabel="retraining step", ylabel="rank", invert_y=True,
+                              legend_outside=True),
       sweep_report.plot_lines(out / "ranking_stability_losses.png", losses,
                               title="Candidate validation loss during retraining",
-                              xlabel="retraining step", ylabel="validation loss (nats/byte)"),
+                              xlabel="retraining step", ylabel="validation loss (nats/byte)",
+                              legend_outside=True),
   )
   agreement = "agrees" if changed and settled_from < result.final_step else "disagrees"
   return sweep_report.Section(table, verdict, plots, agreement)
