@@ -142,6 +142,32 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   return config
 
 
+# The width-only target several ablation sweeps share: the shipped teacher's hidden 128 -> 96,
+# 8 -> 4 query heads and MLP 512 -> 256 with every layer kept (443,232 of 1,049,728 parameters).
+STDLIB_WIDTH_TARGET = dict(num_layers=4, hidden_size=96, num_attention_heads=4,
+                           num_key_value_heads=4, intermediate_size=256)
+
+
+def sweep_config(arg: str, stages: tuple[str, ...], *, target: dict | None = None,
+                 width_only: bool = False, replicate_seeds: tuple[int, ...] = (0,),
+                 **distill) -> ml_collections.ConfigDict:
+  """The embedded default as the base of one ablation sweep (experiments/sweeps/): its stages,
+  prune target and `config.distill` changes. `replicate_seeds` are the data seeds a sweep repeats
+  its close comparisons with; `runlocal` in `arg` shrinks the run and keeps only the first."""
+  config = base_config()
+  config.stages = tuple(stages)
+  if target is not None:
+    config.prune.target = ml_collections.ConfigDict(target)
+  if width_only:  # every layer is kept, so no layer ranking is needed
+    config.importance.update(drop_loss=False, block_sizes=(1,))
+  config.distill.update(distill)
+  config.replicate_seeds = tuple(replicate_seeds)
+  if "runlocal" in parse_arg(arg):
+    runlocal(config)
+    config.replicate_seeds = config.replicate_seeds[:1]
+  return config
+
+
 def _scaled(value: int, real: int, tiny: int, multiple: int = 1) -> int:
   """value/real of the real model's size, applied to the tiny model's size (at least 1)."""
   return max(multiple, round(value / real * tiny / multiple) * multiple)

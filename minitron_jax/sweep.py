@@ -3,11 +3,11 @@ dict of config overrides ("config.distill.loss.logit_loss" -> "reverse_kl", plus
 "name"), and every point runs the whole pipeline in its own directory.
 
 A sweep file (experiments/sweeps/*.py) defines
-  get_config(arg) -> ConfigDict     the settings every point shares (`runlocal` shrinks them)
-  get_hyper(h, config) -> list[dict]  the points, built with this module's sweep/product/chain
-                                    (config: get_config's, for points derived from it)
-  FINDING, PAPER                    what the paper reports, for the results page
-  summarize(results) -> Section     its table and plots (minitron_jax.sweep_report)
+  get_config(arg) -> ConfigDict         the settings every point shares (`runlocal` shrinks them)
+  get_hyper(h, config) -> list[dict]    the points, built with this module's sweep/product/chain
+                                        (config: get_config's, for points derived from it)
+  TITLE, FINDING                        the paper table and what it reports
+  summarize(results, out) -> Section    its table, verdict and plots (minitron_jax.sweep_report)
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def points_of(module: ModuleType, config: ml_collections.ConfigDict) -> list[Poi
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
     raise ConfigError(f"sweep points {repeated} appear more than once; give them names")
-  bad = [n for n in names if "/" in n or n.startswith(".")]
+  bad = [n for n in names if not n or "/" in n or n.startswith(".")]
   if bad:
     raise ConfigError(f"sweep point names {bad} cannot be directory names")
   return points

@@ -21,21 +21,13 @@ FINDING = ("Zero-shot, (batch=l2, seq=mean) and (mean, mean) give a lower loss t
            "than the variance-based aggregations.")
 
 AGGREGATIONS = ("mean", "l2", "var")
-WIDTH_TARGET = dict(num_layers=4, hidden_size=96, num_attention_heads=4, num_key_value_heads=4,
-                    intermediate_size=256)
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  options = run_config.parse_arg(arg)
-  config = run_config.base_config()
-  config.stages = ("importance", "prune")
-  config.prune.target = ml_collections.ConfigDict(WIDTH_TARGET)
+  # Three calibration sets (data seeds) per aggregation.
+  config = run_config.sweep_config(arg, ("importance", "prune"), width_only=True,
+                                   target=run_config.STDLIB_WIDTH_TARGET, replicate_seeds=(0, 1, 2))
   config.prune.head_merging = False
-  config.importance.update(drop_loss=False, block_sizes=(1,))  # width only: no layer ranking
-  config.replicate_seeds = (0, 1, 2)  # calibration sets (data seeds) per aggregation
-  if "runlocal" in options:
-    run_config.runlocal(config)
-    config.replicate_seeds = (0,)
   return config
 
 

@@ -34,15 +34,10 @@ TARGETS = {
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  options = run_config.parse_arg(arg)
-  config = run_config.base_config()
-  config.stages = ("importance", "prune", "distill", "evaluate")
-  config.distill.update(steps=600, eval_every=50, checkpoint_every=200)
-  config.replicate_seeds = (0, 1, 2)  # data orders each pruning is retrained with
-  if "runlocal" in options:
-    run_config.runlocal(config)
-    config.replicate_seeds = (0,)
-  return config
+  # Three data orders each pruning is retrained with.
+  return run_config.sweep_config(arg, ("importance", "prune", "distill", "evaluate"),
+                                 replicate_seeds=(0, 1, 2), steps=600, eval_every=50,
+                                 checkpoint_every=200)
 
 
 def get_hyper(h, config):

@@ -19,22 +19,14 @@ TITLE = "Iterative importance (Table 10)"
 FINDING = ("Re-estimating importance between pruning rounds (T > 1) gives no gain over one-shot "
            "importance once the pruned model is retrained.")
 
-WIDTH_TARGET = dict(num_layers=4, hidden_size=96, num_attention_heads=4, num_key_value_heads=4,
-                    intermediate_size=256)
 ROUNDS = (1, 2, 4)
 SPREAD_POINT = "T=1,data_seed=1"
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  options = run_config.parse_arg(arg)
-  config = run_config.base_config()
-  config.stages = ("importance", "prune", "distill")
-  config.prune.target = ml_collections.ConfigDict(WIDTH_TARGET)
-  config.importance.update(drop_loss=False, block_sizes=(1,))
-  config.distill.update(steps=300, eval_every=50, checkpoint_every=150)
-  if "runlocal" in options:
-    run_config.runlocal(config)
-  return config
+  return run_config.sweep_config(arg, ("importance", "prune", "distill"), width_only=True,
+                                 target=run_config.STDLIB_WIDTH_TARGET, steps=300, eval_every=50,
+                                 checkpoint_every=150)
 
 
 def get_hyper(h, config):

@@ -32,13 +32,8 @@ CROSS_ENTROPY = {"config.distill.loss.logit_loss": "none", "config.distill.loss.
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  options = run_config.parse_arg(arg)
-  config = run_config.base_config()
-  config.stages = ("importance", "prune", "distill")
-  config.distill.update(steps=STEPS, eval_every=50, checkpoint_every=200)
-  if "runlocal" in options:
-    run_config.runlocal(config)
-  return config
+  return run_config.sweep_config(arg, ("importance", "prune", "distill"), steps=STEPS,
+                                 eval_every=50, checkpoint_every=200)
 
 
 def equal_flops_steps(config: ml_collections.ConfigDict) -> int:

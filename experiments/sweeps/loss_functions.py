@@ -26,25 +26,16 @@ TITLE = "Distillation loss functions and components (Tables 16-18)"
 FINDING = ("Forward KL on logits beats reverse KL, MSE and cosine; with depth kept, the logit loss "
            "alone beats adding intermediate-state losses (L_is).")
 
-WIDTH_TARGET = dict(num_layers=4, hidden_size=96, num_attention_heads=4, num_key_value_heads=4,
-                    intermediate_size=256)
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "mse", "cosine")
 LOSS = "config.distill.loss."
 REPLICATED = ("forward_kl", "forward_kl+is_last", "forward_kl+is_all+emb")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  options = run_config.parse_arg(arg)
-  config = run_config.base_config()
-  config.stages = ("importance", "prune", "distill")
-  config.prune.target = ml_collections.ConfigDict(WIDTH_TARGET)
-  config.importance.update(drop_loss=False, block_sizes=(1,))
-  config.distill.update(steps=300, eval_every=50, checkpoint_every=150)
-  config.replicate_seeds = (0, 1, 2)  # data orders for the REPLICATED settings
-  if "runlocal" in options:
-    run_config.runlocal(config)
-    config.replicate_seeds = (0,)
-  return config
+  # Three data orders for the REPLICATED settings.
+  return run_config.sweep_config(arg, ("importance", "prune", "distill"), width_only=True,
+                                 target=run_config.STDLIB_WIDTH_TARGET, replicate_seeds=(0, 1, 2),
+                                 steps=300, eval_every=50, checkpoint_every=150)
 
 
 def get_hyper(h, config):

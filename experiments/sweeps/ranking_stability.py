@@ -23,16 +23,12 @@ SETTLED = 0.9  # Spearman rho with the final ranking from which a ranking counts
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  options = run_config.parse_arg(arg)
-  config = run_config.base_config()
-  config.stages = ("importance", "search")
+  config = run_config.sweep_config(arg, ("importance", "search"), log_every=25, eval_every=300)
   config.search.space.update(num_layers=(2, 3, 4), hidden_size=(96, 112, 128),
                              num_attention_heads=(4, 8), mlp_expansion=(1.5, 2.0, 2.5, 3.0, 4.0),
                              budget=520_000, tolerance=0.04)
-  config.search.update(retrain_steps=300, eval_steps=(25, 50, 100, 150, 200, 300))
-  config.distill.update(log_every=25, eval_every=300)
-  if "runlocal" in options:
-    run_config.runlocal(config)
+  if "runlocal" not in run_config.parse_arg(arg):  # runlocal: two candidates, four steps
+    config.search.update(retrain_steps=300, eval_steps=(25, 50, 100, 150, 200, 300))
   return config
 
 
