@@ -161,7 +161,8 @@ def loss_config(section: ml_collections.ConfigDict) -> LossConfig:
   return LossConfig(**fields)
 
 
-def _write_json(path: pathlib.Path, value: dict) -> None:
+def write_json(path: pathlib.Path, value: dict) -> None:
+  """Writes JSON atomically: a crash leaves the old file or the new one, never half of one."""
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps(value, indent=2))
   tmp.replace(path)
@@ -231,7 +232,7 @@ def run_prune(ctx: Context) -> dict:
                  source_validation_loss=losses["source"], pruned_validation_loss=losses["pruned"],
                  reinitialized=reinitialize,
                  seconds=time.perf_counter() - started)
-  _write_json(out / "summary.json", summary)
+  write_json(out / "summary.json", summary)
   ctx.log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out / 'model'}, "
           f"Hugging Face export in {out / 'hf'}")
   return summary
@@ -272,7 +273,7 @@ def run_teacher_correction(ctx: Context) -> dict:
   checkpoint.save_model(out / "model", config.replace(dtype="float32", remat="none"),
                         jax.device_get(trained))
   summary = dict(steps=section.steps, **final, seconds=time.perf_counter() - started)
-  _write_json(out / "summary.json", summary)
+  write_json(out / "summary.json", summary)
   return summary
 
 
@@ -296,7 +297,7 @@ def run_distill(ctx: Context) -> dict:
   hf.save(out / "hf", saved_config, trained, dtype=cfg.export_dtype)
   summary = dict(steps=steps, student_params=student_config.num_params(), **final,
                  seconds=time.perf_counter() - started)
-  _write_json(out / "summary.json", summary)
+  write_json(out / "summary.json", summary)
   ctx.log(f"[distill] done in {summary['seconds']:.1f}s: validation loss {final['val_ce']:.4f}; "
           f"model in {out / 'model'}, Hugging Face export in {out / 'hf'}")
   return summary
@@ -346,7 +347,7 @@ def run_search(ctx: Context) -> dict:
 
   def save_progress(candidate, losses) -> None:  # a killed search resumes after this candidate
     done[candidate.name] = losses
-    _write_json(progress, done)
+    write_json(progress, done)
 
   result = search.run_search(candidates, evaluate, tuple(section.eval_steps), done=dict(done),
                              on_result=save_progress)

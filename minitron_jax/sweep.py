@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 
-from minitron_jax import pipeline
+from minitron_jax import pipeline, stages
 from minitron_jax.config import ConfigError
 
 Point = dict[str, Any]
@@ -141,15 +141,9 @@ def hardware() -> dict[str, Any]:
     pass
   device = jax.devices()[0]
   memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  return dict(cpu=cpu, cores=os.cpu_count(), memory_gib=round(memory), backend=jax.default_backend(),
-              device=getattr(device, "device_kind", str(device)), devices=jax.device_count(),
+  return dict(cpu=cpu, cores=os.cpu_count(), memory_gib=round(memory),
+              backend=jax.default_backend(), device=getattr(device, "device_kind", str(device)), devices=jax.device_count(),
               jax=jax.__version__, python=platform.python_version())
-
-
-def _write_json(path: pathlib.Path, value: Any) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=2, default=str))
-  tmp.replace(path)
 
 
 def run(spec: str, root: str | pathlib.Path, *, only: Sequence[str] = (),
@@ -158,7 +152,7 @@ def run(spec: str, root: str | pathlib.Path, *, only: Sequence[str] = (),
   sweep resumes); returns root/NAME, which holds sweep.json."""
   name, module, arg = load(spec)
   base = module.get_config(arg)
-  points = points_of(module, base)
+  points = all_points = points_of(module, base)
   if only:
     unknown = sorted(set(only) - {point_name(p) for p in points})
     if unknown:
@@ -195,8 +189,8 @@ def run(spec: str, root: str | pathlib.Path, *, only: Sequence[str] = (),
         seconds=sum(timings.values()), stage_seconds=timings,
         finished=(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                   if ran or "finished" not in previous else previous["finished"]))
-    _write_json(record_path, record)
+    stages.write_json(record_path, record)
     log(f"[sweep {name}] {label} done in {seconds:.0f}s")
-  record["order"] = [point_name(p) for p in points_of(module, base)]
-  _write_json(record_path, record)
+  record["order"] = [point_name(p) for p in all_points]
+  stages.write_json(record_path, record)
   return directory

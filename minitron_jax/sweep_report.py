@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from minitron_jax import importance, search
+from minitron_jax import importance, search, stages
 from minitron_jax.config import ConfigError
 
 
@@ -278,9 +278,7 @@ def write_section(module: ModuleType, results: SweepResults, results_dir: pathli
       size="runlocal" if results.runlocal else "full", hardware=results.hardware,
       seconds=results.seconds, points=len(results.points),
       date=results.finished[:10] or datetime.date.today().isoformat())
-  tmp = results_dir / f"{results.name}.json.tmp"
-  tmp.write_text(json.dumps(record, indent=2))
-  tmp.replace(results_dir / f"{results.name}.json")
+  stages.write_json(results_dir / f"{results.name}.json", record)
   return record
 
 
