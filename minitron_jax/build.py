@@ -10,9 +10,10 @@ from minitron_jax.config import ConfigError
 
 
 def model_config(section: ml_collections.ConfigDict) -> config_lib.ModelConfig:
-  """The architecture: a Hugging Face directory's config.json, or a preset with overrides."""
+  """The architecture: a Hugging Face directory's config.json or a GGUF file's metadata, or a
+  preset with overrides."""
   if section.get("hf_path"):
-    return hf.config_from_hf(hf.read_config(section.hf_path))
+    return hf.load_config(section.hf_path)
   if section.preset not in config_lib.PRESETS:
     raise ConfigError(f"model.preset={section.preset!r} is unknown; allowed: "
                       f"{sorted(config_lib.PRESETS)}")

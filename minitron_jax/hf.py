@@ -21,6 +21,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from minitron_jax import gguf_checkpoint
 from minitron_jax import model as model_lib
 from minitron_jax.config import ACTIVATIONS, ConfigError, ModelConfig, RopeScaling
 
@@ -351,13 +352,27 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
   return json.loads(config_file.read_text())
 
 
+def load_config(path: str | os.PathLike) -> ModelConfig:
+  """The architecture of a Hugging Face directory or a GGUF file, without reading any weight."""
+  if gguf_checkpoint.is_gguf(path):
+    return config_from_hf(gguf_checkpoint.hf_config(gguf_checkpoint.open_reader(path)))
+  return config_from_hf(read_config(path))
+
+
 def load(path: str | os.PathLike, *, param_dtype: str | None = None):
-  """(config, params) from a Hugging Face model directory."""
-  directory = pathlib.Path(path)
-  config = config_from_hf(read_config(directory))
+  """(config, params) from a Hugging Face model directory or a llama.cpp `.gguf` file (any
+  tensor type the `gguf` package dequantises; params are float32 unless `param_dtype`)."""
+  if gguf_checkpoint.is_gguf(path):
+    reader = gguf_checkpoint.open_reader(path)
+    hf_config = gguf_checkpoint.hf_config(reader)
+    config = config_from_hf(hf_config)
+    tensors = gguf_checkpoint.hf_tensors(reader, hf_config)
+  else:
+    config = config_from_hf(read_config(path))
+    tensors = read_safetensors(pathlib.Path(path))
   if param_dtype is not None:
     config = config.replace(param_dtype=param_dtype)
-  return config, params_from_hf(config, read_safetensors(directory))
+  return config, params_from_hf(config, tensors)
 
 
 def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params, *,

@@ -1,8 +1,9 @@
 """Tokenizers behind one small protocol, so the data pipeline never cares where ids come from.
 
 The shipped teacher reads UTF-8 bytes (`ByteTokenizer`); real teachers ship a Hugging Face
-`tokenizer.json`, read with the `tokenizers` library (`HFTokenizer`); and `train_bpe_tokenizer`
-trains a byte-level BPE locally for a student with a smaller vocabulary, without any download.
+`tokenizer.json` or embed a tokenizer in their GGUF file, both run by the `tokenizers` library
+(`HFTokenizer`); and `train_bpe_tokenizer` trains a byte-level BPE locally for a student with a
+smaller vocabulary, without any download.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 import tokenizers
 
+from minitron_jax import gguf_checkpoint, gguf_tokenizer
 from minitron_jax.config import ConfigError
 
 BYTES = "bytes"
@@ -53,7 +55,8 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-  """A Hugging Face `tokenizer.json`, with the eos id from tokenizer_config.json beside it if any.
+  """A Hugging Face `tokenizer.json` (or a tokenizer a GGUF file embeds), with the eos id from
+  tokenizer_config.json beside the file, or the GGUF's own.
 
   `add_special_tokens=True` applies the file's post-processor (e.g. Llama 3's BOS), which is how
   the teacher saw its training documents.
@@ -62,16 +65,20 @@ class HFTokenizer:
   def __init__(self, path: str | pathlib.Path, eos_token: str | None = None,
                add_special_tokens: bool = True):
     path = pathlib.Path(path)
-    try:
-      self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side raises a bare Exception for malformed files
-      raise ConfigError(f"tokenizer file {str(path)!r} could not be read: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if gguf_checkpoint.is_gguf(path):
+      self._tokenizer, embedded_eos = gguf_tokenizer.build(gguf_checkpoint.open_reader(path))
+      eos_token = eos_token or embedded_eos
+    else:
+      try:
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+      except Exception as e:  # the Rust side raises a bare Exception for malformed files
+        raise ConfigError(f"tokenizer file {str(path)!r} could not be read: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+      eos_token = eos_token or _configured_eos(path.parent)
     self.name = str(path)
     self.path = path
     self.add_special_tokens = add_special_tokens
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-    eos_token = eos_token or _configured_eos(path.parent)
     if eos_token is not None:
       self.eos_id = self._tokenizer.token_to_id(eos_token)
       if self.eos_id is None:
@@ -131,7 +138,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str | pathl
 
 
 def load_tokenizer(spec: str | pathlib.Path, eos_token: str | None = None) -> Tokenizer:
-  """"bytes", a tokenizer.json file, or a model directory holding tokenizer.json.
+  """"bytes", a tokenizer.json file, a model directory holding tokenizer.json, or a `.gguf` file
+  (the tokenizer it embeds).
 
   eos_token overrides the eos a Hugging Face tokenizer would otherwise get from its
   tokenizer_config.json or its special tokens (e.g. '<|end_of_text|>' for a Llama 3 instruct
@@ -139,13 +147,13 @@ def load_tokenizer(spec: str | pathlib.Path, eos_token: str | None = None) -> To
   """
   if str(spec) == BYTES:
     return ByteTokenizer()
+  allowed = f"allowed: {BYTES!r}, a tokenizer.json file, a directory holding one, or a .gguf file"
   path = pathlib.Path(spec).expanduser()
   if path.is_dir():
     if not (path / TOKENIZER_FILE).is_file():
       raise ConfigError(f"tokenizer={str(spec)!r} is a directory without {TOKENIZER_FILE}; "
-                        f"allowed: {BYTES!r}, a tokenizer.json file, or a directory holding one")
+                        f"{allowed}")
     path = path / TOKENIZER_FILE
   elif not path.is_file():
-    raise ConfigError(f"tokenizer={str(spec)!r} does not exist; allowed: {BYTES!r}, a "
-                      "tokenizer.json file, or a directory holding one")
+    raise ConfigError(f"tokenizer={str(spec)!r} does not exist; {allowed}")
   return HFTokenizer(path, eos_token=eos_token)
