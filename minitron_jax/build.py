@@ -26,11 +26,17 @@ def load_model(section: ml_collections.ConfigDict, out_shardings=None):
   if section.get("hf_path"):
     config, params = hf.load(section.hf_path)
   elif section.get("require_checkpoint"):
-    raise ConfigError(f"model.hf_path is empty; this config compresses a real "
-                      f"{section.preset} checkpoint: pass --config.model.hf_path=DIR "
-                      "(or add :runlocal to the config path for a smoke test)")
+    raise ConfigError(missing_checkpoint(section))
   else:
     config = model_config(section)
     params = model.init(config, section.get("seed", 0), out_shardings=out_shardings)
   compute = {k: section[k] for k in ("dtype", "remat") if section.get(k)}
   return config.replace(**compute), params
+
+
+def missing_checkpoint(section: ml_collections.ConfigDict) -> str:
+  """Why a config that compresses a real checkpoint cannot run without `hf_path`."""
+  if section.get("checkpoint_hint"):
+    return f"model.hf_path is empty; {section.checkpoint_hint}"
+  return (f"model.hf_path is empty; this config compresses a real {section.preset} checkpoint: "
+          "pass --config.model.hf_path=DIR (or add :runlocal to the config path for a smoke test)")

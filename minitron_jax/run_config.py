@@ -50,11 +50,13 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   config.model.remat = "none"
   # Real-model configs set this: a run on a random 15B model is a mistake, not a default.
   config.model.require_checkpoint = False
+  # What to tell the user when a required checkpoint is absent (e.g. the pip line that ships it).
+  config.model.checkpoint_hint = ""
   config.model.overrides = ml_collections.ConfigDict(
       dict(family=options.get("family", "llama"), vocab_size=256, hidden_size=128, num_layers=4,
            num_attention_heads=8, num_key_value_heads=4, head_dim=16, intermediate_size=512))
-  # "bytes" (the shipped teacher reads UTF-8 bytes), a tokenizer.json path, or "" to use the
-  # tokenizer.json of model.hf_path.
+  # "bytes" (the shipped teacher reads UTF-8 bytes), a tokenizer.json path, or "" for the model's
+  # own: the tokenizer.json of model.hf_path, or the tokenizer its GGUF file embeds.
   config.tokenizer = "bytes"
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
