@@ -30,7 +30,7 @@ def main(argv):
       return
     record = results.refresh(_SWEEP.value, directory, pathlib.Path(results.RESULTS.value),
                              pathlib.Path(results.PAGE.value))
-    print(f"{record['title']}: {record['verdict']}\n{results.PAGE.value} updated")
+    print(f"{record['title']}: {record['verdict']}\n{record['page']} updated")
   except ConfigError as error:
     sys.exit(f"error: {error}")
 

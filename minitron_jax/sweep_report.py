@@ -291,10 +291,11 @@ def _hardware_line(hardware: dict) -> str:
 
 
 def render(results_dir: pathlib.Path, order: Sequence[str], *, intro: str = "",
-           image_dir: str = "results") -> str:
-  """RESULTS.md: every kept section in `order`; a sweep not yet run says so. `image_dir` is
+           image_dir: str = "results",
+           title: str = "Results: the Minitron paper's findings at small scale") -> str:
+  """A results page: every kept section in `order`; a sweep not yet run says so. `image_dir` is
   results_dir as seen from the page."""
-  lines = ["# Results: the Minitron paper's findings at small scale", ""]
+  lines = [f"# {title}", ""]
   if intro:
     lines += [intro.strip(), ""]
   records = {name: read_json(results_dir / f"{name}.json") for name in order}
