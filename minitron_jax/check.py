@@ -13,10 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import hf, importance, model, sharding, stages
+from minitron_jax import atomic, hf, importance, model, sharding, stages
 
 
 def run(ctx: stages.Context) -> dict:
+  with atomic.directory(ctx.directory / "check") as staging:
+    return _run(ctx, staging)
+
+
+def _run(ctx: stages.Context, staging) -> dict:
   cfg, log, out = ctx.cfg, ctx.log, ctx.directory / "check"
   started = time.perf_counter()
   mesh = stages.mesh_of(cfg)
@@ -34,8 +39,8 @@ def run(ctx: stages.Context) -> dict:
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
 
   log(f"[check] exporting to {out / 'hf'}")
-  hf.save(out / "hf", config, jax.device_get(params), dtype=cfg.export_dtype)
-  reloaded_config, reloaded = hf.load(out / "hf", param_dtype=config.param_dtype)
+  hf.save(staging / "hf", config, jax.device_get(params), dtype=cfg.export_dtype)
+  reloaded_config, reloaded = hf.load(staging / "hf", param_dtype=config.param_dtype)
   probe = jnp.asarray(batches[0]["tokens"])
   original_logits = np.asarray(model.apply(config, jax.device_get(params), probe))
   reloaded_logits = np.asarray(model.apply(reloaded_config.replace(dtype=config.dtype,
@@ -53,9 +58,8 @@ def run(ctx: stages.Context) -> dict:
                  tokens_scored=int(sum((b["segment_ids"] != 0).sum() for b in batches)),
                  hf_round_trip_relative_error=round_trip_error,
                  devices=jax.device_count(), seconds=time.perf_counter() - started)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-  (out / "report.md").write_text(_report(config, metrics))
+  (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+  (staging / "report.md").write_text(_report(config, metrics))
   log(f"[check] done in {metrics['seconds']:.1f}s: loss {metrics['validation_loss']:.4f}, "
       f"round-trip error {round_trip_error:.2g}; report at {out / 'report.md'}")
   return metrics

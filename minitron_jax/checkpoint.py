@@ -1,7 +1,7 @@
 """A model on disk as an orbax checkpoint of its params beside its `model_config.json`.
 
-Orbax writes to a temporary directory and renames it when complete, so a crash never leaves a
-half-written checkpoint that looks finished.
+The whole directory is built beside its destination and renamed into place (`atomic.directory`),
+so a crash leaves the previous model or the new one, never params without their config.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from minitron_jax import model
+from minitron_jax import atomic, model
 from minitron_jax.config import ConfigError, ModelConfig
 
 _CONFIG_FILE = "model_config.json"
@@ -20,22 +20,27 @@ _PARAMS_DIR = "params"
 
 
 def save_model(directory: str | pathlib.Path, config: ModelConfig, params) -> None:
-  directory = pathlib.Path(directory).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory / _PARAMS_DIR, params, force=True)
-    checkpointer.wait_until_finished()
-  tmp = directory / (_CONFIG_FILE + ".tmp")
-  tmp.write_text(json.dumps(config.to_dict(), indent=2))
-  tmp.replace(directory / _CONFIG_FILE)
+  with atomic.directory(directory) as staging:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(staging / _PARAMS_DIR, params)
+      checkpointer.wait_until_finished()
+    (staging / _CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
 
 
 def load_config(directory: str | pathlib.Path) -> ModelConfig:
   """Only the architecture of a saved model (nothing is read from the params)."""
   directory = pathlib.Path(directory).absolute()
-  if not (directory / _CONFIG_FILE).is_file():
+  file = directory / _CONFIG_FILE
+  if not file.is_file():
     raise ConfigError(f"{directory} is not a saved model (expected {_CONFIG_FILE})")
-  return ModelConfig.from_dict(json.loads((directory / _CONFIG_FILE).read_text()))
+  try:
+    return ModelConfig.from_dict(json.loads(file.read_text()))
+  except (ValueError, TypeError, AttributeError) as e:
+    if isinstance(e, ConfigError):
+      raise ConfigError(f"{file}: {e}") from None
+    raise ConfigError(f"{file} is damaged ({type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0]}); delete {directory} and rerun the "
+                      "stage that wrote it") from None
 
 
 def load_model(directory: str | pathlib.Path, shardings=None):
@@ -49,8 +54,13 @@ def load_model(directory: str | pathlib.Path, shardings=None):
   if shardings is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(directory / _PARAMS_DIR, abstract)
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      params = checkpointer.restore(directory / _PARAMS_DIR, abstract)
+  except Exception as e:  # orbax and tensorstore raise bare Exceptions for damaged files
+    raise ConfigError(f"{directory / _PARAMS_DIR} is damaged and cannot be restored "
+                      f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); delete "
+                      f"{directory} and rerun the stage that wrote it") from None
   return config, params
 
 
