@@ -4,6 +4,11 @@ Only the student (and the student->teacher hidden projection) is trained; the te
 of the step, never part of the train state, never in the optimiser, never checkpointed. One
 jitted step runs both forward passes, the fused logit KLD, the projected hidden-state losses and
 an AdamW update, with gradient accumulation over micro-batches inside the step.
+
+The loop never passes on garbage: a step whose loss or gradient norm is not finite stops
+training with `Diverged` before its state can be checkpointed. With `skip_non_finite` such a step
+leaves the state untouched instead, and the loop tolerates `LoopConfig.max_bad_steps` of them.
+SIGTERM saves a checkpoint at the next step boundary and raises `preemption.Preempted`.
 """
 
 from __future__ import annotations
@@ -22,11 +27,18 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from minitron_jax import losses, model
+from minitron_jax import atomic, losses, model, preemption
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.losses import LossConfig
 
 Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: [B,T] int32
+# Metrics whose non-finite value means the step must not be applied.
+GUARDED_METRICS = ("loss", "grad_norm")
+
+
+class Diverged(RuntimeError):
+  """The loss or gradient norm stopped being finite; training stopped before saving the bad
+  state. The message names the run, the step and the last checkpoint saved before it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +55,16 @@ class OptimizerConfig:
   accumulation_steps: int = 1
 
   def __post_init__(self):
-    if self.peak_lr <= 0 or self.end_lr < 0:
+    if not (math.isfinite(self.peak_lr) and self.peak_lr > 0 and math.isfinite(self.end_lr)
+            and self.end_lr >= 0):
       raise ConfigError(f"learning rates peak_lr={self.peak_lr}, end_lr={self.end_lr} must be "
                         "positive")
-    if self.accumulation_steps < 1:
+    if not isinstance(self.accumulation_steps, int) or self.accumulation_steps < 1:
       raise ConfigError(f"accumulation_steps={self.accumulation_steps} must be at least 1")
+    if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+      raise ConfigError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
+    if not self.clip_norm > 0:
+      raise ConfigError(f"clip_norm={self.clip_norm!r} must be positive")
 
   def make(self, total_steps: int) -> optax.GradientTransformation:
     warmup = min(self.warmup_steps, max(total_steps - 1, 0))
@@ -75,28 +92,42 @@ def _replicate_unplaced(tree):
       else jax.device_put(leaf, replicated), tree)
 
 
+def check_models(student_config: ModelConfig, teacher_config: ModelConfig | None,
+                 loss_config: LossConfig) -> None:
+  """Whether the loss can be computed between these two architectures (shapes only)."""
+  if loss_config.uses_teacher and teacher_config is None:
+    raise ConfigError("the loss uses the teacher but no teacher was given")
+  if teacher_config is not None and teacher_config.vocab_size != student_config.vocab_size:
+    raise ConfigError(f"teacher vocab_size={teacher_config.vocab_size} differs from student "
+                      f"vocab_size={student_config.vocab_size}")
+  if loss_config.uses_hidden:
+    for pair in loss_config.hidden_pairs:
+      for index, cfg in zip(pair, (teacher_config, student_config)):
+        if not -(cfg.num_layers + 1) <= index <= cfg.num_layers:
+          raise ConfigError(f"hidden pair index {index} is outside the "
+                            f"{cfg.num_layers + 1} post-norm states")
+
+
 class Distiller:
-  """Static pieces of a distillation run: configs, optimiser, and the jitted functions."""
+  """Static pieces of a distillation run: configs, optimiser, and the jitted functions.
+
+  skip_non_finite: a step whose loss or gradient norm is not finite changes nothing (the loop
+  may then go on, see LoopConfig.max_bad_steps). Off by default: selecting between the old and
+  new state costs memory (a third of the params' size on CPU), and without it the loop stops at
+  the first such step anyway.
+  """
 
   def __init__(self, student_config: ModelConfig, teacher_config: ModelConfig | None,
-               loss_config: LossConfig, optimizer_config: OptimizerConfig, total_steps: int):
-    if loss_config.uses_teacher and teacher_config is None:
-      raise ConfigError("the loss uses the teacher but no teacher was given")
-    if teacher_config is not None and teacher_config.vocab_size != student_config.vocab_size:
-      raise ConfigError(f"teacher vocab_size={teacher_config.vocab_size} differs from student "
-                        f"vocab_size={student_config.vocab_size}")
+               loss_config: LossConfig, optimizer_config: OptimizerConfig, total_steps: int,
+               skip_non_finite: bool = False):
+    check_models(student_config, teacher_config, loss_config)
+    self.skip_non_finite = skip_non_finite
     self.student_config = student_config
     self.teacher_config = teacher_config
     self.loss_config = loss_config
     self.optimizer_config = optimizer_config
     self.total_steps = total_steps
     self.optimizer = optimizer_config.make(total_steps)
-    if loss_config.uses_hidden:
-      for pair in loss_config.hidden_pairs:
-        for index, cfg in zip(pair, (teacher_config, student_config)):
-          if not -(cfg.num_layers + 1) <= index <= cfg.num_layers:
-            raise ConfigError(f"hidden pair index {index} is outside the "
-                              f"{cfg.num_layers + 1} post-norm states")
     self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
     self.eval_step = jax.jit(self._eval_step)
 
@@ -192,6 +223,11 @@ class Distiller:
     updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["trainable"])
     trainable = optax.apply_updates(state["trainable"], updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    if self.skip_non_finite:  # the loop sees the same metrics and decides whether to go on
+      finite = jnp.all(jnp.stack([jnp.isfinite(metrics[k]) for k in GUARDED_METRICS]))
+      trainable, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                          (trainable, opt_state),
+                                          (state["trainable"], state["opt_state"]))
     return {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}, metrics
 
   def _eval_step(self, trainable, teacher_params, batch: Batch):
@@ -219,23 +255,47 @@ class LoopConfig:
   eval_steps: tuple[int, ...] = ()  # extra steps to evaluate at (the search ranks at these)
   checkpoint_every: int = 100
   keep_checkpoints: int = 2
+  # Steps with a non-finite loss or gradient norm that are skipped (not applied) before the run
+  # stops with Diverged; 0: the first one stops it. Counted per process. Needs a Distiller with
+  # skip_non_finite.
+  max_bad_steps: int = 0
+
+  def __post_init__(self):
+    for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive integer")
+    if not isinstance(self.max_bad_steps, int) or self.max_bad_steps < 0:
+      raise ConfigError(f"max_bad_steps={self.max_bad_steps!r} must be a non-negative integer")
+    outside = [s for s in self.eval_steps if not 1 <= s <= self.steps]
+    if outside:
+      raise ConfigError(f"eval steps {outside} are outside the run's steps 1..{self.steps}")
 
 
 class MetricsLog:
   """Console progress line, metrics.jsonl and TensorBoard event files in one place."""
 
-  def __init__(self, directory: pathlib.Path, resume_step: int, log: Callable[[str], None]):
+  def __init__(self, directory: pathlib.Path, resume_step: int, log: Callable[[str], None],
+               label: str = "distill"):
     from tensorboardX import SummaryWriter  # only the trainer needs it
 
     directory.mkdir(parents=True, exist_ok=True)
     self.path = directory / "metrics.jsonl"
-    # Drop records past the checkpoint we resume from: they will be produced again.
+    # Drop records past the checkpoint we resume from: they will be produced again. So is a line
+    # a kill cut short (only the last line can be, and it is past the checkpoint).
     if self.path.exists():
-      kept = [line for line in self.path.read_text().splitlines()
-              if line and json.loads(line)["step"] <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      kept = []
+      for line in self.path.read_text().splitlines():
+        try:
+          step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+          continue
+        if step <= resume_step:
+          kept.append(line)
+      atomic.write_text(self.path, "".join(line + "\n" for line in kept))
     self.writer = SummaryWriter(str(directory / "tensorboard"))
     self.log = log
+    self.label = label
 
   def write(self, step: int, metrics: dict[str, float], total_steps: int, seconds: float):
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -245,7 +305,7 @@ class MetricsLog:
       self.writer.add_scalar(name, float(value), step)
     self.writer.flush()
     shown = " ".join(f"{k} {float(v):.4f}" for k, v in metrics.items())
-    self.log(f"[distill] step {step}/{total_steps} {shown} ({seconds:.0f}s)")
+    self.log(f"[{self.label}] step {step}/{total_steps} {shown} ({seconds:.0f}s)")
 
   def close(self):
     self.writer.close()
@@ -258,50 +318,125 @@ def _to_device(batch, batch_sharding) -> Batch:
   return {k: jax.device_put(v, batch_sharding(v.shape)) for k, v in arrays.items()}
 
 
+class _Guard:
+  """Decides, step by step, whether training may go on after non-finite metrics."""
+
+  def __init__(self, label: str, max_bad_steps: int, checkpoints: pathlib.Path, manager,
+               log: Callable[[str], None]):
+    self.label, self.max_bad_steps, self.log = label, max_bad_steps, log
+    self.checkpoints, self.manager = checkpoints, manager
+    self.skipped: list[int] = []
+
+  def _last_good(self) -> str:
+    # Every saved step was checked before it was saved, and a skipped step changed nothing.
+    # Steps after a bad one are never saved: with skip_non_finite off, the state is bad from it.
+    saved = self.manager.all_steps()
+    if not saved:
+      return "no checkpoint was saved before it"
+    return f"last good checkpoint {self.checkpoints / str(max(saved))} (step {max(saved)})"
+
+  def check_step(self, step: int, metrics) -> None:
+    values = {k: float(metrics[k]) for k in GUARDED_METRICS}
+    if all(math.isfinite(v) for v in values.values()):
+      return
+    shown = ", ".join(f"{k} {v}" for k, v in values.items())
+    self.skipped.append(step)
+    if len(self.skipped) > self.max_bad_steps:
+      raise Diverged(f"[{self.label}] diverged at step {step} ({shown}); {self._last_good()}; "
+                     "lower the learning rate or raise clip_norm")
+    self.log(f"[{self.label}] step {step}: {shown}; update skipped ({len(self.skipped)} of "
+             f"max_bad_steps={self.max_bad_steps})")
+
+  def check_validation(self, step: int, metrics: dict[str, float]) -> None:
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:  # the state itself is bad: no tolerance
+      raise Diverged(f"[{self.label}] diverged at step {step} (validation {bad}); "
+                     f"{self._last_good()}; lower the learning rate or raise clip_norm")
+
+
+def _restore(manager, step: int, state, train_iterator, directory: pathlib.Path):
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data=grain.checkpoint.CheckpointRestore(train_iterator)))["state"]
+  except Exception as e:  # orbax, tensorstore and grain raise bare Exceptions for damaged files
+    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    raise ConfigError(f"checkpoint {directory / str(step)} cannot be restored ({first}); it is "
+                      "damaged or from another model: delete it to resume from the one before "
+                      "(or delete the checkpoints directory to start over)") from None
+
+
 def train(distiller: Distiller, student_params, teacher_params, train_iterator: Iterator,
           validation_batches: list, loop: LoopConfig, workdir: str | pathlib.Path, *,
-          batch_sharding=None, log: Callable[[str], None] = print):
+          batch_sharding=None, log: Callable[[str], None] = print, label: str = "distill"):
   """Runs (or resumes) the loop; returns (trained student params, final validation metrics).
 
   train_iterator: a grain DatasetIterator of batch dicts; its position is checkpointed with the
   train state, so a killed run restarts exactly where the last checkpoint left it.
+  label names the run in log lines and errors. Raises Diverged (see the module docstring) and,
+  after SIGTERM, preemption.Preempted once the step in progress is checkpointed. The final
+  metrics include `skipped_steps`, the non-finite steps this process skipped.
   """
+  if loop.max_bad_steps and not distiller.skip_non_finite:
+    raise ConfigError(f"max_bad_steps={loop.max_bad_steps} needs a Distiller with "
+                      "skip_non_finite=True, or a skipped step would still change the weights")
   workdir = pathlib.Path(workdir).absolute()
+  checkpoints = workdir / "checkpoints"
   options = ocp.CheckpointManagerOptions(max_to_keep=loop.keep_checkpoints,
                                          save_interval_steps=loop.checkpoint_every,
                                          enable_async_checkpointing=False)
   validation = [_to_device(b, batch_sharding) for b in validation_batches]
-  with ocp.CheckpointManager(workdir / "checkpoints", options=options) as manager:
+  with ocp.CheckpointManager(checkpoints, options=options) as manager, preemption.watch():
     state = distiller.init_state(student_params)
     start = manager.latest_step()
     if start is not None:
-      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-      restored = manager.restore(start, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=grain.checkpoint.CheckpointRestore(train_iterator)))
-      state = restored["state"]
-      log(f"[distill] resumed from step {start}")
+      state = _restore(manager, start, state, train_iterator, checkpoints)
+      log(f"[{label}] resumed from step {start}")
     start = start or 0
-    metrics_log = MetricsLog(workdir, start, log)
+    metrics_log = MetricsLog(workdir, start, log, label)
+    guard = _Guard(label, loop.max_bad_steps, checkpoints, manager, log)
     started = time.perf_counter()
     final = {}
-    for step in range(start + 1, loop.steps + 1):
-      batch = _to_device(next(train_iterator), batch_sharding)
-      state, metrics = distiller.train_step(state, teacher_params, batch)
-      record = {}
-      if step % loop.log_every == 0 or step == loop.steps:
-        record.update(jax.device_get(metrics))
-      if step % loop.eval_every == 0 or step == loop.steps or step in loop.eval_steps:
-        final = distiller.evaluate(state["trainable"], teacher_params, validation)
-        record.update(final)
-      if record:
-        metrics_log.write(step, record, loop.steps, time.perf_counter() - started)
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(train_iterator)),
-          force=step == loop.steps)
-    manager.wait_until_finished()
-    metrics_log.close()
+    unchecked = None  # (step, metrics) not looked at yet
+    try:
+      for step in range(start + 1, loop.steps + 1):
+        batch = _to_device(next(train_iterator), batch_sharding)
+        state, metrics = distiller.train_step(state, teacher_params, batch)
+        # The previous step has finished (or nearly) by now, so checking it costs no wait while
+        # this one runs; a step that is logged, evaluated or saved is checked at once instead.
+        if unchecked is not None:
+          guard.check_step(*unchecked)
+        stop = preemption.requested()
+        logged = step % loop.log_every == 0 or step == loop.steps
+        evaluated = step % loop.eval_every == 0 or step == loop.steps or step in loop.eval_steps
+        saved = stop or step == loop.steps or manager.should_save(step)
+        unchecked = (step, metrics)
+        if logged or evaluated or saved:
+          guard.check_step(*unchecked)
+          unchecked = None
+        record = {}
+        if logged:
+          record.update(jax.device_get(metrics))
+        if evaluated:
+          final = distiller.evaluate(state["trainable"], teacher_params, validation)
+          guard.check_validation(step, final)
+          record.update(final)
+        if record:
+          metrics_log.write(step, record, loop.steps, time.perf_counter() - started)
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(train_iterator)), force=saved)
+        if stop:
+          manager.wait_until_finished()
+          raise preemption.Preempted(
+              f"[{label}] stopped by SIGTERM after step {step}/{loop.steps}; checkpoint saved "
+              f"in {checkpoints / str(step)}; run the same command again to resume")
+      manager.wait_until_finished()
+    finally:
+      metrics_log.close()
     if not final:  # resumed after the last step: evaluate what was restored
       final = distiller.evaluate(state["trainable"], teacher_params, validation)
+      guard.check_validation(loop.steps, final)
+  final["skipped_steps"] = len(guard.skipped)
   return state["trainable"]["student"], final

@@ -99,6 +99,10 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   config.distill.eval_every = 100
   config.distill.checkpoint_every = 50
   config.distill.keep_checkpoints = 2
+  # Steps with a non-finite loss or gradient norm to skip (leaving the weights untouched) before
+  # the run stops as diverged; 0: the first one stops it. Skips are logged and counted in the
+  # stage's summary.json (skipped_steps). Teacher correction and search retraining use it too.
+  config.distill.max_bad_steps = 0
   # minitron_jax.distill.OptimizerConfig fields; the paper's 2e-4 -> 4.5e-7 suits billion-scale
   # models, a 0.5M-parameter student learns faster with a larger peak.
   config.distill.optimizer = ml_collections.ConfigDict(dict(

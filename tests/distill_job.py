@@ -1,6 +1,8 @@
-"""A tiny distillation run as its own process, for the kill-and-resume test.
+"""A tiny distillation run as its own process, for the kill-and-resume and SIGTERM tests.
 
   python tests/distill_job.py WORKDIR STEPS SECONDS_PER_BATCH
+
+After SIGTERM it exits as the main job does: one line, status preemption.EXIT_CODE.
 """
 
 import sys
@@ -10,7 +12,7 @@ import grain
 import numpy as np
 
 from minitron_jax import config as config_lib
-from minitron_jax import distill, model
+from minitron_jax import distill, model, preemption
 from minitron_jax.losses import LossConfig
 
 
@@ -39,8 +41,12 @@ def main(workdir: str, steps: int, delay: float):
       student_config, teacher_config, LossConfig(hidden_loss="cosine"),
       distill.OptimizerConfig(peak_lr=1e-2, warmup_steps=2), steps)
   loop = distill.LoopConfig(steps=steps, log_every=1, eval_every=5, checkpoint_every=2)
-  distill.train(distiller, student, teacher, iterator, batches(2, 1), loop, workdir,
-                log=lambda line: print(line, flush=True))
+  try:
+    distill.train(distiller, student, teacher, iterator, batches(2, 1), loop, workdir,
+                  log=lambda line: print(line, flush=True))
+  except preemption.Preempted as stopped:
+    print(f"preempted: {stopped}", flush=True)
+    sys.exit(preemption.EXIT_CODE)
 
 
 if __name__ == "__main__":

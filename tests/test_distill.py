@@ -1,21 +1,24 @@
 """The distillation train step and loop: frozen teacher, fused path, accumulation, sharding,
-kill-and-resume."""
+divergence guard, kill-and-resume and SIGTERM-and-resume."""
 
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from minitron_jax import config as config_lib
-from minitron_jax import distill, model, sharding
+from minitron_jax import distill, model, preemption, sharding
 from minitron_jax.config import ConfigError
 from minitron_jax.losses import LossConfig
 
@@ -136,41 +139,180 @@ def test_sharded_steps_match_one_device():
   assert len(q_proj.sharding.device_set) == 8
 
 
-def test_killed_run_resumes_and_reproduces_the_loss_curve(tmp_path):
-  steps = 12
-  env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-  command = [sys.executable, str(HERE / "distill_job.py")]
-  subprocess.run(command + [str(tmp_path / "straight"), str(steps), "0"], env=env, check=True,
-                 capture_output=True, timeout=600)
+def test_a_non_finite_step_leaves_the_state_untouched():
+  teacher, student = _models()
+  poisoned = jax.tree.map(lambda w: jnp.full_like(w, jnp.nan), teacher)
+  distiller = distill.Distiller(STUDENT_CONFIG, TEACHER_CONFIG, LossConfig(),
+                                distill.OptimizerConfig(warmup_steps=2), 10, skip_non_finite=True)
+  state = distiller.init_state(student)
+  before = jax.tree.map(np.array, {k: state[k] for k in ("trainable", "opt_state")})
+  batch = _device_batch(distill_job.batches(1, 0)[0])
+  state, metrics = distiller.train_step(state, poisoned, batch)
+  assert not np.isfinite(float(metrics["loss"])) and int(state["step"]) == 1
+  jax.tree.map(np.testing.assert_array_equal, {k: state[k] for k in before}, before)
 
+
+def _loop_with_a_bad_step(tmp_path, bad_step, **loop):
+  """distill.train on distill_job's data where step `bad_step` sees a NaN teacher."""
+  teacher, student = _models()
+  poisoned = jax.tree.map(lambda w: jnp.full_like(w, jnp.nan), teacher)
+  distiller = distill.Distiller(STUDENT_CONFIG, TEACHER_CONFIG, LossConfig(),
+                                distill.OptimizerConfig(warmup_steps=2), 6,
+                                skip_non_finite=bool(loop.get("max_bad_steps")))
+  step_fn, calls = distiller.train_step, []
+
+  def train_step(state, teacher_params, batch):
+    calls.append(None)
+    return step_fn(state, poisoned if len(calls) == bad_step else teacher_params, batch)
+
+  distiller.train_step = train_step
+  iterator = iter(grain.MapDataset.source(distill_job.batches(6, 0)).to_iter_dataset())
+  lines = []
+  result = distill.train(distiller, student, teacher, iterator, distill_job.batches(1, 1),
+                         distill.LoopConfig(steps=6, log_every=1, eval_every=6,
+                                            checkpoint_every=2, **loop),
+                         tmp_path, log=lines.append)
+  return result, lines
+
+
+def test_divergence_stops_before_the_bad_state_is_saved(tmp_path):
+  with pytest.raises(distill.Diverged) as caught:
+    _loop_with_a_bad_step(tmp_path, bad_step=3)
+  message = str(caught.value)
+  assert "\n" not in message and message.startswith("[distill] diverged at step 3 (loss nan")
+  assert f"last good checkpoint {tmp_path / 'checkpoints' / '2'} (step 2)" in message
+  assert max(_saved_steps(tmp_path)) == 2
+
+
+def test_bad_steps_within_the_tolerance_are_skipped_and_reported(tmp_path):
+  (_, final), lines = _loop_with_a_bad_step(tmp_path, bad_step=3, max_bad_steps=1)
+  assert final["skipped_steps"] == 1 and np.isfinite(final["val_loss"])
+  assert any("step 3: loss nan" in line and "update skipped (1 of max_bad_steps=1)" in line
+             for line in lines)
+
+
+def test_a_learning_rate_that_diverges_stops_the_run(tmp_path):
+  teacher, student = _models()
+  distiller = _distiller(steps=20, peak_lr=1e4, warmup_steps=0)
+  iterator = iter(grain.MapDataset.source(distill_job.batches(20, 0)).to_iter_dataset())
+  with pytest.raises(distill.Diverged, match=r"diverged at step (\d+)") as caught:
+    distill.train(distiller, student, teacher, iterator, distill_job.batches(1, 1),
+                  distill.LoopConfig(steps=20, log_every=5, eval_every=20, checkpoint_every=2),
+                  tmp_path, log=lambda line: None)
+  bad = int(re.search(r"diverged at step (\d+)", str(caught.value)).group(1))
+  assert all(step < bad for step in _saved_steps(tmp_path))
+
+
+def _train_tiny(directory, steps, log=None):
+  teacher, student = _models()
+  iterator = iter(grain.MapDataset.source(distill_job.batches(8, 0)).to_iter_dataset())
+  return distill.train(_distiller(steps=8), student, teacher, iterator, distill_job.batches(1, 1),
+                       distill.LoopConfig(steps=steps, log_every=1, eval_every=8,
+                                          checkpoint_every=2),
+                       directory, log=log or (lambda line: None))
+
+
+def test_resume_ignores_a_torn_metrics_line_and_a_half_written_checkpoint(tmp_path):
+  _train_tiny(tmp_path, 4)
+  checkpoints = tmp_path / "checkpoints"
+  # A kill mid-write leaves a partial last line, and orbax's temporary directory of a save.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "loss": 0.')
+  shutil.copytree(checkpoints / "4", checkpoints / "6.orbax-checkpoint-tmp-1234567")
+  lines = []
+  _train_tiny(tmp_path, 6, lines.append)
+  assert "[distill] resumed from step 4" in lines
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(line)["step"] for line in lines]
+  assert steps == [1, 2, 3, 4, 5, 6]
+
+
+# orbax leaves a callback for its closed event loop after a failed restore; harmless here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_damaged_checkpoint_is_one_line_naming_it(tmp_path):
+  _train_tiny(tmp_path, 4)
+  for file in (tmp_path / "checkpoints" / "4" / "state").rglob("d/*"):
+    if file.is_file():
+      file.write_bytes(file.read_bytes()[:10])
+  with pytest.raises(ConfigError) as caught:
+    _train_tiny(tmp_path, 6)
+  message = str(caught.value)
+  assert "\n" not in message
+  assert message.startswith(f"checkpoint {tmp_path / 'checkpoints' / '4'} cannot be restored")
+
+
+JOB_STEPS = 12
+JOB = [sys.executable, str(HERE / "distill_job.py")]
+JOB_ENV = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+
+
+def _curve(directory):
+  lines = (directory / "metrics.jsonl").read_text().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _saved_steps(directory):
+  checkpoints = directory / "checkpoints"
+  return [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if (
+      checkpoints.exists()) else []
+
+
+@pytest.fixture(scope="module")
+def straight_curve(tmp_path_factory):
+  """The loss curve of an uninterrupted run, for the interrupted ones to reproduce."""
+  directory = tmp_path_factory.mktemp("straight")
+  subprocess.run(JOB + [str(directory), str(JOB_STEPS), "0"], env=JOB_ENV, check=True,
+                 capture_output=True, timeout=600)
+  return _curve(directory)
+
+
+def _resume_and_compare(directory, straight_curve, resume_step=None):
+  resumed = subprocess.run(JOB + [str(directory), str(JOB_STEPS), "0"], env=JOB_ENV, check=True,
+                           capture_output=True, text=True, timeout=600)
+  assert f"resumed from step {resume_step or ''}" in resumed.stdout
+  again = _curve(directory)
+  assert sorted(again) == list(range(1, JOB_STEPS + 1))
+  np.testing.assert_allclose([again[s] for s in range(1, JOB_STEPS + 1)],
+                             [straight_curve[s] for s in range(1, JOB_STEPS + 1)], rtol=1e-6)
+
+
+def test_killed_run_resumes_and_reproduces_the_loss_curve(tmp_path, straight_curve):
   killed = tmp_path / "killed"
-  process = subprocess.Popen(command + [str(killed), str(steps), "0.4"], env=env,
+  process = subprocess.Popen(JOB + [str(killed), str(JOB_STEPS), "0.4"], env=JOB_ENV,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   deadline = time.time() + 300
   while time.time() < deadline:
-    saved = [int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit()] if (
-        killed / "checkpoints").exists() else []
+    saved = _saved_steps(killed)
     if saved and max(saved) >= 4:
       break
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   process.wait()
   records = [json.loads(l) for l in (killed / "metrics.jsonl").read_text().splitlines()]
-  assert records and records[-1]["step"] < steps, "the run finished before it was killed"
-
-  resumed = subprocess.run(command + [str(killed), str(steps), "0"], env=env, check=True,
-                           capture_output=True, text=True, timeout=600)
-  assert "resumed from step" in resumed.stdout
-
-  def curve(directory):
-    lines = (directory / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
-
-  straight, again = curve(tmp_path / "straight"), curve(killed)
-  assert sorted(again) == list(range(1, steps + 1))
-  np.testing.assert_allclose([again[s] for s in range(1, steps + 1)],
-                             [straight[s] for s in range(1, steps + 1)], rtol=1e-6)
+  assert records and records[-1]["step"] < JOB_STEPS, "the run finished before it was killed"
+  _resume_and_compare(killed, straight_curve)
   assert (killed / "tensorboard").is_dir() and any((killed / "tensorboard").iterdir())
+
+
+def test_sigterm_saves_at_the_next_step_and_the_rerun_reproduces_the_loss_curve(
+    tmp_path, straight_curve):
+  stopped = tmp_path / "stopped"
+  process = subprocess.Popen(JOB + [str(stopped), str(JOB_STEPS), "0.4"], env=JOB_ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and len(_curve(stopped) if (stopped / "metrics.jsonl").exists()
+                                           else ()) < 3:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=300)
+  assert process.returncode == preemption.EXIT_CODE, output
+  lines = [line for line in output.splitlines() if line.startswith("preempted:")]
+  assert len(lines) == 1 and "stopped by SIGTERM after step" in lines[0], output
+  step = int(re.search(r"after step (\d+)/", lines[0]).group(1))
+  assert 3 <= step < JOB_STEPS
+  # Saved at the step it stopped after, not only at the last periodic checkpoint.
+  assert max(_saved_steps(stopped)) == step == max(_curve(stopped))
+  _resume_and_compare(stopped, straight_curve, resume_step=step)
 
 
 def test_bad_settings_are_one_line_errors():
@@ -180,3 +322,8 @@ def test_bad_settings_are_one_line_errors():
     _distiller(LossConfig(hidden_loss="cosine", hidden_pairs=((7, 1),)))
   with pytest.raises(ConfigError, match="no teacher was given"):
     distill.Distiller(STUDENT_CONFIG, None, LossConfig(), distill.OptimizerConfig(), 1)
+  with pytest.raises(ConfigError, match=r"eval steps \[9\] are outside the run's steps 1..8"):
+    distill.LoopConfig(steps=8, eval_steps=(9,))
+  with pytest.raises(ConfigError, match="max_bad_steps=1 needs a Distiller with skip_non_finite"):
+    distill.train(_distiller(), None, None, iter(()), [],
+                  distill.LoopConfig(steps=1, max_bad_steps=1), "/nonexistent")
