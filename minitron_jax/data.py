@@ -258,6 +258,18 @@ def _extract_text(record: Any, field: str, name: str) -> str:
   return _as_text(nested_field(record, field, f"records of {name!r}", f"text_field={field!r}"))
 
 
+def check_source(config: DataConfig) -> None:
+  """What `documents` would refuse before reading any document: globs that match no file, a TFDS
+  dataset or split that is not prepared locally. (The stdlib corpus is built on first use.)"""
+  if config.source in ("text", "jsonl"):
+    _expand_globs(config.paths, "paths")
+    if config.validation_paths:
+      _expand_globs(config.validation_paths, "validation_paths")
+  elif config.source == "tfds":
+    for split in (config.train_split, config.validation_split):
+      _tfds_source(config.tfds_name, split, config.data_dir)
+
+
 def documents(config: DataConfig, split: str = "train") -> grain.MapDataset:
   """The split's documents as a grain MapDataset of str, in a stable order."""
   if split not in SPLITS:

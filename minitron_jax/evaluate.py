@@ -199,6 +199,34 @@ def _records_tfds(name: str, split: str, data_dir: str | None) -> Iterable[tuple
     yield _plain(source[i]), f"record {i} of TFDS {name!r} split {split!r}"
 
 
+def task_source(spec: str | os.PathLike, *, format: str = "generic", limit: int | None = None
+                ) -> tuple[str, Any]:
+  """Where `load_task` reads from, ("jsonl", path) or ("tfds", name), after the checks it makes
+  before reading anything (see `check_task` for the TFDS dataset being there too)."""
+  if format not in FORMATS:
+    raise ConfigError(f"task format={format!r} is not supported; allowed: {FORMATS}")
+  if limit is not None and (not isinstance(limit, int) or limit <= 0):
+    raise ConfigError(f"limit={limit!r} must be a positive integer or None")
+  path = pathlib.Path(spec).expanduser()
+  if str(spec).startswith(TFDS_PREFIX):
+    return "tfds", str(spec)[len(TFDS_PREFIX):]
+  if path.is_file():
+    return "jsonl", path
+  if path.suffix in _JSONL_SUFFIXES or path.is_dir():
+    raise ConfigError(f"task file {str(spec)!r} does not exist or is a directory; allowed: a "
+                      "JSONL file or the name of a locally prepared TFDS dataset")
+  return "tfds", str(spec)
+
+
+def check_task(spec: str | os.PathLike, *, format: str = "generic", split: str = "validation",
+               data_dir: str | None = None, limit: int | None = None, **fields) -> None:
+  """What `load_task` would refuse before its first record: a bad format or limit, a missing
+  file, a TFDS dataset or split that is not prepared locally. Reads no record."""
+  kind, where = task_source(spec, format=format, limit=limit)
+  if kind == "tfds":
+    data._tfds_source(where, split, data_dir)
+
+
 def load_task(spec: str | os.PathLike, *, format: str = "generic", split: str = "validation",
               data_dir: str | None = None, context_field: str = "context",
               choices_field: str = "choices", gold_field: str = "gold",
@@ -220,20 +248,8 @@ def load_task(spec: str | os.PathLike, *, format: str = "generic", split: str = 
                 0/1); each option fills the blank and the rest of the sentence is scored.
   limit: keep only the first `limit` examples.
   """
-  if format not in FORMATS:
-    raise ConfigError(f"task format={format!r} is not supported; allowed: {FORMATS}")
-  if limit is not None and limit <= 0:
-    raise ConfigError(f"limit={limit!r} must be a positive integer or None")
-  path = pathlib.Path(spec).expanduser()
-  if str(spec).startswith(TFDS_PREFIX):
-    records = _records_tfds(str(spec)[len(TFDS_PREFIX):], split, data_dir)
-  elif path.is_file():
-    records = _records_jsonl(path)
-  elif path.suffix in _JSONL_SUFFIXES or path.is_dir():
-    raise ConfigError(f"task file {str(spec)!r} does not exist or is a directory; allowed: a "
-                      "JSONL file or the name of a locally prepared TFDS dataset")
-  else:
-    records = _records_tfds(str(spec), split, data_dir)
+  kind, where = task_source(spec, format=format, limit=limit)
+  records = _records_jsonl(where) if kind == "jsonl" else _records_tfds(where, split, data_dir)
   convert: Callable[[dict, str], MultipleChoiceExample] = {
       "generic": functools.partial(_from_generic, context_field=context_field,
                                    choices_field=choices_field, gold_field=gold_field),
@@ -348,6 +364,14 @@ def _scored_loglikelihoods(config: ModelConfig, params, tokens, segment_ids, pos
   return jnp.sum(jnp.where(scored, picked, 0.0), axis=-1)
 
 
+def check_scoring(*, batch_size: int = 16, max_length: int = 512, pad_to_multiple: int = 64
+                  ) -> None:
+  for name, value in (("batch_size", batch_size), ("max_length", max_length),
+                      ("pad_to_multiple", pad_to_multiple)):
+    if not isinstance(value, int) or value <= 0:
+      raise ConfigError(f"{name}={value!r} must be a positive integer")
+
+
 def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
                           examples: Sequence[MultipleChoiceExample], *, batch_size: int = 16,
                           max_length: int = 512, pad_to_multiple: int = 64,
@@ -367,10 +391,7 @@ def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
   Pairs are scored in batches of `batch_size` rows, longest first, each padded to a multiple of
   `pad_to_multiple` tokens, so compilation happens once per length bucket.
   """
-  for name, value in (("batch_size", batch_size), ("max_length", max_length),
-                      ("pad_to_multiple", pad_to_multiple)):
-    if not isinstance(value, int) or value <= 0:
-      raise ConfigError(f"{name}={value!r} must be a positive integer")
+  check_scoring(batch_size=batch_size, max_length=max_length, pad_to_multiple=pad_to_multiple)
   if not examples:
     raise ConfigError("no examples to score; allowed: a non-empty list of MultipleChoiceExample")
   log = log or (lambda message: None)

@@ -229,13 +229,18 @@ class Scores:
     path = pathlib.Path(directory) / "scores.npz"
     if not path.is_file():
       raise ConfigError(f"no importance scores at {path}; run the importance stage first")
-    with np.load(path) as data:
-      meta = json.loads(bytes(data["meta"]).decode())
-      groups: dict[str, dict] = {"stats": {}, "block_importance": {}, "drop_loss": {}}
-      for key in data.files:
-        if "/" in key:
-          group, name = key.split("/", 1)
-          groups[group][name if group == "stats" else int(name)] = data[key]
+    try:
+      with np.load(path) as data:
+        meta = json.loads(bytes(data["meta"]).decode())
+        groups: dict[str, dict] = {"stats": {}, "block_importance": {}, "drop_loss": {}}
+        for key in data.files:
+          if "/" in key:
+            group, name = key.split("/", 1)
+            groups[group][name if group == "stats" else int(name)] = data[key]
+    except Exception as e:  # zipfile, numpy and json each raise their own kinds
+      raise ConfigError(f"{path} is damaged ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0]}); delete {path.parent} and rerun "
+                        "the importance stage") from None
     return cls(stats=groups["stats"], num_samples=meta["num_samples"],
                num_tokens=meta["num_tokens"], block_importance=groups["block_importance"],
                drop_loss=groups["drop_loss"], base_loss=meta["base_loss"],
@@ -313,6 +318,20 @@ def lm_loss(config: ModelConfig, params, batches: list) -> float:
   return total / max(count, 1)
 
 
+def check_options(config: ModelConfig, *, aggregation: Aggregation | str | None = None,
+                  block_sizes: Iterable[int] = (1,), drop_loss: bool = False,
+                  drop_block_sizes: Iterable[int] = (1,), drop_loss_batches: int = 8
+                  ) -> Aggregation:
+  """The checks `estimate` makes before reading any batch; returns the parsed aggregation."""
+  aggregation = Aggregation.parse(aggregation)
+  for n in tuple(block_sizes) + tuple(drop_block_sizes if drop_loss else ()):
+    if not isinstance(n, int) or not 1 <= n <= config.num_layers:
+      raise ConfigError(f"block size {n!r} must be in [1, num_layers={config.num_layers}]")
+  if drop_loss and (not isinstance(drop_loss_batches, int) or drop_loss_batches < 1):
+    raise ConfigError(f"drop_loss_batches={drop_loss_batches!r} must be a positive integer")
+  return aggregation
+
+
 def estimate(config: ModelConfig, params, batches: Iterable, *,
              aggregation: Aggregation | str | None = None,
              block_sizes: Iterable[int] = (1,),
@@ -331,11 +350,10 @@ def estimate(config: ModelConfig, params, batches: Iterable, *,
     removed, on the first `drop_loss_batches` calibration batches.
   batch_sharding: maps a batch shape to a sharding (data-parallel estimation over a mesh).
   """
-  aggregation = Aggregation.parse(aggregation)
+  aggregation = check_options(config, aggregation=aggregation, block_sizes=block_sizes,
+                              drop_loss=drop_loss, drop_block_sizes=drop_block_sizes,
+                              drop_loss_batches=drop_loss_batches)
   block_sizes = tuple(sorted(set(block_sizes)))
-  for n in block_sizes + tuple(drop_block_sizes if drop_loss else ()):
-    if not 1 <= n <= config.num_layers:
-      raise ConfigError(f"block size {n} must be in [1, num_layers={config.num_layers}]")
   log = log or (lambda message: None)
 
   stats: dict[str, np.ndarray] = {}

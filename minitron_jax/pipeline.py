@@ -6,6 +6,10 @@
 `config.compression` lists the compression stages (target, teacher, distill steps); without it
 there is one, with `config.prune.target`, working directly in the workdir. Stage k starts from
 stage k-1's distilled student; its teacher is the original model or that previous student.
+
+Nothing runs, and nothing is written, until `validate` finds every setting sound. Each stage's
+output appears whole or not at all (`atomic`), so a run killed at any moment reruns from the
+stage it was in.
 """
 
 from __future__ import annotations
@@ -17,8 +21,7 @@ from typing import Callable
 
 import ml_collections
 
-from minitron_jax import check, report, stages
-from minitron_jax.config import ConfigError
+from minitron_jax import atomic, check, report, stages, validate
 from minitron_jax.stages import Context, ModelRef
 
 # stage name -> (function(Context) -> summary, file whose presence marks it done)
@@ -38,11 +41,16 @@ PER_COMPRESSION = ("importance", "search", "prune", "distill")
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) -> None:
   workdir = pathlib.Path(workdir).absolute()
   unknown = [s for s in cfg.stages if s not in STAGES]
-  if unknown:
-    raise ConfigError(f"stages {unknown} are unknown; allowed: {list(STAGES)}")
+  problems = [f"stages {unknown} are unknown; allowed: {list(STAGES)}"] if unknown else []
+  problems += validate.validate(cfg, workdir)
+  if problems:
+    raise validate.error(problems)
   workdir.mkdir(parents=True, exist_ok=True)
   timings_path = workdir / "timings.json"
-  timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+  try:
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+  except ValueError:  # only a copy damaged outside this program; the times are not needed
+    timings = {}
 
   def run_stage(name: str, ctx: Context, key: str) -> None:
     function, marker = STAGES[name]
@@ -52,7 +60,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) 
     started = time.perf_counter()
     function(ctx)
     timings[key] = time.perf_counter() - started
-    timings_path.write_text(json.dumps(timings, indent=2))
+    atomic.write_json(timings_path, timings)
 
   original = stages.original_ref(cfg, workdir)
   base = Context(cfg=cfg, directory=workdir, source=original, teacher=original, log=log)

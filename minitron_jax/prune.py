@@ -11,7 +11,7 @@ stay intact. Kept indices stay in their original order, so keeping everything is
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import jax
 import numpy as np
@@ -61,6 +61,40 @@ def validate_target(config: ModelConfig, target: Mapping[str, int]) -> dict[str,
   return full
 
 
+def check_selection(config: ModelConfig, target: Mapping[str, int], *,
+                    depth_criterion: str = "block_importance", contiguous_depth: bool = False,
+                    estimated: Mapping[str, Iterable[int]] | None = None) -> dict[str, int]:
+  """Everything `select` requires besides the scores' values; returns the full target.
+
+  estimated: the block sizes the scores hold per depth criterion (`block_importance`,
+  `drop_loss`); None skips that check. Depth pruning ranks single layers, or with
+  `contiguous_depth` blocks as long as the number of layers removed.
+  """
+  full = validate_target(config, target)
+  if depth_criterion not in DEPTH_CRITERIA:
+    raise ConfigError(f"depth_criterion={depth_criterion!r} is unknown; allowed: {DEPTH_CRITERIA}")
+  dropped = config.num_layers - full["num_layers"]
+  needed = dropped if contiguous_depth else 1
+  if dropped and estimated is not None and needed not in set(estimated.get(depth_criterion, ())):
+    sizes = "drop_block_sizes (with drop_loss)" if depth_criterion == "drop_loss" else "block_sizes"
+    raise ConfigError(f"{depth_criterion} for block size {needed} was not estimated (removing "
+                      f"{dropped} of {config.num_layers} layers"
+                      f"{' as one block' if contiguous_depth else ''}); estimated: "
+                      f"{sorted(estimated.get(depth_criterion, ()))}; allowed: importance {sizes} "
+                      f"including {needed}")
+  return full
+
+
+def target_config(config: ModelConfig, full_target: Mapping[str, int]) -> ModelConfig:
+  """The architecture pruning to `full_target` produces, without any weight (for checks).
+
+  Which layers keep a sliding window depends on the scores; this keeps the first ones."""
+  windows = config.sliding_window_layers
+  return config.replace(**{k: int(v) for k, v in full_target.items()},
+                        sliding_window_layers=None if windows is None
+                        else windows[:int(full_target["num_layers"])])
+
+
 def _top_sorted(scores: np.ndarray, k: int) -> np.ndarray:
   """Indices of the k largest scores along the last axis, in increasing index order."""
   order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
@@ -72,11 +106,12 @@ def select(config: ModelConfig, scores: Scores, target: Mapping[str, int], *,
            depth_criterion: str = "block_importance", contiguous_depth: bool = False
            ) -> Selection:
   """Which layers, channels, groups, heads and neurons to keep."""
-  full = validate_target(config, target)
+  full = check_selection(config, target, depth_criterion=depth_criterion,
+                         contiguous_depth=contiguous_depth,
+                         estimated={"block_importance": scores.block_importance,
+                                    "drop_loss": scores.drop_loss})
   agg = Aggregation.parse(aggregation) if aggregation is not None else scores.aggregation
   num_layers = config.num_layers
-  if depth_criterion not in DEPTH_CRITERIA:
-    raise ConfigError(f"depth_criterion={depth_criterion!r} is unknown; allowed: {DEPTH_CRITERIA}")
 
   dropped = num_layers - full["num_layers"]
   if dropped == 0:
@@ -189,19 +224,26 @@ def iterative_prune(config: ModelConfig, params, calibration, target: Mapping[st
   """Paper Table 10: T rounds of re-estimating importance on the partly pruned model and pruning
   a further 1/T of the way. `calibration` is a callable returning a fresh batch iterator.
   Returns (config, params, scores of the last round)."""
-  if rounds < 1:
-    raise ConfigError(f"rounds={rounds} must be at least 1")
-  full = validate_target(config, target)
-  source = {key: getattr(config, key) for key in TARGET_KEYS}
   scores = None
-  for r in range(1, rounds + 1):
-    step = {key: source[key] - (source[key] - full[key]) * r // rounds for key in TARGET_KEYS}
-    groups = step["num_key_value_heads"]
-    per_group = -(-step["num_attention_heads"] // groups)  # ceil: never below the final target
-    step["num_attention_heads"] = min(groups * per_group, groups * config.queries_per_group)
-    if r == rounds:
-      step = full
+  for step in iterative_targets(config, target, rounds):
     scores = importance.estimate(config, params, calibration(), log=log,
                                  **dict(estimate_options or {}))
     config, params = prune(config, params, scores, step, **prune_options)
   return config, params, scores
+
+
+def iterative_targets(config: ModelConfig, target: Mapping[str, int], rounds: int
+                      ) -> list[dict[str, int]]:
+  """The full target of each of `rounds` rounds: 1/T of the way further each time."""
+  if not isinstance(rounds, int) or rounds < 1:
+    raise ConfigError(f"rounds={rounds!r} must be at least 1")
+  full = validate_target(config, target)
+  source = {key: getattr(config, key) for key in TARGET_KEYS}
+  steps = []
+  for r in range(1, rounds):
+    step = {key: source[key] - (source[key] - full[key]) * r // rounds for key in TARGET_KEYS}
+    groups = step["num_key_value_heads"]
+    per_group = -(-step["num_attention_heads"] // groups)  # ceil: never below the final target
+    step["num_attention_heads"] = min(groups * per_group, groups * config.queries_per_group)
+    steps.append(step)
+  return steps + [full]

@@ -3,27 +3,69 @@ markdown page that says what the compression achieved and what each stage cost."
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import pathlib
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
 
-from minitron_jax import checkpoint, evaluate, stdlib_tasks, stages
+from minitron_jax import atomic, checkpoint, evaluate, stdlib_tasks, stages
 from minitron_jax.config import ConfigError
 from minitron_jax.stages import Context
+
+STDLIB_TASK = "stdlib_next_line"
+
+
+def _task_loader(spec: Mapping[str, Any]):
+  """(loader, its argument check, the arguments it takes, a ConfigError for those it does not
+  or None) of one `evaluate.tasks` entry. The loader itself would fail on an unknown argument
+  with a TypeError, so they are found here."""
+  spec = dict(spec)
+  source = spec.pop("source", None)
+  if not source:
+    raise ConfigError(f"source={source!r} is missing; allowed: {STDLIB_TASK!r}, a JSONL file or "
+                      "tfds:NAME")
+  if source == STDLIB_TASK:
+    loader, check = stdlib_tasks.next_line_task, stdlib_tasks.check_arguments
+  else:
+    loader = functools.partial(evaluate.load_task, source)
+    check = functools.partial(evaluate.check_task, source)
+  allowed = [name for name, parameter in inspect.signature(loader).parameters.items()
+             if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+  unknown = sorted(set(spec) - set(allowed))
+  refused = None if not unknown else ConfigError(
+      f"arguments {unknown} do not apply to source={source!r}; allowed: {['source'] + allowed}")
+  return loader, check, {k: v for k, v in spec.items() if k in allowed}, refused
+
+
+def check_tasks(section: ml_collections.ConfigDict) -> list[str]:
+  """One line per task that `load_tasks` would refuse (all its problems), reading no example."""
+  problems = []
+  for name, spec in section.tasks.items():
+    found = []
+    try:
+      _, check, arguments, refused = _task_loader(spec)
+      if refused is not None:
+        found.append(str(refused))
+      check(**arguments)
+    except ConfigError as e:
+      found.insert(0, str(e))  # the source itself first: it decides which arguments apply
+    if found:
+      problems.append(f"evaluate.tasks.{name}: " + "; also ".join(found))
+  return problems
 
 
 def load_tasks(section: ml_collections.ConfigDict) -> dict[str, list]:
   """name -> examples, from `evaluate.tasks` (the embedded stdlib task or local/TFDS files)."""
   tasks = {}
   for name, spec in section.tasks.items():
-    spec = dict(spec)
-    source = spec.pop("source")
-    if source == "stdlib_next_line":
-      tasks[name] = stdlib_tasks.next_line_task(**spec)
-    else:
-      tasks[name] = evaluate.load_task(source, **spec)
+    loader, _, arguments, refused = _task_loader(spec)
+    if refused is not None:
+      raise refused
+    tasks[name] = loader(**arguments)
   return tasks
 
 
@@ -46,14 +88,20 @@ def run_evaluate(ctx: Context) -> dict:
     ctx.log(f"[evaluate] {label}: {shown}")
   if not results:
     raise ConfigError("no model to evaluate")
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "table.md").write_text(evaluate.markdown_table(results))
-  (out / "metrics.json").write_text(json.dumps(results, indent=2))
+  with atomic.directory(out) as staging:
+    (staging / "table.md").write_text(evaluate.markdown_table(results))
+    (staging / "metrics.json").write_text(json.dumps(results, indent=2))
   return results
 
 
 def _read(path: pathlib.Path) -> dict | None:
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    raise ConfigError(f"{path} is not valid JSON ({e}); delete it and rerun the stage that wrote "
+                      "it") from None
 
 
 def run_report(ctx: Context) -> str:
@@ -98,6 +146,6 @@ def run_report(ctx: Context) -> str:
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
     lines.append("")
   text = "\n".join(lines)
-  (workdir / "report.md").write_text(text)
+  atomic.write_text(workdir / "report.md", text)
   ctx.log(f"[report] written to {workdir / 'report.md'}")
   return text

@@ -268,7 +268,8 @@ def kendall(order: Sequence[str], reference: Sequence[str]) -> float:
   return concordant / (n * (n - 1) / 2)
 
 
-def _steps(eval_steps: Iterable[int]) -> tuple[int, ...]:
+def check_eval_steps(eval_steps: Iterable[int]) -> tuple[int, ...]:
+  """The step counts candidates are ranked at, sorted; one line for an empty or bad list."""
   steps = tuple(eval_steps)
   if not steps:
     raise ConfigError("search eval_steps is empty; allowed: one or more positive step counts")
@@ -310,7 +311,7 @@ class SearchResult:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
       raise ConfigError(f"search candidates {repeated} appear more than once")
-    steps = _steps(self.eval_steps)
+    steps = check_eval_steps(self.eval_steps)
     unknown = sorted(set(self.losses) - set(names))
     if unknown:
       raise ConfigError(f"search losses name unknown candidates {unknown}")
@@ -429,7 +430,7 @@ def run_search(candidates: Sequence[Candidate],
   names not among `candidates` are ignored. `on_result` sees each new evaluation (to save
   progress).
   """
-  steps = _steps(eval_steps)
+  steps = check_eval_steps(eval_steps)
   candidates = tuple(candidates)
   log = log or (lambda message: None)
   names = {c.name for c in candidates}

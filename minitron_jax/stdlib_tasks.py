@@ -77,6 +77,26 @@ def split_files(split: str = "validation") -> list[list[str]]:
           for f in files]
 
 
+def check_arguments(num_examples: int = 200, num_choices: int = 4, seed: int = 0,
+                    split: str = "validation", *, mode: str = "line", context_lines: int = 8,
+                    length_tolerance: float = 0.2) -> None:
+  """The checks `next_line_task` makes on its arguments before reading any source file."""
+  if not isinstance(num_examples, int) or num_examples <= 0:
+    raise ConfigError(f"num_examples={num_examples!r} must be a positive integer")
+  if not isinstance(num_choices, int) or num_choices < 2:
+    raise ConfigError(f"num_choices={num_choices!r} must be an integer >= 2")
+  if not isinstance(seed, int):
+    raise ConfigError(f"seed={seed!r} must be an integer")
+  if split not in SPLITS:
+    raise ConfigError(f"split={split!r} is not supported; allowed: {SPLITS}")
+  if mode not in MODES:
+    raise ConfigError(f"mode={mode!r} is not supported; allowed: {MODES}")
+  if not isinstance(context_lines, int) or context_lines < 2:
+    raise ConfigError(f"context_lines={context_lines!r} must be an integer >= 2")
+  if not length_tolerance > 0:
+    raise ConfigError(f"length_tolerance={length_tolerance!r} must be positive")
+
+
 def next_line_task(num_examples: int = 200, num_choices: int = 4, seed: int = 0,
                    split: str = "validation", *, mode: str = "line", context_lines: int = 8,
                    length_tolerance: float = 0.2) -> list[MultipleChoiceExample]:
@@ -91,16 +111,8 @@ def next_line_task(num_examples: int = 200, num_choices: int = 4, seed: int = 0,
     fraction (at least 2 bytes) of the gold line's; the window doubles until enough qualify.
   The gold choice's position is drawn uniformly, so chance accuracy is 1 / num_choices.
   """
-  if not isinstance(num_examples, int) or num_examples <= 0:
-    raise ConfigError(f"num_examples={num_examples!r} must be a positive integer")
-  if not isinstance(num_choices, int) or num_choices < 2:
-    raise ConfigError(f"num_choices={num_choices!r} must be an integer >= 2")
-  if mode not in MODES:
-    raise ConfigError(f"mode={mode!r} is not supported; allowed: {MODES}")
-  if not isinstance(context_lines, int) or context_lines < 2:
-    raise ConfigError(f"context_lines={context_lines!r} must be an integer >= 2")
-  if not length_tolerance > 0:
-    raise ConfigError(f"length_tolerance={length_tolerance!r} must be positive")
+  check_arguments(num_examples, num_choices, seed, split, mode=mode, context_lines=context_lines,
+                  length_tolerance=length_tolerance)
   files = split_files(split)
 
   # The files each stripped text appears in (nothing from the gold's file may be a distractor),

@@ -49,7 +49,7 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
       [sys.executable, "-m", "minitron_jax.main", "--config=configs/default.py:family=gpt",
        f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
-  assert "error: family='gpt' is not supported" in result.stderr
+  assert "error: model: family='gpt' is not supported" in result.stderr
   assert "Traceback" not in result.stderr
 
 
