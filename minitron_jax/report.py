@@ -7,7 +7,7 @@ import functools
 import inspect
 import json
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import jax
 import ml_collections
