@@ -11,8 +11,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -21,7 +19,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from minitron_jax import gguf_checkpoint
+from minitron_jax import atomic, gguf_checkpoint
 from minitron_jax import model as model_lib
 from minitron_jax.config import ACTIVATIONS, ConfigError, ModelConfig, RopeScaling
 
@@ -33,6 +31,8 @@ _ARCHITECTURES = {
     "nemotron": "NemotronForCausalLM",
 }
 _CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "intermediate_size")
 _DEFAULT_SHARD_BYTES = 4 * 1024**3
 Layout = int | str
 
@@ -328,19 +328,65 @@ def params_to_hf(config: ModelConfig, params: model_lib.Params) -> dict[str, np.
 # ----------------------------------------------------------------------------- files
 
 
-def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
-  """Every tensor of every `*.safetensors` file in the directory, as host numpy arrays."""
-  files = sorted(directory.glob("*.safetensors"))
+def _first_line(error: BaseException) -> str:
+  return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def safetensors_files(directory: str | os.PathLike) -> list[pathlib.Path]:
+  """The weight files of a model directory, each checked from its header alone (no tensor read).
+
+  With a `model.safetensors.index.json` the files are its shards, every one of which must exist
+  and hold the tensors the index assigns to it; without one, every `*.safetensors` file. A
+  truncated or corrupt file, a missing shard or a bad index is one line naming the file.
+  """
+  directory = pathlib.Path(directory)
+  index_file = directory / "model.safetensors.index.json"
+  expected: dict[str, list[str]] = {}
+  if index_file.is_file():
+    try:
+      weight_map = json.loads(index_file.read_text())["weight_map"]
+      for name, shard in weight_map.items():
+        expected.setdefault(str(shard), []).append(str(name))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ConfigError(f"{index_file} is not a valid safetensors index "
+                        f"({type(e).__name__}: {_first_line(e)})") from None
+    files = [directory / shard for shard in sorted(expected)]
+    missing = [file.name for file in files if not file.is_file()]
+    if missing:
+      raise ConfigError(f"{index_file} lists {len(missing)} shard(s) missing from {directory}, "
+                        f"e.g. {missing[0]}; allowed: a complete download")
+  else:
+    files = sorted(directory.glob("*.safetensors"))
   if not files:
     raise ConfigError(f"no *.safetensors files in {directory}")
+  for file in files:
+    try:
+      with safetensors.safe_open(str(file), framework="numpy") as reader:
+        names = set(reader.keys())
+    except (safetensors.SafetensorError, OSError) as e:
+      raise ConfigError(f"{file} is truncated or not a safetensors file ({_first_line(e)}); "
+                        "allowed: a complete safetensors file") from None
+    absent = [name for name in expected.get(file.name, ()) if name not in names]
+    if absent:
+      raise ConfigError(f"{file} lacks {len(absent)} tensor(s) its index assigns to it, e.g. "
+                        f"{absent[0]!r}")
+  return files
+
+
+def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
+  """Every tensor of the directory's weight files (`safetensors_files`), as host numpy arrays."""
+  files = safetensors_files(directory)
   tensors = {}
   cpu = jax.devices("cpu")[0]
   # The jax reader understands bfloat16, which the numpy one does not.
   with jax.default_device(cpu):
     for file in files:
-      with safetensors.safe_open(str(file), framework="flax") as reader:
-        for name in reader.keys():
-          tensors[name] = np.asarray(reader.get_tensor(name))
+      try:
+        with safetensors.safe_open(str(file), framework="flax") as reader:
+          for name in reader.keys():
+            tensors[name] = np.asarray(reader.get_tensor(name))
+      except (safetensors.SafetensorError, OSError) as e:  # changed since it was checked
+        raise ConfigError(f"{file} could not be read ({_first_line(e)})") from None
   return tensors
 
 
@@ -349,7 +395,19 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
   config_file = pathlib.Path(path) / "config.json"
   if not config_file.is_file():
     raise ConfigError(f"{path} has no config.json; expected a Hugging Face model directory")
-  return json.loads(config_file.read_text())
+  try:
+    hf = json.loads(config_file.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{config_file} is not valid JSON ({_first_line(e)}); allowed: a "
+                      "Hugging Face config.json") from None
+  if not isinstance(hf, dict):
+    raise ConfigError(f"{config_file} holds a JSON {type(hf).__name__}, not an object; allowed: "
+                      "a Hugging Face config.json")
+  missing = [key for key in _REQUIRED_FIELDS if key not in hf]
+  if missing:
+    raise ConfigError(f"{config_file} lacks {missing}; allowed: a config.json with "
+                      f"{list(_REQUIRED_FIELDS)}")
+  return hf
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
@@ -393,30 +451,19 @@ def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params,
     shards[-1][name] = tensor
     size += tensor.nbytes
 
-  directory = pathlib.Path(path)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-  if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], str(staging / "model.safetensors"),
-                                metadata={"format": "pt"})
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      safetensors.numpy.save_file(shard, str(staging / file), metadata={"format": "pt"})
-      weight_map.update({name: file for name in shard})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": weight_map}
-    (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-  (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-  staging.chmod(0o755)  # mkdtemp makes it private; an export is meant to be shared
-  for file in staging.iterdir():
-    file.chmod(0o644)
-  if directory.exists():
-    backup = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(backup, ignore_errors=True)  # left over from a run killed mid-swap
-    os.replace(directory, backup)
-    os.replace(staging, directory)
-    shutil.rmtree(backup)
-  else:
-    os.replace(staging, directory)
+  with atomic.directory(path) as staging:
+    if len(shards) == 1:
+      safetensors.numpy.save_file(shards[0], str(staging / "model.safetensors"),
+                                  metadata={"format": "pt"})
+    else:
+      weight_map = {}
+      for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        safetensors.numpy.save_file(shard, str(staging / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+      index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+               "weight_map": weight_map}
+      (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    for file in staging.iterdir():
+      file.chmod(0o644)

@@ -18,9 +18,10 @@ from typing import Callable
 import jax
 import ml_collections
 
-from minitron_jax import (build, checkpoint, data, distill, hf, importance, model, prune,
-                          search, sharding, tokenizer)
-from minitron_jax.config import ConfigError
+from minitron_jax import (atomic, build, checkpoint, data, distill, hf, importance, model,
+                          preemption, prune, search, sharding, tokenizer)
+from minitron_jax.atomic import write_json  # noqa: F401  (stages.write_json: sweeps use it)
+from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.losses import LossConfig
 
 
@@ -141,7 +142,7 @@ def _calibration(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
   return list(itertools.islice(iterator, batches))
 
 
-def _estimate_options(cfg: ml_collections.ConfigDict) -> dict:
+def estimate_options(cfg: ml_collections.ConfigDict) -> dict:
   section = cfg.importance
   return dict(aggregation=(section.batch_aggregation, section.seq_aggregation),
               block_sizes=tuple(section.block_sizes), drop_loss=section.drop_loss,
@@ -149,29 +150,82 @@ def _estimate_options(cfg: ml_collections.ConfigDict) -> dict:
               drop_loss_batches=section.drop_loss_batches)
 
 
-def _prune_options(cfg: ml_collections.ConfigDict) -> dict:
+def prune_options(cfg: ml_collections.ConfigDict) -> dict:
   return dict(aggregation=(cfg.importance.batch_aggregation, cfg.importance.seq_aggregation),
               head_merging=cfg.prune.head_merging, depth_criterion=cfg.prune.depth_criterion,
               contiguous_depth=cfg.prune.contiguous_depth)
 
 
+def settings(cls, fields: dict, what: str):
+  """cls(**fields) for a frozen settings dataclass; an unknown field is a one-line ConfigError
+  (the constructor would raise a TypeError)."""
+  allowed = [f.name for f in dataclasses.fields(cls)]
+  unknown = sorted(set(fields) - set(allowed))
+  if unknown:
+    raise ConfigError(f"{what} fields {unknown} are unknown; allowed: {allowed}")
+  return cls(**fields)
+
+
 def loss_config(section: ml_collections.ConfigDict) -> LossConfig:
   fields = section.to_dict()
   fields["hidden_pairs"] = tuple(tuple(pair) for pair in fields.get("hidden_pairs", ()))
-  return LossConfig(**fields)
+  return settings(LossConfig, fields, "loss")
 
 
-def write_json(path: pathlib.Path, value: dict) -> None:
-  """Writes JSON atomically: a crash leaves the old file or the new one, never half of one."""
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=2))
-  tmp.replace(path)
+def optimizer_config(section: ml_collections.ConfigDict,
+                     batch_size: int | None = None) -> distill.OptimizerConfig:
+  """The optimizer; with `batch_size`, also that its micro-batches split it evenly."""
+  optimizer = settings(distill.OptimizerConfig, section.to_dict(), "optimizer")
+  if batch_size is not None and batch_size % optimizer.accumulation_steps:
+    raise ConfigError(f"accumulation_steps={optimizer.accumulation_steps} does not divide "
+                      f"batch_size={batch_size}; allowed: a divisor of the batch size")
+  return optimizer
+
+
+def loop_config(section: ml_collections.ConfigDict, steps: int, eval_steps=(),
+                checkpoint_every=None) -> distill.LoopConfig:
+  return distill.LoopConfig(steps=steps, log_every=section.log_every,
+                            eval_every=section.eval_every, eval_steps=tuple(eval_steps),
+                            checkpoint_every=checkpoint_every or section.checkpoint_every,
+                            keep_checkpoints=section.keep_checkpoints,
+                            max_bad_steps=section.get("max_bad_steps", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrainSettings:
+  """Everything a distillation run is built from, checked against the two architectures."""
+
+  student_config: ModelConfig
+  teacher_config: ModelConfig | None  # None when the loss needs no teacher
+  losses: LossConfig
+  optimizer: distill.OptimizerConfig
+  loop: distill.LoopConfig
+  data: data.DataConfig
+
+
+def retrain_settings(cfg: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
+                     student_config: ModelConfig, teacher_config: ModelConfig, steps: int,
+                     eval_steps=(), checkpoint_every=None) -> RetrainSettings:
+  """The settings `_retrain` trains with; pure, so whole-run validation builds them too."""
+  losses = loss_config(section.loss)
+  student_config = student_config.replace(dtype=section.dtype, remat=section.remat)
+  teacher_config = teacher_config.replace(dtype=section.dtype) if losses.uses_teacher else None
+  distill.check_models(student_config, teacher_config, losses)
+  train_data = data_config(cfg, batch_size=section.batch_size, seq_len=section.seq_len)
+  loop = loop_config(section, steps, eval_steps, checkpoint_every)
+  optimizer = optimizer_config(section.optimizer, train_data.batch_size)
+  return RetrainSettings(student_config, teacher_config, losses, optimizer, loop, train_data)
 
 
 # ----------------------------------------------------------------------------- stages
 
 
 def run_importance(ctx: Context) -> dict:
+  with atomic.directory(ctx.directory / "importance") as staging:
+    return _importance(ctx, staging)
+
+
+def _importance(ctx: Context, staging: pathlib.Path) -> dict:
   cfg, out = ctx.cfg, ctx.directory / "importance"
   started = time.perf_counter()
   mesh = mesh_of(cfg)
@@ -182,8 +236,8 @@ def run_importance(ctx: Context) -> dict:
           "model")
   scores = importance.estimate(
       config, params, batches, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
-      log=ctx.log, **_estimate_options(cfg))
-  scores.save(out)
+      log=ctx.log, **estimate_options(cfg))
+  scores.save(staging)
   ctx.log(f"[importance] done in {time.perf_counter() - started:.1f}s; scores in {out}")
   return scores.summary()
 
@@ -199,6 +253,11 @@ def chosen_target(ctx: Context) -> dict:
 
 
 def run_prune(ctx: Context) -> dict:
+  with atomic.directory(ctx.directory / "prune") as staging:
+    return _prune(ctx, staging)
+
+
+def _prune(ctx: Context, staging: pathlib.Path) -> dict:
   cfg, out = ctx.cfg, ctx.directory / "prune"
   started = time.perf_counter()
   config, params = load(cfg, ctx.source, mesh_of(cfg))
@@ -208,12 +267,12 @@ def run_prune(ctx: Context) -> dict:
     ctx.log(f"[prune] iterative importance over {cfg.prune.iterative_rounds} rounds")
     pruned_config, pruned, _ = prune.iterative_prune(
         config, jax.device_get(params), lambda: _calibration(cfg, config.vocab_size), target,
-        rounds=cfg.prune.iterative_rounds, log=ctx.log, estimate_options=_estimate_options(cfg),
-        **_prune_options(cfg))
+        rounds=cfg.prune.iterative_rounds, log=ctx.log, estimate_options=estimate_options(cfg),
+        **prune_options(cfg))
   else:
     scores = importance.Scores.load(ctx.directory / "importance")
     pruned_config, pruned = prune.prune(config, jax.device_get(params), scores, target,
-                                        **_prune_options(cfg))
+                                        **prune_options(cfg))
   reinitialize = bool(cfg.prune.get("reinitialize", False))
   if reinitialize:
     ctx.log("[prune] reinitialize: the target architecture with random weights")
@@ -224,38 +283,41 @@ def run_prune(ctx: Context) -> dict:
   ctx.log(f"[prune] {config.num_params():,} -> {pruned_config.num_params():,} parameters "
           f"({pruned_config.num_params() / config.num_params():.1%}); zero-shot validation loss "
           f"{losses['source']:.4f} -> {losses['pruned']:.4f}")
-  hf.save(out / "hf", pruned_config, pruned, dtype=cfg.export_dtype)
-  checkpoint.save_model(out / "model", pruned_config.replace(dtype="float32", remat="none"),
+  hf.save(staging / "hf", pruned_config, pruned, dtype=cfg.export_dtype)
+  checkpoint.save_model(staging / "model", pruned_config.replace(dtype="float32", remat="none"),
                         pruned)
   summary = dict(source=config.to_dict(), pruned=pruned_config.to_dict(), target=target,
                  source_params=config.num_params(), pruned_params=pruned_config.num_params(),
                  source_validation_loss=losses["source"], pruned_validation_loss=losses["pruned"],
                  reinitialized=reinitialize,
                  seconds=time.perf_counter() - started)
-  write_json(out / "summary.json", summary)
+  write_json(staging / "summary.json", summary)
   ctx.log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out / 'model'}, "
           f"Hugging Face export in {out / 'hf'}")
   return summary
 
 
 def _retrain(cfg, section, student_config, student, teacher_config, teacher, out: pathlib.Path,
-             steps: int, log, eval_steps=(), checkpoint_every=None):
+             steps: int, log, eval_steps=(), checkpoint_every=None, label: str = "distill"):
   """Distils `student` from `teacher` for `steps` steps; (trained params, final metrics)."""
   mesh = mesh_of(cfg)
-  losses = loss_config(section.loss)
-  student_config = student_config.replace(dtype=section.dtype, remat=section.remat)
-  distiller = distill.Distiller(
-      student_config, teacher_config.replace(dtype=section.dtype) if losses.uses_teacher else None,
-      losses, distill.OptimizerConfig(**section.optimizer.to_dict()), steps)
-  tok = load_tokenizer(cfg, student_config.vocab_size)
-  train_data = data_config(cfg, batch_size=section.batch_size, seq_len=section.seq_len)
-  loop = distill.LoopConfig(steps=steps, log_every=section.log_every,
-                            eval_every=section.eval_every, eval_steps=tuple(eval_steps),
-                            checkpoint_every=checkpoint_every or section.checkpoint_every,
-                            keep_checkpoints=section.keep_checkpoints)
-  return distill.train(distiller, student, teacher, data.make_iterator(train_data, tok, "train"),
-                       validation(cfg, student_config.vocab_size), loop, out,
-                       batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape), log=log)
+  run = retrain_settings(cfg, section, student_config, teacher_config, steps, eval_steps,
+                         checkpoint_every)
+  distiller = distill.Distiller(run.student_config, run.teacher_config, run.losses, run.optimizer,
+                                steps, skip_non_finite=run.loop.max_bad_steps > 0)
+  tok = load_tokenizer(cfg, run.student_config.vocab_size)
+  return distill.train(distiller, student, teacher, data.make_iterator(run.data, tok, "train"),
+                       validation(cfg, run.student_config.vocab_size), run.loop, out,
+                       batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape), log=log,
+                       label=label)
+
+
+def teacher_correction_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The distill settings teacher correction trains with: its own optimizer, cross-entropy only."""
+  section = ml_collections.ConfigDict(cfg.distill.to_dict())
+  section.update(optimizer=cfg.teacher_correction.optimizer.to_dict(),
+                 loss=dict(LossConfig.cross_entropy_only().__dict__))
+  return section
 
 
 def run_teacher_correction(ctx: Context) -> dict:
@@ -264,12 +326,10 @@ def run_teacher_correction(ctx: Context) -> dict:
   started = time.perf_counter()
   section = cfg.teacher_correction
   config, params = load(cfg, ModelRef(), mesh_of(cfg))
-  corrected_section = ml_collections.ConfigDict(cfg.distill.to_dict())
-  corrected_section.update(optimizer=section.optimizer.to_dict(),
-                           loss=dict(LossConfig.cross_entropy_only().__dict__))
+  corrected_section = teacher_correction_section(cfg)
   ctx.log(f"[teacher_correction] {section.steps} cross-entropy steps on the original model")
   trained, final = _retrain(cfg, corrected_section, config, params, config, params, out,
-                            section.steps, ctx.log)
+                            section.steps, ctx.log, label="teacher_correction")
   checkpoint.save_model(out / "model", config.replace(dtype="float32", remat="none"),
                         jax.device_get(trained))
   summary = dict(steps=section.steps, **final, seconds=time.perf_counter() - started)
@@ -306,7 +366,23 @@ def run_distill(ctx: Context) -> dict:
 def search_space(cfg: ml_collections.ConfigDict) -> search.SearchSpace:
   fields = {k: tuple(v) if isinstance(v, (list, tuple)) else v
             for k, v in cfg.search.space.to_dict().items()}
-  return search.SearchSpace(**fields)
+  return settings(search.SearchSpace, fields, "search space")
+
+
+def search_candidates(cfg: ml_collections.ConfigDict,
+                      config: ModelConfig) -> list[search.Candidate]:
+  """The candidates the search retrains for a source architecture (no weight is needed)."""
+  section = cfg.search
+  if not isinstance(section.max_candidates, int) or section.max_candidates < 0:
+    raise ConfigError(f"search.max_candidates={section.max_candidates!r} must be 0 (every "
+                      "candidate) or a positive integer")
+  candidates = search.enumerate_candidates(config, search_space(cfg))
+  if section.max_candidates and len(candidates) > section.max_candidates:
+    # The ones nearest the budget; the paper retrains every feasible candidate (0: all).
+    nearest = sorted(candidates, key=lambda c: (abs(c.num_params - section.space.budget), c.name))
+    keep = {c.name for c in nearest[:section.max_candidates]}
+    candidates = [c for c in candidates if c.name in keep]
+  return candidates
 
 
 def run_search(ctx: Context) -> dict:
@@ -319,12 +395,7 @@ def run_search(ctx: Context) -> dict:
   teacher_config, teacher = load(cfg, ctx.teacher, mesh)
   host_params = jax.device_get(params)
   scores = importance.Scores.load(ctx.directory / "importance")
-  candidates = search.enumerate_candidates(config, search_space(cfg))
-  if section.max_candidates and len(candidates) > section.max_candidates:
-    # The ones nearest the budget; the paper retrains every feasible candidate (0: all).
-    nearest = sorted(candidates, key=lambda c: (abs(c.num_params - section.space.budget), c.name))
-    keep = {c.name for c in nearest[:section.max_candidates]}
-    candidates = [c for c in candidates if c.name in keep]
+  candidates = search_candidates(cfg, config)
   ctx.log(f"[search] {len(candidates)} candidates within {section.space.tolerance:.0%} of "
           f"{section.space.budget:,} parameters; {section.retrain_steps} steps each")
   progress = out / "progress.json"
@@ -335,12 +406,12 @@ def run_search(ctx: Context) -> dict:
   def evaluate(candidate) -> dict[int, float]:
     ctx.log(f"[search] candidate {candidate.name}: {candidate.num_params:,} parameters")
     pruned_config, pruned = prune.prune(config, host_params, scores, candidate.target,
-                                        **_prune_options(cfg))
+                                        **prune_options(cfg))
     pruned = sharding.shard_params(pruned_config, pruned, mesh)
     run_dir = out / "candidates" / candidate.name
     _retrain(cfg, cfg.distill, pruned_config, pruned, teacher_config, teacher, run_dir,
              section.retrain_steps, ctx.log, eval_steps=section.eval_steps,
-             checkpoint_every=section.retrain_steps)
+             checkpoint_every=section.retrain_steps, label=f"search {candidate.name}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}
     return {s: losses[s] for s in section.eval_steps}
@@ -348,11 +419,16 @@ def run_search(ctx: Context) -> dict:
   def save_progress(candidate, losses) -> None:  # a killed search resumes after this candidate
     done[candidate.name] = losses
     write_json(progress, done)
+    if preemption.requested():  # SIGTERM came between two candidates' training loops
+      raise preemption.Preempted(f"[search] stopped by SIGTERM after candidate {candidate.name}; "
+                                 f"progress saved in {progress}; run the same command again to "
+                                 "resume")
 
-  result = search.run_search(candidates, evaluate, tuple(section.eval_steps), done=dict(done),
-                             on_result=save_progress)
-  (out / "report.md").write_text(result.to_markdown())
-  (out / "result.json").write_text(result.to_json())
+  with preemption.watch():
+    result = search.run_search(candidates, evaluate, tuple(section.eval_steps), done=dict(done),
+                               on_result=save_progress)
+  atomic.write_text(out / "report.md", result.to_markdown())
+  atomic.write_text(out / "result.json", result.to_json())
   ctx.log(f"[search] best {result.best.name} ({result.best.num_params:,} parameters) in "
           f"{time.perf_counter() - started:.0f}s; table in {out / 'report.md'}")
   return {"best": result.best.name, "seconds": time.perf_counter() - started}
