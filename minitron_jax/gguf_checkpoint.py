@@ -8,6 +8,7 @@ row permutation of Q/K (its RoPE pairs dims (2i, 2i+1), HF's pairs (i, i + d/2))
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 from typing import Any
@@ -54,14 +55,25 @@ def is_gguf(path: str | os.PathLike) -> bool:
 
 
 def open_reader(path: str | os.PathLike):
-  """A memory-mapped reader (nothing but the header is read); one line for a bad file."""
-  import gguf  # the only module that needs the package
+  """A memory-mapped reader (metadata parsed, tensors mapped, not read); one line for a bad file.
 
+  Readers are cached per file version: validation, the tokenizer and the stages each open the
+  same file, and parsing a 49k-token vocabulary takes seconds.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f"GGUF file {str(path)!r} does not exist")
+  stat = path.stat()
+  return _cached_reader(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+  del mtime_ns, size  # part of the cache key only
+  import gguf  # the only module that needs the package
+
   try:
-    return gguf.GGUFReader(str(path))
+    return gguf.GGUFReader(path)
   except Exception as error:  # gguf raises ValueError/struct.error/IndexError for bad bytes
     detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     raise ConfigError(f"{path} is not a readable GGUF file: {detail}") from None

@@ -8,6 +8,8 @@ refused in one line so a run never trains on text split differently from how the
 
 from __future__ import annotations
 
+import functools
+
 import tokenizers
 from tokenizers import pre_tokenizers
 
@@ -42,8 +44,14 @@ PRE_TOKENIZERS = {
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def build(reader) -> tuple[tokenizers.Tokenizer, str | None]:
-  """(tokenizer, eos token string or None) from a GGUF reader's metadata."""
+def load(path) -> tuple[tokenizers.Tokenizer, str | None]:
+  """(tokenizer, eos token string or None) of a GGUF file; built once per reader (the BPE of a
+  49k vocabulary takes seconds), so callers must not mutate the tokenizer."""
+  return _build(gguf_checkpoint.open_reader(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _build(reader) -> tuple[tokenizers.Tokenizer, str | None]:
   field = lambda key, default=None: gguf_checkpoint.field(reader, key, default)
   kind = field("tokenizer.ggml.model")
   if kind != "gpt2":

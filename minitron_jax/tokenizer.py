@@ -66,7 +66,7 @@ class HFTokenizer:
                add_special_tokens: bool = True):
     path = pathlib.Path(path)
     if gguf_checkpoint.is_gguf(path):
-      self._tokenizer, embedded_eos = gguf_tokenizer.build(gguf_checkpoint.open_reader(path))
+      self._tokenizer, embedded_eos = gguf_tokenizer.load(path)
       eos_token = eos_token or embedded_eos
     else:
       try:

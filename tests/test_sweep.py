@@ -78,7 +78,9 @@ def test_every_sweep_file_overrides_existing_settings(path, arg):
   if arg == "runlocal":
     assert base.distill.steps <= 6 and base.importance.num_samples <= 8
   else:
-    assert base.distill.steps >= 300 or "search" in base.stages
+    # Real-model sweeps are sized by what a CPU session can afford on the real model.
+    assert (base.distill.steps >= 300 or "search" in base.stages
+            or base.model.require_checkpoint)
 
 
 def test_equal_flops_steps_match_the_flop_ratio():
