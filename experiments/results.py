@@ -29,7 +29,10 @@ Losses are nats per byte on the held-out validation split of that corpus. The pa
 15B and 8B models and billions of tokens; what can carry over to this scale is the direction of a
 finding, which is what each section checks. The command under each section reruns it and rewrites
 its numbers and plots; nothing on this page is typed in by hand except the notes under a table
-(`experiments/results/NAME.md`)."""
+(`experiments/results/NAME.md`).
+
+The same questions on a real pretrained model, SmolLM2-135M, are in
+[REAL_MODEL.md](REAL_MODEL.md)."""
 
 DEFAULT_RESULTS = EXPERIMENTS / "results"
 DEFAULT_PAGE = EXPERIMENTS / "RESULTS.md"
