@@ -66,6 +66,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   if target not in TARGETS:
     raise ValueError(f"target={target!r} is unknown; allowed: {sorted(TARGETS)}")
   config.prune.target = ml_collections.ConfigDict(TARGETS[target])
+  if config.prune.target.num_layers < 30:
+    # At large depth cuts drop-loss ranks layers far better than Block Importance (REAL_MODEL.md).
+    config.prune.depth_criterion = "drop_loss"
+    config.importance.update(drop_loss=True, drop_loss_batches=2)
   config.prune.head_merging = False
   # 30 steps of 8 x 256 tokens: what a session's 2 CPU cores allow for each run of the study.
   config.distill.update(steps=30, batch_size=8, seq_len=256, log_every=5, eval_every=10,
