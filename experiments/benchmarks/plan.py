@@ -72,7 +72,7 @@ def table(plans, searches, hbm_bytes: int) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for plan in plans:
     found = searches.get(plan.program)
-    best = ("" if found is None else
+    best = ("" if found is None else "none: 1 does not fit" if not found.per_device_batch else
             f"{'>=' if found.capped else ''}{found.per_device_batch} ({found.global_batch:,})")
     m, s = plan.memory, plan.state
     cells = [plan.program, f"{plan.global_batch:,}", f"{plan.per_device_batch:g}",
