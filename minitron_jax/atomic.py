@@ -4,6 +4,10 @@ A stage marks itself done by a file (`prune/summary.json`), and a rerun trusts w
 so nothing may ever be seen half-written. Files are written beside their destination and renamed
 over it (a rename within one file system is atomic); directories are built in a hidden sibling and
 renamed into place.
+
+In a multi-process run the work directory is shared: files are written by the primary process
+only, and a directory is staged under one name every process uses (orbax writes each process's
+shards into it), then renamed by the primary once all have finished.
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any, Iterator
+
+from minitron_jax import distributed
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` atomically (on the primary process; the others write nothing)."""
+  if not distributed.is_primary():
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp")
@@ -48,31 +56,40 @@ def recover(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def directory(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+def directory(path: str | os.PathLike, collective: bool = True) -> Iterator[pathlib.Path]:
   """Yields an empty staging directory; on success it replaces `path` (and what was there).
 
   On an exception the staging directory is removed and `path` is left as it was. Staging
   directories that a killed process left behind are removed on the next write of `path`.
+  collective: every process enters (and gets the same staging directory); False when only the
+  primary process calls this.
   """
   path = pathlib.Path(path).absolute()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  recover(path)
-  prefix = f".{path.name}.tmp-"
-  for stale in path.parent.glob(prefix + "*"):
-    shutil.rmtree(stale, ignore_errors=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+  staging = path.with_name(f".{path.name}.tmp-staging")
+  sync = distributed.barrier if collective else (lambda name: None)
+  primary = distributed.is_primary()
+  if primary:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+      shutil.rmtree(stale, ignore_errors=True)
+    staging.mkdir(mode=0o755)
+  sync(f"staged {path}")
   try:
     yield staging
-    staging.chmod(0o755)  # mkdtemp makes it private; outputs are meant to be shared
-    if path.exists():
-      # Two renames: a kill between them leaves the old output at the backup name, which
-      # `recover` (run by the next write, and by readers that care) moves back.
-      backup = _backup(path)
-      os.replace(path, backup)
-      os.replace(staging, path)
-      shutil.rmtree(backup)
-    else:
-      os.replace(staging, path)
+    sync(f"written {path}")
+    if primary:
+      if path.exists():
+        # Two renames: a kill between them leaves the old output at the backup name, which
+        # `recover` (run by the next write, and by readers that care) moves back.
+        backup = _backup(path)
+        os.replace(path, backup)
+        os.replace(staging, path)
+        shutil.rmtree(backup)
+      else:
+        os.replace(staging, path)
+    sync(f"renamed {path}")
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    if primary:
+      shutil.rmtree(staging, ignore_errors=True)
     raise

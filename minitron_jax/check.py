@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import atomic, hf, importance, model, sharding, stages
+from minitron_jax import atomic, distributed, hf, importance, model, sharding, stages
 
 
 def run(ctx: stages.Context) -> dict:
@@ -33,16 +33,17 @@ def _run(ctx: stages.Context, staging) -> dict:
   batches = stages.validation(cfg, config.vocab_size)
   losses = []
   for i, batch in enumerate(batches):
-    placed = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.shape))
+    placed = {k: distributed.put(v, sharding.batch_sharding(mesh, v.shape))
               for k, v in batch.items()}
     losses.append(importance.lm_loss(config, params, [placed]))
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
 
   log(f"[check] exporting to {out / 'hf'}")
-  hf.save(staging / "hf", config, jax.device_get(params), dtype=cfg.export_dtype)
+  host_params = distributed.to_host(params)
+  hf.save(staging / "hf", config, host_params, dtype=cfg.export_dtype)
   reloaded_config, reloaded = hf.load(staging / "hf", param_dtype=config.param_dtype)
   probe = jnp.asarray(batches[0]["tokens"])
-  original_logits = np.asarray(model.apply(config, jax.device_get(params), probe))
+  original_logits = np.asarray(model.apply(config, host_params, probe))
   reloaded_logits = np.asarray(model.apply(reloaded_config.replace(dtype=config.dtype,
                                                                    remat=config.remat),
                                            reloaded, probe))
@@ -58,8 +59,8 @@ def _run(ctx: stages.Context, staging) -> dict:
                  tokens_scored=int(sum((b["segment_ids"] != 0).sum() for b in batches)),
                  hf_round_trip_relative_error=round_trip_error,
                  devices=jax.device_count(), seconds=time.perf_counter() - started)
-  (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-  (staging / "report.md").write_text(_report(config, metrics))
+  atomic.write_json(staging / "metrics.json", metrics)
+  atomic.write_text(staging / "report.md", _report(config, metrics))
   log(f"[check] done in {metrics['seconds']:.1f}s: loss {metrics['validation_loss']:.4f}, "
       f"round-trip error {round_trip_error:.2g}; report at {out / 'report.md'}")
   return metrics

@@ -24,7 +24,7 @@ def save_model(directory: str | pathlib.Path, config: ModelConfig, params) -> No
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / _PARAMS_DIR, params)
       checkpointer.wait_until_finished()
-    (staging / _CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    atomic.write_text(staging / _CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
 
 
 def load_config(directory: str | pathlib.Path) -> ModelConfig:

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from minitron_jax import atomic, losses, model, preemption
+from minitron_jax import atomic, distributed, losses, model, preemption
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.losses import LossConfig
 
@@ -293,11 +293,14 @@ class MetricsLog:
         if step <= resume_step:
           kept.append(line)
       atomic.write_text(self.path, "".join(line + "\n" for line in kept))
-    self.writer = SummaryWriter(str(directory / "tensorboard"))
+    # One process writes the logs: every process sees the same metrics.
+    self.writer = SummaryWriter(str(directory / "tensorboard")) if distributed.is_primary() else None
     self.log = log
     self.label = label
 
   def write(self, step: int, metrics: dict[str, float], total_steps: int, seconds: float):
+    if not distributed.is_primary():
+      return
     record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -308,14 +311,15 @@ class MetricsLog:
     self.log(f"[{self.label}] step {step}/{total_steps} {shown} ({seconds:.0f}s)")
 
   def close(self):
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.close()
 
 
 def _to_device(batch, batch_sharding) -> Batch:
   arrays = {k: np.asarray(batch[k], np.int32) for k in ("tokens", "segment_ids", "positions")}
   if batch_sharding is None:
     return {k: jnp.asarray(v) for k, v in arrays.items()}
-  return {k: jax.device_put(v, batch_sharding(v.shape)) for k, v in arrays.items()}
+  return {k: distributed.put(v, batch_sharding(v.shape)) for k, v in arrays.items()}
 
 
 class _Guard:

@@ -19,7 +19,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from minitron_jax import atomic, gguf_checkpoint
+from minitron_jax import atomic, distributed, gguf_checkpoint
 from minitron_jax import model as model_lib
 from minitron_jax.config import ACTIVATIONS, ConfigError, ModelConfig, RopeScaling
 
@@ -377,7 +377,7 @@ def read_safetensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
   """Every tensor of the directory's weight files (`safetensors_files`), as host numpy arrays."""
   files = safetensors_files(directory)
   tensors = {}
-  cpu = jax.devices("cpu")[0]
+  cpu = jax.local_devices(backend="cpu")[0]  # this process's own: device 0 may be another's
   # The jax reader understands bfloat16, which the numpy one does not.
   with jax.default_device(cpu):
     for file in files:
@@ -451,7 +451,13 @@ def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params,
     shards[-1][name] = tensor
     size += tensor.nbytes
 
-  with atomic.directory(path) as staging:
+  if distributed.is_primary():
+    _write(path, shards, tensors, hf_config)
+  distributed.barrier(f"exported {path}")
+
+
+def _write(path, shards, tensors, hf_config) -> None:
+  with atomic.directory(path, collective=False) as staging:
     if len(shards) == 1:
       safetensors.numpy.save_file(shards[0], str(staging / "model.safetensors"),
                                   metadata={"format": "pt"})

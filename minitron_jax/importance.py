@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minitron_jax import losses, model
+from minitron_jax import distributed, losses, model
 from minitron_jax.config import ConfigError, ModelConfig
 
 AGGREGATIONS = ("mean", "l2", "var")
@@ -207,7 +207,12 @@ class Scores:
   # --------------------------------------------------------------------------- files
 
   def save(self, directory: str | pathlib.Path) -> None:
-    """scores.npz (everything, reloadable) plus summary.json and summary.md for people."""
+    """scores.npz (everything, reloadable) plus summary.json and summary.md for people.
+
+    Written by the primary process only (every process holds the same scores).
+    """
+    if not distributed.is_primary():
+      return
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {f"stats/{k}": v for k, v in self.stats.items()}
@@ -366,7 +371,7 @@ def estimate(config: ModelConfig, params, batches: Iterable, *,
     if drop_loss and len(kept_for_drop_loss) < drop_loss_batches:
       kept_for_drop_loss.append(dict(zip(("tokens", "segment_ids", "positions"), arrays)))
     device_arrays = [jnp.asarray(a) if batch_sharding is None
-                     else jax.device_put(a, batch_sharding(a.shape)) for a in arrays]
+                     else distributed.put(a, batch_sharding(a.shape)) for a in arrays]
     per_sample, cosines, has_tokens, n_tokens = _batch_statistics(
         config, params, *device_arrays, block_sizes=block_sizes)
     has_tokens = np.asarray(has_tokens)

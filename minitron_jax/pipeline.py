@@ -9,7 +9,8 @@ stage k-1's distilled student; its teacher is the original model or that previou
 
 Nothing runs, and nothing is written, until `validate` finds every setting sound. Each stage's
 output appears whole or not at all (`atomic`), so a run killed at any moment reruns from the
-stage it was in.
+stage it was in. With several processes (see `distributed`) every process runs this same loop
+on a shared work directory; the primary one writes the files.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Callable
 
 import ml_collections
 
-from minitron_jax import atomic, check, report, stages, validate
+from minitron_jax import atomic, check, distributed, report, stages, validate
 from minitron_jax.stages import Context, ModelRef
 
 # stage name -> (function(Context) -> summary, file whose presence marks it done)
@@ -54,13 +55,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) 
 
   def run_stage(name: str, ctx: Context, key: str) -> None:
     function, marker = STAGES[name]
-    if (ctx.directory / marker).exists():
+    done = (ctx.directory / marker).exists()
+    # Every process looks before any may write the marker, so all decide alike.
+    distributed.barrier(f"before {key}")
+    if done:
       log(f"[{name}] skipped: {ctx.directory / marker} exists")
       return
     started = time.perf_counter()
     function(ctx)
     timings[key] = time.perf_counter() - started
     atomic.write_json(timings_path, timings)
+    distributed.barrier(f"after {key}")
 
   original = stages.original_ref(cfg, workdir)
   base = Context(cfg=cfg, directory=workdir, source=original, teacher=original, log=log)

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
-from minitron_jax import atomic, checkpoint, evaluate, stdlib_tasks, stages
+from minitron_jax import atomic, checkpoint, distributed, evaluate, stdlib_tasks, stages
 from minitron_jax.config import ConfigError
 from minitron_jax.stages import Context
 
@@ -80,7 +80,7 @@ def run_evaluate(ctx: Context) -> dict:
     config, params = stages.load(cfg, ref, mesh)
     tok = stages.load_tokenizer(cfg, config.vocab_size)
     metrics = evaluate.evaluate_model(
-        config, jax.device_get(params), tok, tasks=tasks,
+        config, distributed.to_host(params), tok, tasks=tasks,
         perplexity_batches=stages.validation(cfg, config.vocab_size),
         batch_size=cfg.evaluate.batch_size, max_length=cfg.evaluate.max_length)
     results[label] = {"params": config.num_params(), **metrics}
@@ -89,8 +89,8 @@ def run_evaluate(ctx: Context) -> dict:
   if not results:
     raise ConfigError("no model to evaluate")
   with atomic.directory(out) as staging:
-    (staging / "table.md").write_text(evaluate.markdown_table(results))
-    (staging / "metrics.json").write_text(json.dumps(results, indent=2))
+    atomic.write_text(staging / "table.md", evaluate.markdown_table(results))
+    atomic.write_json(staging / "metrics.json", results)
   return results
 
 

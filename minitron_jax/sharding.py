@@ -15,6 +15,7 @@ from typing import Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from minitron_jax import distributed
 from minitron_jax import model as model_lib
 from minitron_jax.config import ConfigError, ModelConfig
 
@@ -94,8 +95,8 @@ def param_shardings(config: ModelConfig, mesh: Mesh, rules=LOGICAL_RULES):
 
 
 def shard_params(config: ModelConfig, params, mesh: Mesh, rules=LOGICAL_RULES):
-  """Places existing params on the mesh."""
-  return jax.device_put(params, param_shardings(config, mesh, rules))
+  """Places existing params on the mesh (host arrays: every process passes the same ones)."""
+  return jax.tree.map(distributed.put, params, param_shardings(config, mesh, rules))
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

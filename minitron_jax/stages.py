@@ -18,8 +18,8 @@ from typing import Callable
 import jax
 import ml_collections
 
-from minitron_jax import (atomic, build, checkpoint, data, distill, hf, importance, model,
-                          preemption, prune, search, sharding, tokenizer)
+from minitron_jax import (atomic, build, checkpoint, data, distill, distributed, hf, importance,
+                          model, preemption, prune, search, sharding, tokenizer)
 from minitron_jax.atomic import write_json  # noqa: F401  (stages.write_json: sweeps use it)
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.losses import LossConfig
@@ -266,12 +266,12 @@ def _prune(ctx: Context, staging: pathlib.Path) -> dict:
     # Paper Table 10: re-estimate on the partly pruned model between rounds.
     ctx.log(f"[prune] iterative importance over {cfg.prune.iterative_rounds} rounds")
     pruned_config, pruned, _ = prune.iterative_prune(
-        config, jax.device_get(params), lambda: _calibration(cfg, config.vocab_size), target,
+        config, distributed.to_host(params), lambda: _calibration(cfg, config.vocab_size), target,
         rounds=cfg.prune.iterative_rounds, log=ctx.log, estimate_options=estimate_options(cfg),
         **prune_options(cfg))
   else:
     scores = importance.Scores.load(ctx.directory / "importance")
-    pruned_config, pruned = prune.prune(config, jax.device_get(params), scores, target,
+    pruned_config, pruned = prune.prune(config, distributed.to_host(params), scores, target,
                                         **prune_options(cfg))
   reinitialize = bool(cfg.prune.get("reinitialize", False))
   if reinitialize:
@@ -331,7 +331,7 @@ def run_teacher_correction(ctx: Context) -> dict:
   trained, final = _retrain(cfg, corrected_section, config, params, config, params, out,
                             section.steps, ctx.log, label="teacher_correction")
   checkpoint.save_model(out / "model", config.replace(dtype="float32", remat="none"),
-                        jax.device_get(trained))
+                        distributed.to_host(trained))
   summary = dict(steps=section.steps, **final, seconds=time.perf_counter() - started)
   write_json(out / "summary.json", summary)
   return summary
@@ -351,7 +351,7 @@ def run_distill(ctx: Context) -> dict:
           f"{teacher_config.num_params():,} parameters")
   trained, final = _retrain(cfg, section, student_config, student, teacher_config, teacher, out,
                             steps, ctx.log)
-  trained = jax.device_get(trained)
+  trained = distributed.to_host(trained)
   saved_config = student_config.replace(dtype="float32", remat="none")
   checkpoint.save_model(out / "model", saved_config, trained)
   hf.save(out / "hf", saved_config, trained, dtype=cfg.export_dtype)
@@ -393,7 +393,7 @@ def run_search(ctx: Context) -> dict:
   mesh = mesh_of(cfg)
   config, params = load(cfg, ctx.source, mesh)
   teacher_config, teacher = load(cfg, ctx.teacher, mesh)
-  host_params = jax.device_get(params)
+  host_params = distributed.to_host(params)
   scores = importance.Scores.load(ctx.directory / "importance")
   candidates = search_candidates(cfg, config)
   ctx.log(f"[search] {len(candidates)} candidates within {section.space.tolerance:.0%} of "
@@ -412,6 +412,7 @@ def run_search(ctx: Context) -> dict:
     _retrain(cfg, cfg.distill, pruned_config, pruned, teacher_config, teacher, run_dir,
              section.retrain_steps, ctx.log, eval_steps=section.eval_steps,
              checkpoint_every=section.retrain_steps, label=f"search {candidate.name}")
+    distributed.barrier(f"searched {candidate.name}")  # the primary wrote metrics.jsonl
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}
     return {s: losses[s] for s in section.eval_steps}

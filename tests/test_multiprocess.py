@@ -1,0 +1,156 @@
+"""Two processes x 4 CPU devices (gloo collectives) compute what one process with 8 devices does."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minitron_jax import distributed
+from minitron_jax.config import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# The tiny default on every stage that computes across processes, shortened.
+OVERRIDES = {
+    "stages": ("importance", "search", "prune", "distill", "evaluate", "report"),
+    "search.max_candidates": 1,
+    "search.retrain_steps": 2,
+    "search.eval_steps": (2,),
+    "distill.steps": 4,
+    "distill.eval_every": 4,
+    "distill.checkpoint_every": 2,
+    "importance.drop_loss": False,
+}
+
+
+def _config():
+  sys.path.insert(0, str(ROOT))
+  from configs import default
+
+  config = default.get_config("runlocal")
+  for key, value in OVERRIDES.items():
+    *parents, last = key.split(".")
+    section = config
+    for name in parents:
+      section = section[name]
+    section[last] = value
+  return config
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir: pathlib.Path, num_processes: int, devices_per_process: int):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+  port = _free_port()
+  command = [sys.executable, "-u", "-m", "minitron_jax.main", "--config=configs/default.py:runlocal",
+             f"--workdir={workdir}", *(f"--config.{k}={v!r}" for k, v in OVERRIDES.items())]
+  if num_processes > 1:
+    command += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}"]
+  processes = [subprocess.Popen(command + ([f"--process_id={i}"] if num_processes > 1 else []),
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+               for i in range(num_processes)]
+  outputs = []
+  try:
+    for process in processes:
+      outputs.append(process.communicate(timeout=600)[0])
+  finally:
+    for process in processes:
+      process.kill()
+  for i, process in enumerate(processes):
+    assert process.returncode == 0, f"process {i}:\n{outputs[i][-3000:]}"
+  return outputs
+
+
+def _stage_lines(output: str) -> list[str]:
+  return [line for line in output.splitlines()
+          if line.startswith("[") and not line.startswith("[Gloo]")]
+
+
+def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
+  from minitron_jax import checkpoint, hf, importance, pipeline
+
+  outputs = _launch(tmp_path / "two", num_processes=2, devices_per_process=4)
+  pipeline.run(_config(), tmp_path / "one", log=lambda line: None)  # this process: 8 devices
+
+  one, two = tmp_path / "one", tmp_path / "two"
+  # Only the primary process reports progress.
+  assert any(l.startswith("[distill] step 4/4") for l in _stage_lines(outputs[0]))
+  assert _stage_lines(outputs[1]) == []
+
+  scores = [importance.Scores.load(d / "importance") for d in (one, two)]
+  assert scores[0].num_tokens == scores[1].num_tokens
+  for name in scores[0].stats:
+    np.testing.assert_allclose(scores[1].stats[name], scores[0].stats[name], rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(scores[1].block_importance[1], scores[0].block_importance[1],
+                             rtol=1e-5, atol=1e-7)
+
+  searched = [json.loads((d / "search" / "result.json").read_text()) for d in (one, two)]
+  assert searched[0]["best"] == searched[1]["best"]
+
+  for stage in ("prune", "distill"):
+    (config_one, params_one), (config_two, params_two) = (
+        checkpoint.load_model(d / stage / "model") for d in (one, two))
+    assert config_one == config_two
+    flat_one = dict(_flatten(params_one))
+    for path, value in _flatten(params_two):
+      np.testing.assert_allclose(value, flat_one[path], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{stage} {path}")
+    assert hf.load(two / stage / "hf")[0] == config_two
+
+  curves = [[json.loads(l) for l in (d / "distill" / "metrics.jsonl").read_text().splitlines()]
+            for d in (one, two)]
+  assert [r["step"] for r in curves[1]] == [r["step"] for r in curves[0]]
+  for a, b in zip(curves[0], curves[1]):
+    for key in a:
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+  evaluated = [json.loads((d / "evaluate" / "metrics.json").read_text()) for d in (one, two)]
+  assert evaluated[1]["distilled"]["val_loss"] == pytest.approx(
+      evaluated[0]["distilled"]["val_loss"], rel=1e-5)
+  assert (two / "report.md").is_file()
+  assert not list(two.rglob(".*.tmp-*")), "a staging directory was left behind"
+
+
+def _flatten(tree, prefix=()):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flatten(value, prefix + (key,))
+    else:
+      yield "/".join(prefix + (key,)), np.asarray(value)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (("localhost:1234", None, None), "go together"),
+    (("localhost:1234", 2, 2), "--process_id=2 must be in [0, 2)"),
+    (("localhost", 2, 0), "must be host:port"),
+    (("localhost:1234", 0, 0), "--num_processes=0 must be at least 1"),
+])
+def test_bad_distributed_flags_are_one_line_errors(arguments, message):
+  with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
+    distributed.initialize(*arguments)
+
+
+def test_a_lone_process_initialises_nothing(monkeypatch):
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(name, raising=False)
+  assert not distributed.cluster_detected()
+  assert distributed.initialize() is False
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert not distributed.cluster_detected()
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert distributed.cluster_detected()
+  monkeypatch.delenv("SLURM_NTASKS")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-0,t1k-1")
+  assert distributed.cluster_detected()
