@@ -411,7 +411,7 @@ def train(distiller: Distiller, student_params, teacher_params, train_iterator: 
         # this one runs; a step that is logged, evaluated or saved is checked at once instead.
         if unchecked is not None:
           guard.check_step(*unchecked)
-        stop = preemption.requested()
+        stop = preemption.requested_anywhere()
         logged = step % loop.log_every == 0 or step == loop.steps
         evaluated = step % loop.eval_every == 0 or step == loop.steps or step in loop.eval_steps
         saved = stop or step == loop.steps or manager.should_save(step)

@@ -32,6 +32,23 @@ def requested() -> bool:
   return _requested.is_set()
 
 
+def requested_anywhere() -> bool:
+  """`requested()` on any process of a multi-process run (a collective: all must call it).
+
+  A scheduler may signal one host before the others; all must stop at the same step, or the
+  ones going on would wait forever for the ones that stopped.
+  """
+  import jax  # this module stays importable without jax for the signal logic alone
+
+  if jax.process_count() == 1:
+    return requested()
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  flags = multihost_utils.process_allgather(np.asarray(requested(), np.int32))
+  return bool(np.any(flags))
+
+
 @contextlib.contextmanager
 def watch() -> Iterator[None]:
   """While active, SIGTERM sets `requested()` instead of ending the process.

@@ -420,7 +420,7 @@ def run_search(ctx: Context) -> dict:
   def save_progress(candidate, losses) -> None:  # a killed search resumes after this candidate
     done[candidate.name] = losses
     write_json(progress, done)
-    if preemption.requested():  # SIGTERM came between two candidates' training loops
+    if preemption.requested_anywhere():  # SIGTERM came between two candidates' training loops
       raise preemption.Preempted(f"[search] stopped by SIGTERM after candidate {candidate.name}; "
                                  f"progress saved in {progress}; run the same command again to "
                                  "resume")

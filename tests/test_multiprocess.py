@@ -154,3 +154,29 @@ def test_a_lone_process_initialises_nothing(monkeypatch):
   monkeypatch.delenv("SLURM_NTASKS")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1k-0,t1k-1")
   assert distributed.cluster_detected()
+
+
+_SIGNAL_ONE_PROCESS = """
+import os, signal, sys
+from minitron_jax import distributed, preemption
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+with preemption.watch():
+  if distributed.jax.process_index() == 1:
+    os.kill(os.getpid(), signal.SIGTERM)
+  print("local", preemption.requested(), "anywhere", preemption.requested_anywhere(), flush=True)
+"""
+
+
+def test_sigterm_on_one_process_stops_every_process():
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  address = f"localhost:{_free_port()}"
+  processes = [subprocess.Popen([sys.executable, "-c", _SIGNAL_ONE_PROCESS, address, str(i)],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+  finally:
+    for p in processes:
+      p.kill()
+  assert "local False anywhere True" in outputs[0]
+  assert "local True anywhere True" in outputs[1]
