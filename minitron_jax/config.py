@@ -16,6 +16,8 @@ NORMS = ("rms", "layernorm1p")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 ROPE_KINDS = ("linear", "llama3")
+# auto: splash on TPU, cuDNN on GPU where it expresses the mask, blockwise elsewhere (attention.py).
+ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn", "splash")
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,9 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  attention: str = "auto"
+  # Queries and keys per tile of the blockwise and splash kernels; memory grows as T x this.
+  attention_block_size: int = 512
   # Hugging Face fields we do not interpret but carry through export (token ids and the like).
   hf_extras: tuple[tuple[str, Any], ...] = ()
 
@@ -96,6 +101,10 @@ class ModelConfig:
          f"param_dtype={self.param_dtype!r} is not supported; allowed: {DTYPES}")
     need(self.remat in REMAT_POLICIES,
          f"remat={self.remat!r} is not supported; allowed: {REMAT_POLICIES}")
+    need(self.attention in ATTENTION_IMPLEMENTATIONS,
+         f"attention={self.attention!r} is not supported; allowed: {ATTENTION_IMPLEMENTATIONS}")
+    need(isinstance(self.attention_block_size, int) and self.attention_block_size > 0,
+         f"attention_block_size={self.attention_block_size!r} must be a positive integer")
     need(0.0 < self.partial_rotary_factor <= 1.0,
          f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1]")
     need(self.rotary_dim % 2 == 0 and self.rotary_dim > 0,

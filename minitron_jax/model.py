@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from minitron_jax import attention
 from minitron_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -30,8 +31,6 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu2": lambda x: jnp.square(jax.nn.relu(x)),
 }
-_MASKED = -1e30  # finite, so fully padded rows give a uniform softmax instead of NaN
-_NO_WINDOW = np.iinfo(np.int32).max
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -127,8 +126,9 @@ class Attention(nnx.Module):
       self.q_norm = Norm(h, "rms", config.norm_eps, dtype, rngs, axis="head_dim")
       self.k_norm = Norm(h, "rms", config.norm_eps, dtype, rngs, axis="head_dim")
 
-  def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, jax.Array]:
-    """x [B,T,D], mask [B,T,S] bool -> (output [B,T,D], per-head output [B,T,N,H])."""
+  def __call__(self, x, cos, sin, segment_ids, window) -> tuple[jax.Array, jax.Array]:
+    """x [B,T,D], segment_ids [B,T], window (int or traced int32) -> (output [B,T,D],
+    per-head output [B,T,N,H])."""
     cfg = self.config
     dt = x.dtype
 
@@ -144,11 +144,9 @@ class Attention(nnx.Module):
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     b, t, _, h = q.shape
     q = q.reshape(b, t, cfg.num_key_value_heads, cfg.queries_per_group, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (h ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    heads = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, cfg.num_attention_heads, h)
+    heads = attention.attend(q, k, v, segment_ids=segment_ids, window=window, scale=h ** -0.5,
+                             implementation=cfg.attention, block_size=cfg.attention_block_size)
+    heads = heads.reshape(b, t, cfg.num_attention_heads, h)
     out = jnp.einsum("BTNH,NHD->BTD", heads, self.o_proj[...].astype(dt))
     if cfg.o_bias:
       out = out + self.o_bias[...].astype(dt)
@@ -198,9 +196,9 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
     self.mlp = MLP(config, rngs)
 
-  def __call__(self, x, cos, sin, mask) -> tuple[jax.Array, Intermediates]:
+  def __call__(self, x, cos, sin, segment_ids, window) -> tuple[jax.Array, Intermediates]:
     attn_in = self.attn_norm(x)
-    attn_out, heads = self.attn(attn_in, cos, sin, mask)
+    attn_out, heads = self.attn(attn_in, cos, sin, segment_ids, window)
     h = x + attn_out
     mlp_in = self.mlp_norm(h)
     mlp_out, act = self.mlp(mlp_in)
@@ -234,27 +232,25 @@ class Decoder(nnx.Module):
     dt = jnp.dtype(cfg.dtype)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
     cos, sin = rotary_tables(cfg, positions)
-    query_pos = jnp.arange(tokens.shape[1])
-    distance = query_pos[:, None] - query_pos[None, :]  # [T,S]
-    base_mask = ((distance >= 0)[None]
-                 & (segment_ids[:, :, None] == segment_ids[:, None, :])
-                 & (segment_ids[:, None, :] != 0))  # [B,T,S]
-    windows = jnp.asarray([_NO_WINDOW if w is None else w for w in cfg.layer_windows()],
-                          jnp.int32)
+    windows = [attention.NO_WINDOW if w is None else w for w in cfg.layer_windows()]
+    # One window for every layer stays a Python int, which the fused kernels need; mixed
+    # windows (Qwen2/3 layer_types) ride the scan as a traced int32 per layer.
+    shared_window = windows[0] if len(set(windows)) == 1 else None
 
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(carry, xs):
       state, window = xs
       layer = nnx.merge(graphdef, state)
-      y, inter = layer(carry, cos, sin, base_mask & (distance < window)[None])
+      window = shared_window if shared_window is not None else window
+      y, inter = layer(carry, cos, sin, segment_ids, window)
       return y, (intermediates_fn(inter) if intermediates_fn is not None else None)
 
     if cfg.remat == "full":
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     elif cfg.remat == "dots":
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    x, stacked = jax.lax.scan(body, x, (layer_state, windows))
+    x, stacked = jax.lax.scan(body, x, (layer_state, jnp.asarray(windows, jnp.int32)))
     return self.final_norm(x), stacked
 
 
