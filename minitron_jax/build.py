@@ -8,6 +8,9 @@ from minitron_jax import config as config_lib
 from minitron_jax import hf, model
 from minitron_jax.config import ConfigError
 
+# Model settings that change how it computes, never what it holds: applied over any checkpoint.
+COMPUTE_OPTIONS = ("dtype", "remat", "attention", "attention_block_size")
+
 
 def model_config(section: ml_collections.ConfigDict) -> config_lib.ModelConfig:
   """The architecture: a Hugging Face directory's config.json or a GGUF file's metadata, or a
@@ -30,7 +33,7 @@ def load_model(section: ml_collections.ConfigDict, out_shardings=None):
   else:
     config = model_config(section)
     params = model.init(config, section.get("seed", 0), out_shardings=out_shardings)
-  compute = {k: section[k] for k in ("dtype", "remat") if section.get(k)}
+  compute = {k: section[k] for k in COMPUTE_OPTIONS if section.get(k) not in (None, "")}
   return config.replace(**compute), params
 
 

@@ -48,6 +48,9 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   config.model.seed = 0
   config.model.dtype = "float32"
   config.model.remat = "none"
+  # Attention kernel (minitron_jax/attention.py; "auto" picks per backend) and its tile size.
+  config.model.attention = "auto"
+  config.model.attention_block_size = 512
   # Real-model configs set this: a run on a random 15B model is a mistake, not a default.
   config.model.require_checkpoint = False
   # What to tell the user when a required checkpoint is absent (e.g. the pip line that ships it).

@@ -102,8 +102,13 @@ class _Validation:
     if source is not None and path and pathlib.Path(path).is_dir():
       self.attempt("model.hf_path", hf.safetensors_files, path)  # headers only
     if source is not None:
-      compute = {k: section[k] for k in ("dtype", "remat") if section.get(k)}
+      compute = {k: section[k] for k in build.COMPUTE_OPTIONS if section.get(k) not in (None, "")}
       source = self.attempt("model", source.replace, **compute)
+    # A kernel this backend lacks fails at lowering, after the earlier stages have run.
+    needs = {"cudnn": "gpu", "splash": "tpu"}.get(section.get("attention"))
+    if needs and jax.default_backend() != needs:
+      self.note("model.attention", f"{section.attention!r} needs a {needs.upper()}; this backend "
+                f"is {jax.default_backend()} (allowed here: 'auto', 'naive', 'blockwise')")
     return source
 
   def mesh(self) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from minitron_jax import attention
 from minitron_jax import config as config_lib
-from minitron_jax import hf, model
+from minitron_jax import hf, model, run_config, validate
 from minitron_jax.attention import NO_WINDOW
 from minitron_jax.config import ConfigError
 
@@ -204,3 +204,13 @@ def test_blockwise_training_memory_grows_as_t_times_block():
   assert temporaries("naive") > one_layer_scores  # the estimate does see T x T buffers
   assert temporaries("blockwise") <= one_layer_scores / 8
 
+
+def test_run_validation_names_a_kernel_this_backend_lacks():
+  config = run_config.base_config()
+  config.model.update(attention="cudnn", attention_block_size=0)
+  problems = validate.validate(config, "/nonexistent/workdir")
+  assert "model: attention_block_size=0 must be a positive integer" in problems
+  assert ("model.attention: 'cudnn' needs a GPU; this backend is cpu (allowed here: 'auto', "
+          "'naive', 'blockwise')") in problems
+  config.model.update(attention="naive", attention_block_size=64)
+  assert not [p for p in validate.validate(config, "/nonexistent/workdir") if "attention" in p]
