@@ -237,15 +237,15 @@ def _data_parallel(mesh) -> int:
 # ----------------------------------------------------------------------------- from a config
 
 
-def stage_models(cfg: ml_collections.ConfigDict, stage: int = 0, **model_changes
+def stage_models(cfg: ml_collections.ConfigDict, stage: int = 0
                  ) -> tuple[ModelConfig, ModelConfig, ModelConfig]:
   """(source, student, teacher) architectures of compression stage `stage` (0-based), from
   shapes alone: stage k prunes stage k-1's student, and its teacher is the original model or
-  that previous student. Compute settings are the model section's, as `stages.load` applies
-  them, then `model_changes` (e.g. attention="naive") on all three."""
+  that previous student. All three compute as the model section says (dtype, remat, attention),
+  as `build.load_model` applies it."""
   section = cfg.model
-  compute = {k: section[k] for k in ("dtype", "remat") if section.get(k)}
-  original = build.model_config(section).replace(**compute, **model_changes)
+  compute = {k: section[k] for k in build.COMPUTE_OPTIONS if section.get(k) not in (None, "")}
+  original = build.model_config(section).replace(**compute)
   plan = stages.compression_plan(cfg, pathlib.Path("."))  # only the targets are read
   if not isinstance(stage, int) or not 0 <= stage < len(plan):
     raise ConfigError(f"stage={stage!r} is outside the run's {len(plan)} compression stage(s); "
@@ -268,14 +268,14 @@ def _without_data(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def programs(cfg: ml_collections.ConfigDict, mesh, stage: int = 0,
-             names: tuple[str, ...] = PROGRAMS, **model_changes) -> list[Program]:
+             names: tuple[str, ...] = PROGRAMS) -> list[Program]:
   """The programs of `cfg.stages` that hold a model on the mesh, in run order, among `names`:
   teacher correction (first stage only), importance, drop-loss (when the config asks for it)
   and distillation (which search retraining shares, at its candidates' sizes)."""
   unknown = sorted(set(names) - set(PROGRAMS))
   if unknown:
     raise ConfigError(f"programs {unknown} are unknown; allowed: {list(PROGRAMS)}")
-  source, student, teacher = stage_models(cfg, stage, **model_changes)
+  source, student, teacher = stage_models(cfg, stage)
   cfg = _without_data(cfg)
   run_stages = set(cfg.stages)
   section = cfg.importance

@@ -123,7 +123,9 @@ def test_stage_models_follow_the_compression_plan():
   source, student, teacher = memory_plan.stage_models(cfg, 1)
   assert (round(source.num_params() / 1e9, 1), round(student.num_params() / 1e9, 1),
           round(teacher.num_params() / 1e9, 1)) == (8.3, 4.2, 15.6)
-  assert student.dtype == "bfloat16"  # the model section's compute dtype
+  assert student.dtype == "bfloat16"  # the model section's compute settings
+  cfg.model.attention = "naive"
+  assert {c.attention for c in memory_plan.stage_models(cfg, 1)} == {"naive"}
   with pytest.raises(ConfigError, match="stage=2 is outside the run's 2 compression stage"):
     memory_plan.stage_models(cfg, 2)
 

@@ -10,7 +10,8 @@ compiled at full size from abstract shapes on as many simulated CPU devices as t
 nothing of the model's size is allocated. Parameters and optimizer state are exact per-device
 shard bytes; the compiled figures (and the largest per-device batch that fits --hbm_gib, found
 by compiling) are the CPU compiler's estimate of a GPU/TPU build. See minitron_jax/memory_plan.py.
-Config overrides work as in the main job: --config.distill.remat=full.
+Config overrides work as in the main job: --config.distill.remat=full,
+--config.model.attention=naive.
 """
 
 import dataclasses
@@ -35,8 +36,6 @@ _BATCH = flags.DEFINE_integer("batch", None, "Per-device (micro-)batch to plan a
                               "config's global batch).")
 _STAGE = flags.DEFINE_integer("stage", 0, "Compression stage (0-based) of a multi-stage config.")
 _PROGRAMS = flags.DEFINE_list("programs", None, "Programs to plan (default: all the config runs).")
-_ATTENTION = flags.DEFINE_string("attention", None, "ModelConfig.attention for every model "
-                                 "(default: the config's).")
 _SEARCH = flags.DEFINE_bool("search", True, "Search the largest per-device batch that fits.")
 _LIMIT = flags.DEFINE_integer("limit", 256, "Largest per-device batch the search tries.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON (bytes) instead of a table.")
@@ -114,9 +113,8 @@ def main(argv):
     if _SEQ.value is not None:
       cfg.distill.seq_len = cfg.importance.seq_len = _SEQ.value
     mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_sizes))
-    changes = {"attention": _ATTENTION.value} if _ATTENTION.value else {}
     names = tuple(_PROGRAMS.value or memory_plan.PROGRAMS)
-    programs = memory_plan.programs(cfg, mesh, _STAGE.value, names, **changes)
+    programs = memory_plan.programs(cfg, mesh, _STAGE.value, names)
     hbm = int(_HBM.value * 2**30)
     plans, searches = [], {}
     for program in programs:
