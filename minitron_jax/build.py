@@ -12,6 +12,11 @@ from minitron_jax.config import ConfigError
 COMPUTE_OPTIONS = ("dtype", "remat", "attention", "attention_block_size")
 
 
+def compute_options(section: ml_collections.ConfigDict) -> dict:
+  """The model section's settings for how to compute (not what): they apply over any checkpoint."""
+  return {k: section[k] for k in COMPUTE_OPTIONS if section.get(k) not in (None, "")}
+
+
 def model_config(section: ml_collections.ConfigDict) -> config_lib.ModelConfig:
   """The architecture: a Hugging Face directory's config.json or a GGUF file's metadata, or a
   preset with overrides."""
@@ -33,7 +38,7 @@ def load_model(section: ml_collections.ConfigDict, out_shardings=None):
   else:
     config = model_config(section)
     params = model.init(config, section.get("seed", 0), out_shardings=out_shardings)
-  compute = {k: section[k] for k in COMPUTE_OPTIONS if section.get(k) not in (None, "")}
+  compute = compute_options(section)
   return config.replace(**compute), params
 
 

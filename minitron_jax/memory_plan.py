@@ -244,7 +244,7 @@ def stage_models(cfg: ml_collections.ConfigDict, stage: int = 0
   that previous student. All three compute as the model section says (dtype, remat, attention),
   as `build.load_model` applies it."""
   section = cfg.model
-  compute = {k: section[k] for k in build.COMPUTE_OPTIONS if section.get(k) not in (None, "")}
+  compute = build.compute_options(section)
   original = build.model_config(section).replace(**compute)
   plan = stages.compression_plan(cfg, pathlib.Path("."))  # only the targets are read
   if not isinstance(stage, int) or not 0 <= stage < len(plan):

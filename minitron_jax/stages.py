@@ -107,7 +107,8 @@ def load(cfg: ml_collections.ConfigDict, ref: ModelRef, mesh):
     return config, sharding.shard_params(config, params, mesh)
   if not checkpoint.is_saved_model(ref.path):
     raise ConfigError(f"no saved model at {ref.path}; run the stage that produces it")
-  config = checkpoint.load_config(ref.path).replace(dtype=cfg.model.dtype, remat=cfg.model.remat)
+  compute = build.compute_options(cfg.model)
+  config = checkpoint.load_config(ref.path).replace(**compute)  # how to compute is this run's
   return config, checkpoint.load_model(ref.path, sharding.param_shardings(config, mesh))[1]
 
 

@@ -102,7 +102,7 @@ class _Validation:
     if source is not None and path and pathlib.Path(path).is_dir():
       self.attempt("model.hf_path", hf.safetensors_files, path)  # headers only
     if source is not None:
-      compute = {k: section[k] for k in build.COMPUTE_OPTIONS if section.get(k) not in (None, "")}
+      compute = build.compute_options(section)
       source = self.attempt("model", source.replace, **compute)
     # A kernel this backend lacks fails at lowering, after the earlier stages have run.
     needs = {"cudnn": "gpu", "splash": "tpu"}.get(section.get("attention"))
