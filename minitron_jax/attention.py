@@ -1,14 +1,16 @@
 """Causal, packed, windowed grouped-query attention behind one function, with several kernels.
 
 Every implementation computes the same masked softmax: query t sees key s when s <= t, both carry
-the same nonzero segment id (0 marks padding), and t - s < window. Axis letters as in model.py:
+the same nonzero segment id (0 marks padding), and t - s < window. With `softcap` (Gemma 2) the
+scaled scores become softcap * tanh(score / softcap) before the mask and softmax. Axis letters as in model.py:
   B batch, T query positions, S key positions (S == T: self-attention), K key/value heads
   (query groups), G queries per group, H head_dim.
 
   naive      the whole [B,K,G,T,S] float32 score tensor and a [B,T,S] mask; the reference.
   blockwise  flash attention in plain JAX with a custom VJP: memory grows as T x block, never
              T x T, and key blocks outside the causal/window band are skipped.
-  cudnn      jax.nn.dot_product_attention's cuDNN kernel on CUDA GPUs, for what it can express.
+  cudnn      jax.nn.dot_product_attention's cuDNN kernel on CUDA GPUs, for what it can express
+             (no soft-capping: blockwise computes those).
   splash     the Pallas TPU splash-attention kernel (Pallas interpret mode off TPU: tests only).
   auto       splash on TPU, cudnn on GPU where it applies, else blockwise.
 
@@ -35,7 +37,7 @@ _SPLASH_TILE = 128
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
            window: int | jax.Array = NO_WINDOW, scale: float, implementation: str = "auto",
-           block_size: int = 512) -> jax.Array:
+           block_size: int = 512, softcap: float | None = None) -> jax.Array:
   """q [B,T,K,G,H], k and v [B,S,K,H], segment_ids [B,T] -> [B,T,K,G,H] in q's dtype.
 
   `window` is a Python int or a traced int32 scalar (a per-layer value from a scan); keys with
@@ -49,9 +51,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
     raise ValueError(f"self-attention only: {q.shape[1]} queries but {k.shape[1]} keys")
   platform = jax.default_backend()
   static_window = isinstance(window, (int, np.integer))
-  blockwise = functools.partial(_blockwise, scale=scale, block_size=block_size)
+  blockwise = functools.partial(_blockwise, scale=scale, block_size=block_size, softcap=softcap)
   if implementation == "auto":
-    if platform == "gpu":
+    if platform == "gpu" and softcap is None:
       try:
         return _cudnn(q, k, v, segment_ids, window, scale, blockwise)
       except (NotImplementedError, ValueError, RuntimeError):
@@ -59,13 +61,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
         return blockwise(q, k, v, segment_ids, window)
     implementation = "splash" if platform == "tpu" and static_window else "blockwise"
   if implementation == "naive":
-    return _naive(q, k, v, segment_ids, window, scale)
+    return _naive(q, k, v, segment_ids, window, scale, softcap)
   if implementation == "cudnn":
     if platform != "gpu":
       raise ConfigError(f"attention='cudnn' needs a CUDA GPU; this backend is {platform}")
+    if softcap is not None:  # cuDNN's public face has no soft-capping
+      return blockwise(q, k, v, segment_ids, window)
     return _cudnn(q, k, v, segment_ids, window, scale, blockwise)
   if implementation == "splash" and static_window:
-    return _splash(q, k, v, segment_ids, int(window), scale, block_size,
+    return _splash(q, k, v, segment_ids, int(window), scale, block_size, softcap,
                    interpret=platform != "tpu")
   return blockwise(q, k, v, segment_ids, window)
 
@@ -88,12 +92,20 @@ def _scores(q, k, scale) -> jax.Array:
   return jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
 
 
+def _capped(scores, softcap) -> tuple[jax.Array, jax.Array | None]:
+  """(softcap * tanh(scores / softcap), its derivative 1 - tanh²) or (scores, None) uncapped."""
+  if softcap is None:
+    return scores, None
+  t = jnp.tanh(scores / softcap)
+  return softcap * t, 1.0 - jnp.square(t)
+
+
 # ----------------------------------------------------------------------------- naive
 
 
-def _naive(q, k, v, segment_ids, window, scale):
+def _naive(q, k, v, segment_ids, window, scale, softcap=None):
   mask = _visible(segment_ids, segment_ids, 0, 0, window)
-  scores = jnp.where(mask[:, None, None], _scores(q, k, scale), _MASKED)
+  scores = jnp.where(mask[:, None, None], _capped(_scores(q, k, scale), softcap)[0], _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
@@ -101,7 +113,7 @@ def _naive(q, k, v, segment_ids, window, scale):
 # ----------------------------------------------------------------------------- blockwise
 
 
-def _blockwise(q, k, v, segment_ids, window, *, scale, block_size):
+def _blockwise(q, k, v, segment_ids, window, *, scale, block_size, softcap=None):
   t = q.shape[1]
   block = min(block_size, t)
   pad = -t % block
@@ -109,7 +121,7 @@ def _blockwise(q, k, v, segment_ids, window, *, scale, block_size):
     # Padding keys carry segment 0, so nothing sees them; padding queries see nothing.
     widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     q, k, v, segment_ids = widen(q), widen(k), widen(v), widen(segment_ids)
-  out = _flash(q, k, v, segment_ids, jnp.asarray(window, jnp.int32), scale, block)
+  out = _flash(q, k, v, segment_ids, jnp.asarray(window, jnp.int32), scale, block, softcap)
   return out[:, :t]
 
 
@@ -144,7 +156,7 @@ def _slice(x, start, block):
   return jax.lax.dynamic_slice_in_dim(x, start, block, axis=1)
 
 
-def _flash_forward(q, k, v, segment_ids, window, scale, block):
+def _flash_forward(q, k, v, segment_ids, window, scale, block, softcap):
   """(out [B,T,K,G,H] in q's dtype, logsumexp [B,K,G,T] float32; 0 where a row sees nothing)."""
   b, t, kh, g, h = q.shape
   num_blocks = t // block
@@ -158,7 +170,8 @@ def _flash_forward(q, k, v, segment_ids, window, scale, block):
       k_start = j * block
       mask = _visible(q_seg, _slice(segment_ids, k_start, block), q_start, k_start, window)
       mask = mask[:, None, None]
-      scores = jnp.where(mask, _scores(qb, _slice(k, k_start, block), scale), _MASKED)
+      scores = _capped(_scores(qb, _slice(k, k_start, block), scale), softcap)[0]
+      scores = jnp.where(mask, scores, _MASKED)
       new_max = jnp.maximum(row_max, jnp.max(scores, -1))
       # The where, not the max, zeroes masked keys: a row with nothing visible yet has max _MASKED.
       probs = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
@@ -182,17 +195,17 @@ def _flash_forward(q, k, v, segment_ids, window, scale, block):
   return _unblock(out, 1), _unblock(lse, 3)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, segment_ids, window, scale, block):
-  return _flash_forward(q, k, v, segment_ids, window, scale, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, segment_ids, window, scale, block, softcap):
+  return _flash_forward(q, k, v, segment_ids, window, scale, block, softcap)[0]
 
 
-def _flash_fwd(q, k, v, segment_ids, window, scale, block):
-  out, lse = _flash_forward(q, k, v, segment_ids, window, scale, block)
+def _flash_fwd(q, k, v, segment_ids, window, scale, block, softcap):
+  out, lse = _flash_forward(q, k, v, segment_ids, window, scale, block, softcap)
   return out, (q, k, v, segment_ids, window, out, lse)
 
 
-def _flash_bwd(scale, block, residuals, d_out):
+def _flash_bwd(scale, block, softcap, residuals, d_out):
   """FlashAttention-2's backward: scores recomputed block by block from the saved logsumexp."""
   q, k, v, segment_ids, window, out, lse = residuals
   b, t, kh, g, h = q.shape
@@ -212,12 +225,15 @@ def _flash_bwd(scale, block, residuals, d_out):
       k_start = j * block
       kb, vb = _slice(k, k_start, block), _slice(v, k_start, block)
       mask = _visible(q_seg, _slice(segment_ids, k_start, block), q_start, k_start, window)
-      probs = jnp.where(mask[:, None, None],
-                        jnp.exp(_scores(qb, kb, scale) - lse_b[..., None]), 0.0)
+      scores, slope = _capped(_scores(qb, kb, scale), softcap)
+      probs = jnp.where(mask[:, None, None], jnp.exp(scores - lse_b[..., None]), 0.0)
       dv_b = jnp.einsum("BKGTS,BTKGH->BSKH", probs.astype(d_out.dtype), d_ob,
                         preferred_element_type=jnp.float32)
       d_probs = jnp.einsum("BTKGH,BSKH->BKGTS", d_ob, vb, preferred_element_type=jnp.float32)
-      d_scores = (probs * (d_probs - delta_b[..., None]) * scale).astype(q.dtype)
+      d_scores = probs * (d_probs - delta_b[..., None])
+      if slope is not None:  # the chain rule through softcap * tanh(score / softcap)
+        d_scores = d_scores * slope
+      d_scores = (d_scores * scale).astype(q.dtype)
       dq = dq + jnp.einsum("BKGTS,BSKH->BTKGH", d_scores, kb, preferred_element_type=jnp.float32)
       dk_b = jnp.einsum("BKGTS,BTKGH->BSKH", d_scores, qb, preferred_element_type=jnp.float32)
       add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
@@ -275,7 +291,7 @@ def _cudnn(q, k, v, segment_ids, window, scale, blockwise, kernel="cudnn"):
 # ----------------------------------------------------------------------------- splash
 
 
-def _splash(q, k, v, segment_ids, window, scale, block_size, *, interpret):
+def _splash(q, k, v, segment_ids, window, scale, block_size, softcap, *, interpret):
   """The Pallas splash kernel, one multi-query call per (batch row, key/value head).
 
   Its segment mask lets padding see padding, so no row is empty (the kernel needs that);
@@ -297,7 +313,7 @@ def _splash(q, k, v, segment_ids, window, scale, block_size, *, interpret):
                         block)
   kernel = splash.make_splash_mqa_single_device(
       splash.MultiHeadMask([head_mask] * g), block_sizes=splash.BlockSizes(**sizes),
-      interpret=interpret)
+      attn_logits_soft_cap=softcap, interpret=interpret)
   # The kernel takes unscaled logits: scale the queries instead.
   qp = (qp.astype(jnp.float32) * scale).astype(q.dtype)
 

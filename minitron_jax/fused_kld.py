@@ -10,7 +10,8 @@ merely scales them by the cotangent. Evaluated without differentiation, the grad
 dead code and XLA drops it.
 
 The loss is the mean over counted tokens of forward KL(p_teacher || p_student) with
-p = softmax(logits / temperature). It carries no temperature**2 factor: multiply by it yourself if
+p = softmax(logits / temperature), where a model's logits may be soft-capped first,
+cap * tanh(hidden @ head / cap) (Gemma 2's final logits). It carries no temperature**2 factor: multiply by it yourself if
 you want gradient magnitudes independent of the temperature (Hinton et al., 2015). The teacher is a
 constant: its inputs get zero cotangents.
 
@@ -68,8 +69,18 @@ def _token_weights(mask, lead: tuple[int, ...]) -> jax.Array:
   return counted / jnp.maximum(counted.sum(), 1.0)
 
 
+def _cap(logits, cap):
+  """(cap * tanh(logits / cap), its derivative) or (logits, None) when cap is None."""
+  if cap is None:
+    return logits, None
+  t = jnp.tanh(logits / cap)
+  return cap * t, 1.0 - jnp.square(t)
+
+
 def naive_kld(student_hidden, student_head, teacher_hidden, teacher_head, *,
-              temperature: float = 1.0, mask=None, chunk_size: int = 1024) -> jax.Array:
+              temperature: float = 1.0, mask=None, chunk_size: int = 1024,
+              student_softcap: float | None = None, teacher_softcap: float | None = None
+              ) -> jax.Array:
   """Reference: full [N, V] float32 logits of both models, gradients by plain autodiff.
 
   `chunk_size` is validated and otherwise ignored, so the two functions are interchangeable.
@@ -79,10 +90,11 @@ def naive_kld(student_hidden, student_head, teacher_hidden, teacher_head, *,
   lead = student_hidden.shape[:-1]
   teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
   teacher_head = jax.lax.stop_gradient(teacher_head)
-  student_logits = jnp.einsum("...D,DV->...V", student_hidden, student_head,
-                              preferred_element_type=jnp.float32) / temperature
-  teacher_logits = jnp.einsum("...D,DV->...V", teacher_hidden, teacher_head,
-                              preferred_element_type=jnp.float32) / temperature
+  student_logits = _cap(jnp.einsum("...D,DV->...V", student_hidden, student_head,
+                                   preferred_element_type=jnp.float32), student_softcap)[0]
+  teacher_logits = _cap(jnp.einsum("...D,DV->...V", teacher_hidden, teacher_head,
+                                   preferred_element_type=jnp.float32), teacher_softcap)[0]
+  student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
   log_ps = jax.nn.log_softmax(student_logits, axis=-1)
   log_pt = jax.nn.log_softmax(teacher_logits, axis=-1)
   kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)  # [...]
@@ -95,7 +107,8 @@ def _logsumexp(z: jax.Array) -> jax.Array:
   return peak + jnp.log(jnp.sum(jnp.exp(z - peak), axis=-1, keepdims=True))
 
 
-def _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature: float, chunk: int):
+def _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature: float, chunk: int,
+                            caps: tuple[float | None, float | None] = (None, None)):
   """Loss and student gradients, one [chunk, V] block at a time.
 
   hs [M,Ds], ws [Ds,V], ht [M,Dt], wt [Dt,V], weights [M] with M a multiple of `chunk`.
@@ -108,8 +121,10 @@ def _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature: float, chunk: 
   def step(carry, x):
     loss, d_ws = carry
     hs_c, ht_c, w_c = x  # [C,Ds], [C,Dt], [C]
-    zs = jnp.einsum("CD,DV->CV", hs_c, ws, preferred_element_type=jnp.float32) / temperature
-    zt = jnp.einsum("CD,DV->CV", ht_c, wt, preferred_element_type=jnp.float32) / temperature
+    zs, slope = _cap(jnp.einsum("CD,DV->CV", hs_c, ws, preferred_element_type=jnp.float32),
+                     caps[0])
+    zt = _cap(jnp.einsum("CD,DV->CV", ht_c, wt, preferred_element_type=jnp.float32), caps[1])[0]
+    zs, zt = zs / temperature, zt / temperature
     # Row log-normalisers [C,1] instead of log-probability blocks: the [C,V] expressions below are
     # elementwise in (zs, zt), so XLA fuses them into their consumers and keeps at most one more
     # [C,V] block (p_t or g) alive besides the two logit blocks.
@@ -119,6 +134,8 @@ def _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature: float, chunk: 
     kl = jnp.sum(pt * (zt - zs), axis=-1) + (lse_s - lse_t)[:, 0]  # [C]
     # d loss / d student logits: (p_s - p_t) / tau, weighted per token.
     g = (jnp.exp(zs - lse_s) - pt) * (w_c / temperature)[:, None]  # [C,V] float32
+    if slope is not None:  # through the student's soft cap
+      g = g * slope
     d_hs_c = jnp.einsum("CV,DV->CD", g, ws, preferred_element_type=jnp.float32)
     d_ws = d_ws + jnp.einsum("CD,CV->DV", hs_c, g, preferred_element_type=jnp.float32)
     return (loss + jnp.sum(w_c * kl), d_ws), d_hs_c.astype(hs.dtype)
@@ -128,18 +145,18 @@ def _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature: float, chunk: 
   return loss, d_hs.reshape(hs.shape), d_ws.astype(ws.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _fused(hs, ws, ht, wt, weights, temperature: float, chunk: int):
-  return _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _fused(hs, ws, ht, wt, weights, temperature: float, chunk: int, caps):
+  return _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature, chunk, caps)[0]
 
 
-def _fused_fwd(hs, ws, ht, wt, weights, temperature, chunk):
-  loss, d_hs, d_ws = _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature, chunk)
+def _fused_fwd(hs, ws, ht, wt, weights, temperature, chunk, caps):
+  loss, d_hs, d_ws = _chunked_loss_and_grads(hs, ws, ht, wt, weights, temperature, chunk, caps)
   return loss, (d_hs, d_ws)
 
 
-def _fused_bwd(temperature, chunk, residuals, cotangent):
-  del temperature, chunk
+def _fused_bwd(temperature, chunk, caps, residuals, cotangent):
+  del temperature, chunk, caps
   d_hs, d_ws = residuals
   # None: the teacher and the token weights are constants (zero cotangents).
   return ((d_hs * cotangent).astype(d_hs.dtype), (d_ws * cotangent).astype(d_ws.dtype),
@@ -150,7 +167,9 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def fused_kld(student_hidden, student_head, teacher_hidden, teacher_head, *,
-              temperature: float = 1.0, mask=None, chunk_size: int = 1024) -> jax.Array:
+              temperature: float = 1.0, mask=None, chunk_size: int = 1024,
+              student_softcap: float | None = None, teacher_softcap: float | None = None
+              ) -> jax.Array:
   """Mean over counted tokens of KL(p_teacher || p_student), without [N, V] logits.
 
   student_hidden [..., Ds] and teacher_hidden [..., Dt] are final (post-norm) hidden states with
@@ -159,7 +178,8 @@ def fused_kld(student_hidden, student_head, teacher_hidden, teacher_head, *,
   scalar, 0 when no token counts; no temperature**2 factor. Tokens are processed `chunk_size` at
   a time (the chunk shrinks to N when N is smaller; the last one is padded with uncounted tokens).
   Differentiable w.r.t. the student inputs only; gradients come back in the inputs' dtypes.
-  `temperature` and `chunk_size` are Python numbers (static under jit).
+  `temperature`, `chunk_size` and the soft caps (None: uncapped logits) are Python numbers
+  (static under jit).
   """
   _validate(student_hidden, student_head, teacher_hidden, teacher_head, temperature, mask,
             chunk_size)
@@ -174,5 +194,6 @@ def fused_kld(student_hidden, student_head, teacher_hidden, teacher_head, *,
   ht = jnp.pad(jax.lax.stop_gradient(teacher_hidden).reshape(num_tokens, -1),
                ((0, pad), (0, 0)))  # [M,Dt]
   weights = jnp.pad(_token_weights(mask, lead), (0, pad))  # [M]
+  caps = tuple(None if c is None else float(c) for c in (student_softcap, teacher_softcap))
   return _fused(hs, student_head, ht, jax.lax.stop_gradient(teacher_head), weights,
-                float(temperature), chunk)
+                float(temperature), chunk, caps)

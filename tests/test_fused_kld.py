@@ -168,3 +168,24 @@ def test_jit_gradients_match_naive_and_teacher_is_constant():
     assert np.all(np.asarray(fused) == 0) and np.all(np.asarray(naive) == 0)
   jitted = jax.jit(lambda *a: fused_kld(*a, temperature=1.5, mask=mask, chunk_size=4))
   assert _rel(jitted(hs, ws, ht, wt), naive_kld(hs, ws, ht, wt, temperature=1.5, mask=mask)) < 1e-5
+
+
+def test_soft_capped_logits_match_naive_values_and_gradients():
+  """Gemma 2 caps its final logits: the fused chain rule through cap * tanh(z / cap) equals
+  autodiff through the naive one, and the caps do change the loss."""
+  hs, ws, ht, wt = _inputs((2, 11), ds=12, dt=20, vocab=40, seed=5)
+  hs, ht = 3 * hs, 3 * ht  # logits of several units, so caps of 1.5 and 2 bend them
+  mask = _mask((2, 11), seed=6)
+  caps = dict(student_softcap=1.5, teacher_softcap=2.0)
+
+  def value_and_grads(fn, **kw):
+    return jax.jit(jax.value_and_grad(
+        lambda *a: fn(*a, temperature=1.5, mask=mask, chunk_size=4, **kw),
+        argnums=(0, 1)))(hs, ws, ht, wt)
+
+  fused, fused_grads = value_and_grads(fused_kld, **caps)
+  naive, naive_grads = value_and_grads(naive_kld, **caps)
+  assert _rel(fused, naive) < 1e-5
+  for f, n in zip(fused_grads, naive_grads):
+    assert _rel(f, n) < 1e-5
+  assert _rel(value_and_grads(fused_kld)[0], naive) > 1e-2
