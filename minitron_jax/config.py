@@ -10,9 +10,10 @@ import dataclasses
 import json
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron", "gemma", "gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu2")
-NORMS = ("rms", "layernorm1p")
+# rms1p: Gemma's RMSNorm, whose stored scale is offset by one (it multiplies by 1 + w).
+NORMS = ("rms", "rms1p", "layernorm1p")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 ROPE_KINDS = ("linear", "llama3")
@@ -43,7 +44,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A pre-norm decoder-only transformer covering Llama 3.x, Mistral, Qwen2/3 and Nemotron."""
+  """A pre-norm decoder-only transformer covering Llama 3.x, Mistral, Qwen2/3, Nemotron and the
+  Gemma 1/2/3 text models."""
 
   family: str
   vocab_size: int
@@ -61,6 +63,15 @@ class ModelConfig:
   o_bias: bool = False
   mlp_bias: bool = False
   qk_norm: bool = False
+  # Gemma 2/3 sandwich norms: attention and MLP outputs are normalised again before the residual add.
+  post_norms: bool = False
+  # Token embeddings are multiplied by this (Gemma: sqrt of the unpruned hidden size); None: 1.
+  embedding_scale: float | None = None
+  # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (Gemma 2/3); None: head_dim.
+  query_pre_attn_scalar: float | None = None
+  # cap * tanh(x / cap) on attention scores and on final logits (Gemma 2); None: no capping.
+  attn_logit_softcap: float | None = None
+  final_logit_softcap: float | None = None
   rope_theta: float = 10000.0
   rope_scaling: RopeScaling | None = None
   partial_rotary_factor: float = 1.0
@@ -68,6 +79,9 @@ class ModelConfig:
   sliding_window: int | None = None
   # Which layers use the window (Qwen2/3 mix both kinds); None means every layer.
   sliding_window_layers: tuple[bool, ...] | None = None
+  # The RoPE base of sliding-window layers, unscaled (Gemma 3's local layers); None: they share
+  # rope_theta and rope_scaling with the global layers.
+  local_rope_theta: float | None = None
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 8192
   # Compute options; they never change what is saved.
@@ -116,6 +130,10 @@ class ModelConfig:
       need(len(self.sliding_window_layers) == self.num_layers,
            f"sliding_window_layers has {len(self.sliding_window_layers)} entries; "
            f"num_layers={self.num_layers}")
+    for name in ("embedding_scale", "query_pre_attn_scalar", "attn_logit_softcap",
+                 "final_logit_softcap", "local_rope_theta"):
+      value = getattr(self, name)
+      need(value is None or value > 0, f"{name}={value!r} must be positive or None")
 
   @property
   def rotary_dim(self) -> int:
@@ -154,6 +172,12 @@ class ModelConfig:
       return (self.sliding_window,) * self.num_layers
     return tuple(self.sliding_window if s else None for s in self.sliding_window_layers)
 
+  def local_rope_layers(self) -> tuple[bool, ...]:
+    """Which layers rotate with local_rope_theta (the sliding-window ones, when it is set)."""
+    if self.local_rope_theta is None:
+      return (False,) * self.num_layers
+    return tuple(w is not None for w in self.layer_windows())
+
   def num_params(self) -> int:
     """Exact parameter count of the weights this config describes (tied head counted once)."""
     d, h = self.hidden_size, self.head_dim
@@ -165,7 +189,7 @@ class ModelConfig:
     attn += 2 * h if self.qk_norm else 0
     mlp = d * f * (3 if self.gated_mlp else 2)
     mlp += (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
-    layer = 2 * norm + attn + mlp
+    layer = (4 if self.post_norms else 2) * norm + attn + mlp
     embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
     return embed + self.num_layers * layer + norm
 
@@ -201,11 +225,42 @@ def nemotron4_15b(**overrides) -> ModelConfig:
       max_position_embeddings=4096), overrides)
 
 
+def _gemma_layers(num_layers: int, pattern: int) -> tuple[bool, ...]:
+  """HF's default layer_types: every `pattern`-th layer global, the others sliding-window."""
+  return tuple((i + 1) % pattern != 0 for i in range(num_layers))
+
+
+# What Gemma 1/2/3 share: GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), tied head.
+_GEMMA = dict(activation="gelu_pytorch_tanh", norm="rms1p", norm_eps=1e-6,
+              tie_word_embeddings=True)
+_GEMMA2 = dict(_GEMMA, post_norms=True, query_pre_attn_scalar=256.0)
+
+
+def gemma2_2b(**overrides) -> ModelConfig:
+  return _preset(dict(
+      _GEMMA2, family="gemma2", vocab_size=256000, hidden_size=2304, num_layers=26,
+      num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
+      embedding_scale=2304 ** 0.5, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+      rope_theta=10000.0, sliding_window=4096, sliding_window_layers=_gemma_layers(26, 2),
+      max_position_embeddings=8192), overrides)
+
+
+def gemma3_1b(**overrides) -> ModelConfig:
+  return _preset(dict(
+      _GEMMA2, family="gemma3", vocab_size=262144, hidden_size=1152, num_layers=26,
+      num_attention_heads=4, num_key_value_heads=1, head_dim=256, intermediate_size=6912,
+      embedding_scale=1152 ** 0.5, qk_norm=True, rope_theta=1e6, local_rope_theta=10000.0,
+      sliding_window=512, sliding_window_layers=_gemma_layers(26, 6),
+      max_position_embeddings=32768), overrides)
+
+
 def tiny(family: str = "llama", **overrides) -> ModelConfig:
   """A few-hundred-thousand-parameter model of the given family, for tests and smoke runs."""
   base = dict(family=family, vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, intermediate_size=128,
               max_position_embeddings=512)
+  layers = overrides.get("num_layers", base["num_layers"])
+  hidden = overrides.get("hidden_size", base["hidden_size"])
   family_specific = {
       "llama": {},
       "mistral": dict(sliding_window=8),
@@ -213,6 +268,14 @@ def tiny(family: str = "llama", **overrides) -> ModelConfig:
       "qwen3": dict(qk_norm=True, norm_eps=1e-6, rope_theta=1e6),
       "nemotron": dict(activation="relu2", gated_mlp=False, norm="layernorm1p",
                        partial_rotary_factor=0.5),
+      "gemma": dict(_GEMMA, embedding_scale=hidden ** 0.5),
+      # Caps low enough to bite on a random model; local and global layers alternate.
+      "gemma2": dict(_GEMMA2, embedding_scale=hidden ** 0.5, query_pre_attn_scalar=24.0,
+                     attn_logit_softcap=5.0, final_logit_softcap=3.0, sliding_window=8,
+                     sliding_window_layers=_gemma_layers(layers, 2)),
+      "gemma3": dict(_GEMMA2, embedding_scale=hidden ** 0.5, query_pre_attn_scalar=24.0,
+                     qk_norm=True, rope_theta=1e6, local_rope_theta=1e4, sliding_window=8,
+                     sliding_window_layers=_gemma_layers(layers, 2)),
   }
   if family not in family_specific:
     raise ConfigError(f"family={family!r} is not supported; allowed: {FAMILIES}")
@@ -223,5 +286,7 @@ PRESETS = {
     "llama3_2_1b": llama3_2_1b,
     "llama3_1_8b": llama3_1_8b,
     "nemotron4_15b": nemotron4_15b,
+    "gemma2_2b": gemma2_2b,
+    "gemma3_1b": gemma3_1b,
     "tiny": tiny,
 }

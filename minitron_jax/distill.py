@@ -179,7 +179,9 @@ class Distiller:
           terms["logits"] = losses.fused_kld(
               s_hidden, model.lm_head_kernel(self.student_config, student), t_hidden,
               model.lm_head_kernel(self.teacher_config, teacher_params),
-              temperature=cfg.temperature, mask=mask, chunk_size=cfg.chunk_size)
+              temperature=cfg.temperature, mask=mask, chunk_size=cfg.chunk_size,
+              student_softcap=self.student_config.final_logit_softcap,
+              teacher_softcap=self.teacher_config.final_logit_softcap)
         else:
           t_logits = model.logits_from_hidden(self.teacher_config, teacher_params, t_hidden)
           terms["logits"] = losses.logit_loss(s_logits, t_logits, mask, cfg)

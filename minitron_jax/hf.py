@@ -3,6 +3,12 @@
 The conversion is a name map plus one transform per tensor kind. A torch `Linear` stores
 [out, in]; we store [in..., out...] with heads as their own axis, e.g. q_proj [D,N,H] and
 o_proj [N,H,D]. Fields we cannot reproduce exactly are refused, never ignored.
+
+Gemma 3 comes as text-only `gemma3_text` checkpoints (1B) and as `gemma3` vision-language ones
+(4B and up). From the latter we load the language model alone (its config is the nested
+`text_config`, its tensors sit under a `language_model` prefix) and skip the vision tower and
+projector with a warning: on text the decoder computes what Gemma3ForConditionalGeneration does.
+Exports are always the text model (`gemma3_text`, Gemma3ForCausalLM).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import math
 import os
 import pathlib
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -29,7 +36,24 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "nemotron": "NemotronForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
+# Family -> Hugging Face model_type where the two differ.
+_MODEL_TYPES = {"gemma3": "gemma3_text"}
+_GEMMA_FAMILIES = ("gemma", "gemma2", "gemma3")
+# transformers' Gemma3TextConfig defaults: hub `gemma3` configs leave them out of text_config.
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, tie_word_embeddings=True)
+# Tensor names of a `gemma3` (vision + text) checkpoint: transformers 5 writes the first prefix,
+# hub checkpoints saved by 4.x the second; both name the same text model tensors.
+_GEMMA3_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.lm_head.", "lm_head."))
+_GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                           "model.multi_modal_projector.")
 _CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 _REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size")
@@ -67,6 +91,13 @@ _TOP_TENSORS: dict[tuple[str, ...], tuple[str, Layout]] = {
     ("final_norm", "bias"): ("model.norm.bias", "vector"),
     ("lm_head",): ("lm_head.weight", 1),
 }
+# Gemma 2/3 sandwich norms: post_attention_layernorm normalises the attention output there, so the
+# MLP's pre-norm has its own name (in Gemma 1, as in Llama, post_attention_layernorm is that one).
+_POST_NORM_TENSORS: dict[tuple[str, ...], tuple[str, Layout]] = {
+    ("mlp_norm", "scale"): ("pre_feedforward_layernorm.weight", "vector"),
+    ("attn_post_norm", "scale"): ("post_attention_layernorm.weight", "vector"),
+    ("mlp_post_norm", "scale"): ("post_feedforward_layernorm.weight", "vector"),
+}
 # Tensors some checkpoints carry that hold nothing we compute from.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -74,11 +105,13 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # ----------------------------------------------------------------------------- config
 
 
-def _rope_from_hf(hf: Mapping[str, Any], family: str) -> tuple[float, RopeScaling | None, float]:
-  params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _rope_from_hf(hf: Mapping[str, Any], family: str, params: Mapping[str, Any] | None = None
+                  ) -> tuple[float, RopeScaling | None, float]:
+  if params is None:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
   if params and all(isinstance(v, Mapping) for v in params.values()):
-    raise ConfigError(f"per-layer-type rope_parameters {sorted(params)} are not supported; "
-                      "allowed: one rope setting for every layer")
+    raise ConfigError(f"per-layer-type rope_parameters {sorted(params)} are not supported for "
+                      f"{family}; allowed: one rope setting for every layer")
   theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
   default_partial = 0.5 if family == "nemotron" else 1.0
   partial = float(params.get("partial_rotary_factor",
@@ -97,9 +130,48 @@ def _rope_from_hf(hf: Mapping[str, Any], family: str) -> tuple[float, RopeScalin
   raise ConfigError(f"rope_type={kind!r} is not supported; allowed: default, linear, llama3")
 
 
+def _gemma3_rope(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+  """(global theta, global scaling, local theta) from per-layer-type rope_parameters
+  (transformers 5) or the older rope_theta / rope_scaling / rope_local_base_freq fields."""
+  params = hf.get("rope_parameters")
+  if isinstance(params, Mapping) and "full_attention" in params:
+    full = dict(params["full_attention"] or {})
+    local = dict(params.get("sliding_attention") or {})
+  else:
+    full = {**(hf.get("rope_scaling") or params or {}),
+            "rope_theta": (params or {}).get("rope_theta", hf.get("rope_theta", 1e6))}
+    local = {}
+  full.setdefault("rope_theta", 1e6)
+  theta, scaling, _ = _rope_from_hf(hf, "gemma3", full)
+  if local.get("rope_type", "default") != "default":
+    raise ConfigError(f"sliding_attention rope_type={local['rope_type']!r} is not supported; "
+                      "allowed: default (Gemma 3 scales only its global layers)")
+  local_theta = float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0)))
+  return theta, scaling, local_theta
+
+
+def _gemma_layer_types(hf: Mapping[str, Any], family: str, num_layers: int) -> list[str]:
+  """HF's default layer_types: Gemma 2 alternates, Gemma 3 makes every 6th layer global."""
+  pattern = 2 if family == "gemma2" else int(hf.get("sliding_window_pattern") or 6)
+  return hf.get("layer_types") or [
+      "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+
+
 def _sliding_from_hf(hf: Mapping[str, Any], family: str, num_layers: int):
   if family == "mistral":
     return hf.get("sliding_window"), None
+  if family in ("gemma2", "gemma3"):
+    layer_types = _gemma_layer_types(hf, family, num_layers)
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown:
+      raise ConfigError(f"layer_types {sorted(unknown)} are not supported; "
+                        "allowed: sliding_attention, full_attention")
+    sliding = tuple(t == "sliding_attention" for t in layer_types)
+    window = hf.get("sliding_window")
+    if any(sliding) and not window:
+      raise ConfigError(f"sliding_window={window!r} with sliding_attention layers; allowed: a "
+                        "positive window")
+    return (window, sliding) if any(sliding) else (None, None)
   if family in ("qwen2", "qwen3"):
     window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
     if window is None:
@@ -117,20 +189,70 @@ def _sliding_from_hf(hf: Mapping[str, Any], family: str, num_layers: int):
   return None, None
 
 
+def text_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+  """The decoder's config.json fields: a `gemma3` (vision + text) config's text_config, and
+  transformers' Gemma3TextConfig defaults for the fields hub Gemma 3 configs leave out."""
+  hf = dict(hf)
+  if hf.get("model_type") == "gemma3":
+    text = hf.get("text_config")
+    if not isinstance(text, Mapping):
+      raise ConfigError("model_type='gemma3' config has no text_config object; allowed: a "
+                        "Gemma3Config with text_config")
+    # Gemma3ForConditionalGeneration never caps its logits, whatever text_config says.
+    _refuse_set(text, "a gemma3 (vision + text) checkpoint", "final_logit_softcapping")
+    carried = {k: hf[k] for k in (*_CARRIED_FIELDS, "tie_word_embeddings") if k in hf}
+    hf = {**carried, **text, "model_type": "gemma3_text"}
+  if hf.get("model_type") == "gemma3_text":
+    hf = {**_GEMMA3_TEXT_DEFAULTS, **hf}
+  return hf
+
+
+def _refuse_set(hf: Mapping[str, Any], family: str, *fields: str) -> None:
+  for name in fields:
+    if hf.get(name):
+      raise ConfigError(f"{name}={hf[name]!r} is not supported for {family}; allowed: null")
+
+
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
   """A ModelConfig from a Hugging Face `config.json` dict; refuses what we cannot compute exactly."""
-  family = hf.get("model_type")
-  if family not in _ARCHITECTURES:
-    raise ConfigError(f"model_type={family!r} is not supported; allowed: {sorted(_ARCHITECTURES)}")
-  activation = hf.get("hidden_act", "relu2" if family == "nemotron" else "silu")
+  hf = text_config(hf)
+  model_type = hf.get("model_type")
+  families = {_MODEL_TYPES.get(f, f): f for f in _ARCHITECTURES}
+  if model_type not in families:
+    raise ConfigError(f"model_type={model_type!r} is not supported; allowed: "
+                      f"{sorted([*families, 'gemma3'])}")
+  family = families[model_type]
+  gemma = family in _GEMMA_FAMILIES
+  if family in ("gemma2", "gemma3"):
+    act_field, default_act = "hidden_activation", "gelu_pytorch_tanh"
+  else:
+    act_field, default_act = "hidden_act", {"nemotron": "relu2", "gemma": "gelu_pytorch_tanh"
+                                            }.get(family, "silu")
+  activation = hf.get(act_field) or default_act
+  if family == "gemma" and activation == "gelu":
+    activation = "gelu_pytorch_tanh"  # transformers' GemmaConfig maps the legacy value so too
   if activation not in ACTIVATIONS:
-    raise ConfigError(f"hidden_act={activation!r} is not supported; allowed: {ACTIVATIONS}")
+    raise ConfigError(f"{act_field}={activation!r} is not supported; allowed: {ACTIVATIONS}")
+  if gemma:
+    _refuse_set(hf, family, "use_bidirectional_attention")
+  if family == "gemma3":
+    # Gemma3Attention never passes it to the attention function: the checkpoint does not cap.
+    _refuse_set(hf, family, "attn_logit_softcapping")
   heads = hf["num_attention_heads"]
   num_layers = hf["num_hidden_layers"]
-  theta, scaling, partial = _rope_from_hf(hf, family)
+  local_theta = None
+  if family == "gemma3":
+    theta, scaling, local_theta = _gemma3_rope(hf)
+    partial = 1.0
+  else:
+    theta, scaling, partial = _rope_from_hf(hf, family)
   window, window_layers = _sliding_from_hf(hf, family, num_layers)
   attention_bias = bool(hf.get("attention_bias", False))
-  default_head_dim = 128 if family == "qwen3" else hf["hidden_size"] // heads
+  default_head_dim = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3": 256}.get(
+      family, hf["hidden_size"] // heads)
+  softcaps = {"gemma2": (50.0, 30.0)}.get(family, (None, None))  # Gemma2Config's defaults
+  capped = lambda name, default: (None if hf.get(name, default) is None
+                                  else float(hf.get(name, default)))
   return ModelConfig(
       family=family,
       vocab_size=hf["vocab_size"],
@@ -142,19 +264,26 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
       intermediate_size=hf["intermediate_size"],
       activation=activation,
       gated_mlp=family != "nemotron",
-      norm="layernorm1p" if family == "nemotron" else "rms",
+      norm={"nemotron": "layernorm1p"}.get(family, "rms1p" if gemma else "rms"),
       norm_eps=float(hf.get("norm_eps" if family == "nemotron" else "rms_norm_eps",
                             1e-5 if family == "nemotron" else 1e-6)),
       qkv_bias=True if family == "qwen2" else attention_bias,
       o_bias=False if family == "qwen2" else attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)),
-      qk_norm=family == "qwen3",
+      qk_norm=family in ("qwen3", "gemma3"),
+      post_norms=family in ("gemma2", "gemma3"),
+      embedding_scale=hf["hidden_size"] ** 0.5 if gemma else None,
+      query_pre_attn_scalar=(float(hf.get("query_pre_attn_scalar", 256))
+                             if family in ("gemma2", "gemma3") else None),
+      attn_logit_softcap=capped("attn_logit_softcapping", softcaps[0]),
+      final_logit_softcap=capped("final_logit_softcapping", softcaps[1]),
       rope_theta=theta,
       rope_scaling=scaling,
       partial_rotary_factor=partial,
       sliding_window=window,
       sliding_window_layers=window_layers,
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      local_rope_theta=local_theta,
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
       max_position_embeddings=hf.get("max_position_embeddings", 8192),
       hf_extras=tuple((k, tuple(v) if isinstance(v, list) else v)
                       for k, v in hf.items() if k in _CARRIED_FIELDS and v is not None),
@@ -170,10 +299,24 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
       raise ConfigError(f"{what} cannot be expressed as a Hugging Face {family} config")
 
   uniform_bias = config.qkv_bias == config.o_bias
+  gemma, sandwich = family in _GEMMA_FAMILIES, family in ("gemma2", "gemma3")
   refuse_unless(config.gated_mlp == (family != "nemotron"), f"gated_mlp={config.gated_mlp}")
-  refuse_unless(config.norm == ("layernorm1p" if family == "nemotron" else "rms"),
+  refuse_unless(config.norm == {"nemotron": "layernorm1p"}.get(family, "rms1p" if gemma else "rms"),
                 f"norm={config.norm!r}")
-  refuse_unless(config.qk_norm == (family == "qwen3"), f"qk_norm={config.qk_norm}")
+  refuse_unless(config.qk_norm == (family in ("qwen3", "gemma3")), f"qk_norm={config.qk_norm}")
+  refuse_unless(config.post_norms == sandwich, f"post_norms={config.post_norms}")
+  # A Gemma embedding scale other than sqrt(hidden) (a pruned model's) is folded into the weights
+  # by params_to_hf; other families have none.
+  refuse_unless((config.embedding_scale is not None) == gemma,
+                f"embedding_scale={config.embedding_scale}")
+  refuse_unless(sandwich or config.query_pre_attn_scalar is None,
+                f"query_pre_attn_scalar={config.query_pre_attn_scalar}")
+  refuse_unless(family == "gemma2" or config.attn_logit_softcap is None,
+                f"attn_logit_softcap={config.attn_logit_softcap}")
+  refuse_unless(sandwich or config.final_logit_softcap is None,
+                f"final_logit_softcap={config.final_logit_softcap}")
+  refuse_unless(family == "gemma3" or config.local_rope_theta is None,
+                f"local_rope_theta={config.local_rope_theta}")
   refuse_unless(family == "nemotron" or config.partial_rotary_factor == 1.0,
                 f"partial_rotary_factor={config.partial_rotary_factor}")
   if family == "qwen2":
@@ -185,8 +328,8 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     refuse_unless(uniform_bias, f"qkv_bias={config.qkv_bias} with o_bias={config.o_bias}")
   refuse_unless(family in ("llama", "nemotron") or not config.mlp_bias,
                 f"mlp_bias={config.mlp_bias}")
-  refuse_unless(family in ("mistral", "qwen2", "qwen3") or config.sliding_window is None,
-                f"sliding_window={config.sliding_window}")
+  refuse_unless(family in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+                or config.sliding_window is None, f"sliding_window={config.sliding_window}")
   refuse_unless(family != "mistral" or config.sliding_window_layers is None,
                 "per-layer sliding windows")
 
@@ -202,9 +345,15 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
   if family == "nemotron":
     rope["partial_rotary_factor"] = config.partial_rotary_factor
 
+  if family == "gemma3":
+    # One rope setting per layer type; local layers are unscaled at their own base.
+    local = ({"rope_type": "default", "rope_theta": config.local_rope_theta}
+             if config.local_rope_theta is not None else dict(rope))
+    rope = {"full_attention": rope, "sliding_attention": local}
+
   hf: dict[str, Any] = dict(
       architectures=[_ARCHITECTURES[family]],
-      model_type=family,
+      model_type=_MODEL_TYPES.get(family, family),
       vocab_size=config.vocab_size,
       hidden_size=config.hidden_size,
       intermediate_size=config.intermediate_size,
@@ -221,6 +370,22 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
   )
   if legacy_scaling is not None:
     hf["rope_scaling"] = legacy_scaling
+  if family == "gemma3":
+    del hf["rope_theta"]  # lives in the per-layer-type rope_parameters
+    hf.pop("rope_scaling", None)
+  if sandwich:
+    as_int = lambda x: int(x) if float(x).is_integer() else x  # transformers types it int
+    hf.update(
+        hidden_activation=hf.pop("hidden_act"),
+        query_pre_attn_scalar=as_int(config.query_pre_attn_scalar or config.head_dim),
+        attn_logit_softcapping=config.attn_logit_softcap,
+        final_logit_softcapping=config.final_logit_softcap,
+        sliding_window=config.sliding_window or config.max_position_embeddings,
+        layer_types=["sliding_attention" if w is not None else "full_attention"
+                     for w in config.layer_windows()],
+        use_bidirectional_attention=False)
+  if gemma:
+    hf["attention_bias"] = config.qkv_bias
   if family == "nemotron":
     hf.update(norm_eps=config.norm_eps, partial_rotary_factor=config.partial_rotary_factor,
               attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
@@ -248,10 +413,11 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
 def _tensor_map(config: ModelConfig):
   """Yields (our path, abstract leaf, HF name or per-layer name template, layout) per weight."""
   flat = jax.tree_util.tree_flatten_with_path(model_lib.abstract_params(config))[0]
+  layer_tensors = {**_LAYER_TENSORS, **(_POST_NORM_TENSORS if config.post_norms else {})}
   for key_path, leaf in flat:
     path = tuple(k.key for k in key_path)
     if path[0] == "layers":
-      name, layout = _LAYER_TENSORS[path[1:]]
+      name, layout = layer_tensors[path[1:]]
       yield path, leaf, "model.layers.{}." + name, layout
     else:
       name, layout = _TOP_TENSORS[path]
@@ -310,7 +476,28 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> mo
   return params
 
 
+def _fold_embedding_scale(config: ModelConfig, params: model_lib.Params) -> model_lib.Params:
+  """Params for which transformers' own scale, sqrt(hidden_size), computes what ours does.
+
+  A Gemma model pruned in width keeps the unpruned scale (see prune.py); transformers multiplies
+  by sqrt of the new width. The embedding absorbs the ratio k, and with tied embeddings the LM
+  head is that same matrix, so the final norm's (1 + w) is divided by k to leave logits as they
+  were: exact up to float rounding.
+  """
+  if config.embedding_scale is None or config.embedding_scale == config.hidden_size ** 0.5:
+    return params
+  k = np.float64(config.embedding_scale) / np.float64(config.hidden_size ** 0.5)
+  params = {**params, "embed": (np.asarray(params["embed"], np.float64) * k).astype(np.float32)}
+  if config.tie_word_embeddings:
+    scale = np.asarray(params["final_norm"]["scale"], np.float64)
+    params["final_norm"] = {**params["final_norm"],
+                            "scale": ((1.0 + scale) / k - 1.0).astype(np.float32)}
+  return params
+
+
 def params_to_hf(config: ModelConfig, params: model_lib.Params) -> dict[str, np.ndarray]:
+  """HF tensors (float32 where a weight had to be rescaled, else the params' dtype)."""
+  params = _fold_embedding_scale(config, params)
   tensors = {}
   for path, _, name, layout in _tensor_map(config):
     value = params
@@ -403,7 +590,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
   if not isinstance(hf, dict):
     raise ConfigError(f"{config_file} holds a JSON {type(hf).__name__}, not an object; allowed: "
                       "a Hugging Face config.json")
-  missing = [key for key in _REQUIRED_FIELDS if key not in hf]
+  missing = [key for key in _REQUIRED_FIELDS if key not in text_config(hf)]
   if missing:
     raise ConfigError(f"{config_file} lacks {missing}; allowed: a config.json with "
                       f"{list(_REQUIRED_FIELDS)}")
@@ -426,11 +613,35 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None):
     config = config_from_hf(hf_config)
     tensors = gguf_checkpoint.hf_tensors(reader, hf_config)
   else:
-    config = config_from_hf(read_config(path))
+    hf_config = read_config(path)
+    config = config_from_hf(hf_config)
     tensors = read_safetensors(pathlib.Path(path))
+    if hf_config.get("model_type") == "gemma3":
+      tensors = gemma3_text_tensors(tensors, path)
   if param_dtype is not None:
     config = config.replace(param_dtype=param_dtype)
   return config, params_from_hf(config, tensors)
+
+
+def gemma3_text_tensors(tensors: Mapping[str, np.ndarray], source="the checkpoint"
+                        ) -> dict[str, np.ndarray]:
+  """The language model's tensors of a `gemma3` (vision + text) checkpoint, under the names a
+  text-only Gemma3ForCausalLM gives them; the vision tower and projector are left out, with a
+  warning naming how many tensors that is."""
+  text, vision = {}, 0
+  for name, tensor in tensors.items():
+    if name.startswith(_GEMMA3_VISION_PREFIXES):
+      vision += 1
+      continue
+    for prefix, replacement in _GEMMA3_TEXT_PREFIXES:
+      if name.startswith(prefix):
+        name = replacement + name[len(prefix):]
+        break
+    text[name] = tensor
+  if vision:
+    warnings.warn(f"{source}: gemma3 checkpoint holds a vision tower; only the text model is "
+                  f"supported: {vision} vision tensors were left out", stacklevel=3)
+  return text
 
 
 def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params, *,

@@ -1,7 +1,9 @@
 """Forward-only activation importance (Minitron §2.2) and depth importance, accumulated streaming.
 
 Width axes: per token an element has a magnitude (the L2 norm over head_dim of a head's output,
-|activation| for an MLP neuron, |normalised value| for an embedding channel). It is aggregated over
+|activation| for an MLP neuron, |normalised value| for an embedding channel). Embedding channels
+read every norm's output, the Gemma 2/3 post-norms included: those outputs are what each block
+writes into the residual stream on that channel, so a channel the blocks write loudly ranks high. It is aggregated over
 each sample's valid tokens (seq aggregation), then over samples (batch aggregation), each with
 mean, l2 or var. Per element we keep, for every seq aggregation s_b, the sums Σ_b s_b and Σ_b s_b²
 (in float64 on the host) and the sample count: that gives all nine (batch, seq) combinations
@@ -91,16 +93,17 @@ def _batch_statistics(config: ModelConfig, params, tokens, segment_ids, position
                       block_sizes: tuple[int, ...]):
   valid = segment_ids != 0
   keep_inputs = any(n > 1 for n in block_sizes)
+  norm_sites = (("attn_norm", "attn_post_norm", "mlp_norm", "mlp_post_norm") if config.post_norms
+                else ("attn_norm", "mlp_norm"))
 
   def per_layer(inter: model.Intermediates) -> dict[str, jax.Array]:
     head_norms = jnp.sqrt(jnp.sum(jnp.square(inter["attn_heads"].astype(jnp.float32)), -1))
     out = dict(
         heads=_per_sample(head_norms, valid),
         neurons=_per_sample(jnp.abs(inter["mlp_act"]), valid),
-        attn_norm=_per_sample(jnp.abs(inter["attn_norm"]), valid),
-        mlp_norm=_per_sample(jnp.abs(inter["mlp_norm"]), valid),
         cosine=_token_cosine_sum(inter["layer_input"], inter["layer_output"], valid),
     )
+    out.update({site: _per_sample(jnp.abs(inter[site]), valid) for site in norm_sites})
     if keep_inputs:
       out["layer_input"] = inter["layer_input"]
       out["layer_output"] = inter["layer_output"]
@@ -108,10 +111,11 @@ def _batch_statistics(config: ModelConfig, params, tokens, segment_ids, position
 
   final, per = model.hidden_states(config, params, tokens, segment_ids=segment_ids,
                                    positions=positions, intermediates_fn=per_layer)
-  # Embedding channels: every norm's output: [2L+1,3,B,D] (attn/mlp per layer, then final).
-  norms = jnp.concatenate([
-      jnp.stack([per["attn_norm"], per["mlp_norm"]], axis=1).reshape(-1, *per["mlp_norm"].shape[1:]),
-      _per_sample(jnp.abs(final), valid)[None]])
+  # Embedding channels: every norm's output, per layer in computation order, then the final one:
+  # [2L+1,3,B,D], or [4L+1,3,B,D] with post-norms.
+  per_layer_norms = jnp.stack([per[site] for site in norm_sites], axis=1)
+  norms = jnp.concatenate([per_layer_norms.reshape(-1, *per_layer_norms.shape[2:]),
+                           _per_sample(jnp.abs(final), valid)[None]])
   stats = dict(heads=per["heads"], neurons=per["neurons"], embedding=norms)
   cosines = {}
   for n in block_sizes:
@@ -143,7 +147,8 @@ _lm_loss_sums_jit = jax.jit(_lm_loss_sums, static_argnames=("config",))
 class Scores:
   """Importance statistics of one model; any aggregation is computed from them on demand.
 
-  stats['heads'] [L,3,2,N], stats['neurons'] [L,3,2,F], stats['embedding'] [2L+1,3,2,D]: for
+  stats['heads'] [L,3,2,N], stats['neurons'] [L,3,2,F], stats['embedding'] [2L+1,3,2,D] (4L+1
+  with post-norms): for
   each seq aggregation (mean, l2, var) the sums Σ_b s_b and Σ_b s_b² over `num_samples` samples.
   block_importance[n] [L-n+1]: BI of the n-layer block starting at each layer.
   drop_loss[n] [L-n+1]: LM loss increase when that block is removed (`base_loss` without).

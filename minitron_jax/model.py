@@ -22,7 +22,8 @@ from minitron_jax.config import ModelConfig
 Params = dict[str, Any]
 # The values the layer body exposes to importance and distillation, each per layer:
 #   layer_input [B,T,D], attn_norm [B,T,D], attn_heads [B,T,N,H] (before o_proj),
-#   mlp_norm [B,T,D], mlp_act [B,T,F] (input of down_proj), layer_output [B,T,D].
+#   mlp_norm [B,T,D], mlp_act [B,T,F] (input of down_proj), layer_output [B,T,D];
+#   with post_norms also attn_post_norm and mlp_post_norm [B,T,D] (what each branch adds).
 Intermediates = dict[str, jax.Array]
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -44,7 +45,8 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
 
 
 class Norm(nnx.Module):
-  """RMSNorm, or Nemotron's LayerNorm1P whose stored scale is offset by one."""
+  """RMSNorm; Gemma's RMSNorm (rms1p) or Nemotron's LayerNorm1P, whose stored scale is offset by
+  one. Computed in float32 and multiplied by the scale before casting back, as transformers does."""
 
   def __init__(self, size: int, kind: str, eps: float, dtype, rngs: nnx.Rngs, axis: str):
     self.kind, self.eps = kind, eps
@@ -53,9 +55,10 @@ class Norm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
-    if self.kind == "rms":
+    if self.kind in ("rms", "rms1p"):
       y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-      y = y * self.scale[...].astype(jnp.float32)
+      scale = self.scale[...].astype(jnp.float32)
+      y = y * (1.0 + scale if self.kind == "rms1p" else scale)
     else:
       centred = x32 - jnp.mean(x32, -1, keepdims=True)
       y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + self.eps)
@@ -63,12 +66,15 @@ class Norm(nnx.Module):
     return y.astype(x.dtype)
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
-  """Per-pair inverse frequencies [rotary_dim/2], computed in float32 as the reference does."""
+def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+  """Per-pair inverse frequencies [rotary_dim/2], computed in float32 as the reference does.
+
+  `local`: those of the sliding-window layers, at local_rope_theta and unscaled (Gemma 3)."""
   dim = config.rotary_dim
+  theta = config.local_rope_theta if local else config.rope_theta
   exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
-  scaling = config.rope_scaling
+  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+  scaling = None if local else config.rope_scaling
   if scaling is None:
     return inv_freq
   if scaling.kind == "linear":
@@ -86,9 +92,11 @@ def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
   return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rotary_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rotary_tables(config: ModelConfig, positions: jax.Array,
+                  local: bool = False) -> tuple[jax.Array, jax.Array]:
   """cos, sin of shape [B,T,rotary_dim] in float32 (the two halves repeat, as in rotate-half RoPE)."""
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(config))
+  inv_freq = rope_inverse_frequencies(config, local)
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 
@@ -123,8 +131,9 @@ class Attention(nnx.Module):
     if config.o_bias:
       self.o_bias = _param(rngs, (d,), ("embed",), dtype, "zeros")
     if config.qk_norm:
-      self.q_norm = Norm(h, "rms", config.norm_eps, dtype, rngs, axis="head_dim")
-      self.k_norm = Norm(h, "rms", config.norm_eps, dtype, rngs, axis="head_dim")
+      kind = "rms1p" if config.norm == "rms1p" else "rms"  # Gemma 3 offsets these by one too
+      self.q_norm = Norm(h, kind, config.norm_eps, dtype, rngs, axis="head_dim")
+      self.k_norm = Norm(h, kind, config.norm_eps, dtype, rngs, axis="head_dim")
 
   def __call__(self, x, cos, sin, segment_ids, window) -> tuple[jax.Array, jax.Array]:
     """x [B,T,D], segment_ids [B,T], window (int or traced int32) -> (output [B,T,D],
@@ -144,8 +153,10 @@ class Attention(nnx.Module):
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     b, t, _, h = q.shape
     q = q.reshape(b, t, cfg.num_key_value_heads, cfg.queries_per_group, h)
-    heads = attention.attend(q, k, v, segment_ids=segment_ids, window=window, scale=h ** -0.5,
-                             implementation=cfg.attention, block_size=cfg.attention_block_size)
+    scale = (cfg.query_pre_attn_scalar or h) ** -0.5
+    heads = attention.attend(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
+                             implementation=cfg.attention, block_size=cfg.attention_block_size,
+                             softcap=cfg.attn_logit_softcap)
     heads = heads.reshape(b, t, cfg.num_attention_heads, h)
     out = jnp.einsum("BTNH,NHD->BTD", heads, self.o_proj[...].astype(dt))
     if cfg.o_bias:
@@ -188,23 +199,34 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
+  """Pre-norm attention and MLP blocks; with post_norms each output is normalised again (Gemma 2/3)."""
 
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.param_dtype)
-    self.attn_norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
+    norm = lambda: Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
+    self.post_norms = config.post_norms
+    self.attn_norm = norm()
     self.attn = Attention(config, rngs)
-    self.mlp_norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
+    self.mlp_norm = norm()
     self.mlp = MLP(config, rngs)
+    if config.post_norms:
+      self.attn_post_norm = norm()
+      self.mlp_post_norm = norm()
 
   def __call__(self, x, cos, sin, segment_ids, window) -> tuple[jax.Array, Intermediates]:
     attn_in = self.attn_norm(x)
     attn_out, heads = self.attn(attn_in, cos, sin, segment_ids, window)
+    post = {}
+    if self.post_norms:
+      attn_out = post["attn_post_norm"] = self.attn_post_norm(attn_out)
     h = x + attn_out
     mlp_in = self.mlp_norm(h)
     mlp_out, act = self.mlp(mlp_in)
+    if self.post_norms:
+      mlp_out = post["mlp_post_norm"] = self.mlp_post_norm(mlp_out)
     y = h + mlp_out
     return y, dict(layer_input=x, attn_norm=attn_in, attn_heads=heads, mlp_norm=mlp_in,
-                   mlp_act=act, layer_output=y)
+                   mlp_act=act, layer_output=y, **post)
 
 
 class Decoder(nnx.Module):
@@ -231,7 +253,13 @@ class Decoder(nnx.Module):
     cfg = self.config
     dt = jnp.dtype(cfg.dtype)
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-    cos, sin = rotary_tables(cfg, positions)
+    if cfg.embedding_scale is not None:
+      # transformers rounds the scale to the compute dtype first (sqrt(3072) is 55.5 in bf16).
+      x = x * jnp.asarray(cfg.embedding_scale, jnp.float32).astype(dt)
+    tables = rotary_tables(cfg, positions)
+    local_layers = cfg.local_rope_layers()
+    # Gemma 3: local layers rotate at their own base; one table per kind, picked per layer.
+    local_tables = rotary_tables(cfg, positions, local=True) if any(local_layers) else None
     windows = [attention.NO_WINDOW if w is None else w for w in cfg.layer_windows()]
     # One window for every layer stays a Python int, which the fused kernels need; mixed
     # windows (Qwen2/3 layer_types) ride the scan as a traced int32 per layer.
@@ -240,9 +268,12 @@ class Decoder(nnx.Module):
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(carry, xs):
-      state, window = xs
+      state, window, local = xs
       layer = nnx.merge(graphdef, state)
       window = shared_window if shared_window is not None else window
+      cos, sin = tables
+      if any(local_layers):
+        cos, sin = jax.tree.map(lambda a, b: jnp.where(local, a, b), local_tables, tables)
       y, inter = layer(carry, cos, sin, segment_ids, window)
       return y, (intermediates_fn(inter) if intermediates_fn is not None else None)
 
@@ -250,7 +281,8 @@ class Decoder(nnx.Module):
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     elif cfg.remat == "dots":
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    x, stacked = jax.lax.scan(body, x, (layer_state, jnp.asarray(windows, jnp.int32)))
+    x, stacked = jax.lax.scan(body, x, (layer_state, jnp.asarray(windows, jnp.int32),
+                                        jnp.asarray(local_layers, bool)))
     return self.final_norm(x), stacked
 
 
@@ -324,9 +356,15 @@ def hidden_states(config: ModelConfig, params: Params, tokens: jax.Array, *,
   return _bind(config, params)(tokens, segment_ids, positions, intermediates_fn)
 
 
+def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
+  """cap * tanh(logits / cap) (Gemma 2's final logits); the identity when cap is None."""
+  return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
 def logits_from_hidden(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
   kernel = lm_head_kernel(config, params).astype(hidden.dtype)
-  return jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32)
+  logits = jnp.einsum("BTD,DV->BTV", hidden, kernel, preferred_element_type=jnp.float32)
+  return soft_cap(logits, config.final_logit_softcap)
 
 
 def _keep_all(intermediates: Intermediates) -> Intermediates:

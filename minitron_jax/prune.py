@@ -6,6 +6,17 @@ Every weight names its axes (`model.logical_axes`), so pruning is one rule per a
   mlp      -> kept neurons per layer     vocab, head_dim -> untouched
 All layers keep one width; within a layer, query heads are ranked inside their KV group so groups
 stay intact. Kept indices stay in their original order, so keeping everything is the identity.
+
+Depth pruning keeps each kept layer's own kind (sliding_window_layers is sliced, and with it the
+RoPE base of Gemma 3's local layers), so a local layer stays local wherever it lands.
+
+Width pruning of the embedding keeps `embedding_scale` (Gemma: sqrt of the unpruned width D). With
+it the pruned model computes exactly what the unpruned one computes with the pruned channels
+zeroed and every norm's gain multiplied by sqrt(D'/D): the one factor slicing introduces in any
+RMSNorm model, whose mean now runs over D' channels (tests/test_gemma.py checks both, Llama
+included). transformers' own sqrt(D') would shrink the embeddings' share of the residual stream by
+a further sqrt(D'/D) against the post-normed block outputs; hf.save folds the ratio into the
+exported weights, so the export still computes what the pruned model does.
 """
 
 from __future__ import annotations

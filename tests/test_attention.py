@@ -76,6 +76,33 @@ def test_splash_in_interpret_mode_equals_naive(window):
   _assert_close(actual, expected, 1e-5)
 
 
+@pytest.mark.parametrize("window,block_size", [(NO_WINDOW, 8), (5, 16), (NO_WINDOW, 512)])
+def test_soft_capped_blockwise_equals_naive(window, block_size):
+  """Gemma 2's cap * tanh(score / cap): naive differentiates through the tanh by autodiff, so
+  equal gradients check the chain rule blockwise's custom VJP applies by hand."""
+  q, k, v, segments, cotangent = _inputs()
+  q = 3 * q  # scores of a few units, so a cap of 2 bends most of them
+  expected = _loss_and_grads(lambda *a: attention.attend(
+      *a, segment_ids=segments, window=window, scale=SCALE, implementation="naive",
+      softcap=2.0), q, k, v, segments, cotangent)
+  actual = _loss_and_grads(lambda *a: attention.attend(
+      *a, segment_ids=segments, window=window, scale=SCALE, implementation="blockwise",
+      block_size=block_size, softcap=2.0), q, k, v, segments, cotangent)
+  _assert_close(actual, expected, 1e-5)
+  uncapped = _loss_and_grads(_path("naive", window, block_size, segments), q, k, v, segments,
+                             cotangent)
+  assert np.max(np.abs(np.asarray(uncapped[1][0]) - np.asarray(expected[1][0]))) > 1e-2
+
+
+def test_soft_capped_splash_in_interpret_mode_equals_naive():
+  q, k, v, segments, cotangent = _inputs()
+  run = lambda name: lambda *a: attention.attend(
+      *a, segment_ids=segments, window=5, scale=SCALE, implementation=name, block_size=128,
+      softcap=2.0)
+  _assert_close(_loss_and_grads(run("splash"), 3 * q, k, v, segments, cotangent),
+                _loss_and_grads(run("naive"), 3 * q, k, v, segments, cotangent), 1e-5)
+
+
 @pytest.mark.parametrize("implementation", ["blockwise", "splash"])
 def test_bfloat16_inputs_stay_close_to_float32(implementation):
   q, k, v, segments, cotangent = _inputs()
@@ -159,6 +186,8 @@ def test_attention_settings_are_compute_options():
     ("llama", {}, False),
     ("mistral", {}, False),  # one window for every layer: a Python int
     ("qwen2", dict(sliding_window=3, sliding_window_layers=(True, False)), True),  # traced
+    ("gemma2", {}, True),  # soft-capped scores and windows on alternate layers
+    ("gemma3", {}, False),  # local and global RoPE bases
 ])
 def test_model_blockwise_equals_naive(family, overrides, with_grads):
   config = config_lib.tiny(family, **overrides)
