@@ -43,8 +43,8 @@ def _run(ctx: stages.Context, staging) -> dict:
   hf.save(staging / "hf", config, host_params, dtype=cfg.export_dtype)
   reloaded_config, reloaded = hf.load(staging / "hf", param_dtype=config.param_dtype)
   probe = jnp.asarray(batches[0]["tokens"])
-  original_logits = np.asarray(model.apply(config, host_params, probe))
-  reloaded_logits = np.asarray(model.apply(reloaded_config.replace(dtype=config.dtype,
+  original_logits = distributed.to_host(model.apply(config, host_params, probe))
+  reloaded_logits = distributed.to_host(model.apply(reloaded_config.replace(dtype=config.dtype,
                                                                    remat=config.remat),
                                            reloaded, probe))
   round_trip_error = float(np.max(np.abs(original_logits - reloaded_logits)) /

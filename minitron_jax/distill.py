@@ -206,7 +206,10 @@ class Distiller:
 
   def _train_step(self, state, teacher_params, batch: Batch):
     accumulation = self.optimizer_config.accumulation_steps
-    micro = jax.tree.map(lambda x: x.reshape(accumulation, -1, *x.shape[1:]), batch)
+    # Micro-batch i takes rows i, i + accumulation, ...: each device keeps its own rows (a
+    # leading [accumulation, B/accumulation] split would move the batch sharding off B).
+    micro = jax.tree.map(
+        lambda x: x.reshape(-1, accumulation, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.value_and_grad(self.loss_terms, has_aux=True)
 
     def accumulate(carry, micro_batch):

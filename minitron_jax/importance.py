@@ -379,7 +379,8 @@ def estimate(config: ModelConfig, params, batches: Iterable, *,
                      else distributed.put(a, batch_sharding(a.shape)) for a in arrays]
     per_sample, cosines, has_tokens, n_tokens = _batch_statistics(
         config, params, *device_arrays, block_sizes=block_sizes)
-    has_tokens = np.asarray(has_tokens)
+    # Per-sample values stay split over the batch axes: gathered for every process alike.
+    per_sample, cosines, has_tokens = distributed.to_host((per_sample, cosines, has_tokens))
     for name, value in per_sample.items():  # [layers,3,B,E] -> [layers,3,2,E] in float64
       value = np.asarray(value, np.float64)[:, :, has_tokens]
       sums = np.stack([value.sum(2), np.square(value).sum(2)], axis=2)

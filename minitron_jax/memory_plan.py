@@ -191,7 +191,9 @@ def training_program(name: str, run: stages.RetrainSettings, total_steps: int, m
   seq_len = run.data.seq_len
 
   def lower(global_batch: int):
-    return distiller.train_step.lower(state, teacher, abstract_batch(mesh, global_batch, seq_len))
+    with jax.set_mesh(mesh):  # as pipeline.run traces it: activations pinned to the batch axes
+      return distiller.train_step.lower(state, teacher,
+                                        abstract_batch(mesh, global_batch, seq_len))
 
   return Program(name=name, seq_len=seq_len, global_batch=run.data.batch_size,
                  batch_multiple=_data_parallel(mesh) * run.optimizer.accumulation_steps,
@@ -206,9 +208,10 @@ def importance_program(config: ModelConfig, mesh, batch_size: int, seq_len: int,
 
   def lower(global_batch: int):
     batch = abstract_batch(mesh, global_batch, seq_len)
-    return importance._batch_statistics.lower(config, params, batch["tokens"],
-                                              batch["segment_ids"], batch["positions"],
-                                              block_sizes=block_sizes)
+    with jax.set_mesh(mesh):
+      return importance._batch_statistics.lower(config, params, batch["tokens"],
+                                                batch["segment_ids"], batch["positions"],
+                                                block_sizes=block_sizes)
 
   return Program(name="importance", seq_len=seq_len, global_batch=batch_size,
                  batch_multiple=_data_parallel(mesh), state=StateBytes(params=shard_bytes(params)),
@@ -222,8 +225,9 @@ def drop_loss_program(config: ModelConfig, mesh, batch_size: int, seq_len: int) 
 
   def lower(global_batch: int):
     batch = abstract_batch(mesh, global_batch, seq_len)
-    return importance._lm_loss_sums_jit.lower(config, params, batch["tokens"],
-                                              batch["segment_ids"], batch["positions"])
+    with jax.set_mesh(mesh):
+      return importance._lm_loss_sums_jit.lower(config, params, batch["tokens"],
+                                                batch["segment_ids"], batch["positions"])
 
   return Program(name="drop_loss", seq_len=seq_len, global_batch=batch_size,
                  batch_multiple=_data_parallel(mesh), state=StateBytes(params=shard_bytes(params)),

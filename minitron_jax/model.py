@@ -252,7 +252,7 @@ class Decoder(nnx.Module):
     """tokens [B,T] -> (final normed hidden [B,T,D], per-layer intermediates_fn outputs or None)."""
     cfg = self.config
     dt = jnp.dtype(cfg.dtype)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+    x = shard_batch_axis(jnp.take(self.embed[...], tokens, axis=0).astype(dt))
     if cfg.embedding_scale is not None:
       # transformers rounds the scale to the compute dtype first (sqrt(3072) is 55.5 in bf16).
       x = x * jnp.asarray(cfg.embedding_scale, jnp.float32).astype(dt)
@@ -274,7 +274,8 @@ class Decoder(nnx.Module):
       cos, sin = tables
       if any(local_layers):
         cos, sin = jax.tree.map(lambda a, b: jnp.where(local, a, b), local_tables, tables)
-      y, inter = layer(carry, cos, sin, segment_ids, window)
+      y, inter = layer(shard_batch_axis(carry), cos, sin, segment_ids, window)
+      y = shard_batch_axis(y)
       return y, (intermediates_fn(inter) if intermediates_fn is not None else None)
 
     if cfg.remat == "full":
@@ -284,6 +285,32 @@ class Decoder(nnx.Module):
     x, stacked = jax.lax.scan(body, x, (layer_state, jnp.asarray(windows, jnp.int32),
                                         jnp.asarray(local_layers, bool)))
     return self.final_norm(x), stacked
+
+
+# The mesh axes a batch is split over (sharding.LOGICAL_RULES' "batch"; named here because
+# sharding imports this module).
+_BATCH_MESH_AXES = ("data", "fsdp")
+
+
+def shard_batch_axis(x: jax.Array) -> jax.Array:
+  """x [B,...] with B split over the batch axes of the mesh in context (`jax.set_mesh`), as far
+  as they divide it; unchanged without a mesh.
+
+  Without it GSPMD follows the weights, whose embed axis FSDP splits, and every device holds
+  (and computes) the whole batch's activations.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  chosen, split = [], 1
+  for name in _BATCH_MESH_AXES:
+    size = dict(mesh.shape).get(name, 1)
+    if size > 1 and x.shape[0] % (split * size) == 0:
+      chosen.append(name)
+      split *= size
+  if not chosen:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(tuple(chosen)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -309,8 +336,11 @@ def init(config: ModelConfig, seed: int = 0, out_shardings=None) -> Params:
 
 
 def abstract_params(config: ModelConfig) -> Params:
-  """ShapeDtypeStructs of every weight, without allocating anything."""
-  return nnx.to_pure_dict(_graphdef_and_abstract_state(config)[1])
+  """ShapeDtypeStructs of every weight (shape and dtype only), without allocating anything."""
+  # Shapes cached while a mesh was set (jax.set_mesh) carry its abstract sharding, which would
+  # mean nothing to a caller outside it (orbax cannot restore onto an abstract mesh).
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                      nnx.to_pure_dict(_graphdef_and_abstract_state(config)[1]))
 
 
 def logical_axes(config: ModelConfig) -> Params:

@@ -20,6 +20,7 @@ import pathlib
 import time
 from typing import Callable
 
+import jax
 import ml_collections
 
 from minitron_jax import atomic, check, distributed, report, stages, validate
@@ -67,6 +68,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) 
     atomic.write_json(timings_path, timings)
     distributed.barrier(f"after {key}")
 
+  # Every stage computes on the run's mesh; the model pins activations to its batch axes.
+  with jax.set_mesh(stages.mesh_of(cfg)):
+    _run_stages(cfg, workdir, run_stage, log)
+
+
+def _run_stages(cfg, workdir: pathlib.Path, run_stage, log) -> None:
   original = stages.original_ref(cfg, workdir)
   base = Context(cfg=cfg, directory=workdir, source=original, teacher=original, log=log)
   for name in ("teacher_correction", "check"):

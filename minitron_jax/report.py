@@ -79,10 +79,12 @@ def run_evaluate(ctx: Context) -> dict:
       continue
     config, params = stages.load(cfg, ref, mesh)
     tok = stages.load_tokenizer(cfg, config.vocab_size)
-    metrics = evaluate.evaluate_model(
-        config, distributed.to_host(params), tok, tasks=tasks,
-        perplexity_batches=stages.validation(cfg, config.vocab_size),
-        batch_size=cfg.evaluate.batch_size, max_length=cfg.evaluate.max_length)
+    host_params = distributed.to_host(params)
+    with jax.set_mesh(None):  # every process scores on its own device with the whole model
+      metrics = evaluate.evaluate_model(
+          config, host_params, tok, tasks=tasks,
+          perplexity_batches=stages.validation(cfg, config.vocab_size),
+          batch_size=cfg.evaluate.batch_size, max_length=cfg.evaluate.max_length)
     results[label] = {"params": config.num_params(), **metrics}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     ctx.log(f"[evaluate] {label}: {shown}")

@@ -81,7 +81,8 @@ def test_state_bytes_are_the_real_states_shard_bytes(planned, real, mesh):
 def test_compiled_memory_matches_the_real_programs(planned, real, cfg, mesh):
   plan = memory_plan.measure(planned["distill"])
   batch = _batch(mesh, cfg.distill.batch_size, cfg.distill.seq_len)
-  compiled = real["distiller"].train_step.lower(real["state"], real["teacher"], batch).compile()
+  with jax.set_mesh(mesh):  # as pipeline.run traces every stage
+    compiled = real["distiller"].train_step.lower(real["state"], real["teacher"], batch).compile()
   assert plan.memory == memory_plan.CompiledMemory.of(compiled)
   assert plan.memory.alias > 0  # the state is donated
   assert plan.per_device_batch == 1  # 8 sequences over data x fsdp = 4, two micro-batches
@@ -89,9 +90,10 @@ def test_compiled_memory_matches_the_real_programs(planned, real, cfg, mesh):
   params = jax.device_put(model.init(real["source"], 0),
                           sharding.param_shardings(real["source"], mesh))
   batch = _batch(mesh, cfg.importance.batch_size, cfg.importance.seq_len)
-  compiled = importance._batch_statistics.lower(
-      real["source"], params, batch["tokens"], batch["segment_ids"], batch["positions"],
-      block_sizes=(1, 2)).compile()
+  with jax.set_mesh(mesh):
+    compiled = importance._batch_statistics.lower(
+        real["source"], params, batch["tokens"], batch["segment_ids"], batch["positions"],
+        block_sizes=(1, 2)).compile()
   assert (memory_plan.measure(planned["importance"]).memory
           == memory_plan.CompiledMemory.of(compiled))
 

@@ -62,3 +62,24 @@ def test_bad_mesh_is_a_one_line_error(mesh_config, devices, message):
 def test_mesh_fills_the_free_axis():
   assert sharding.MeshConfig(data=-1, fsdp=2, tensor=2).shape(8) == (2, 2, 2)
   assert sharding.MeshConfig().shape(8) == (8, 1, 1)
+
+
+def test_activations_are_split_over_the_batch_under_fsdp():
+  """With the run's mesh set, each device computes its own sequences: GSPMD alone follows the
+  FSDP-split weights and gives every device the whole batch."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
+  config = config_lib.tiny("llama")
+  params = sharding.shard_params(config, model.init(config, 0), mesh)
+  tokens = np.random.RandomState(0).randint(0, 256, (8, 16)).astype(np.int32)
+  tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
+
+  def per_device_rows(mesh_in_context):
+    with jax.set_mesh(mesh_in_context):
+      _, kept = model.hidden_states(config, params, tokens,
+                                    intermediates_fn=lambda inter: inter["mlp_act"])
+    return kept.sharding.shard_shape(kept.shape)[1]  # kept [L,B,T,F]
+
+  assert per_device_rows(mesh) == 1
+  assert per_device_rows(None) == 8  # what the constraint fixes
