@@ -3,9 +3,9 @@
 Width axes: per token an element has a magnitude (the L2 norm over head_dim of a head's output,
 |activation| for an MLP neuron, |normalised value| for an embedding channel). Embedding channels
 read every norm's output, the Gemma 2/3 post-norms included: those outputs are what each block
-writes into the residual stream on that channel, so a channel the blocks write loudly ranks high. It is aggregated over
-each sample's valid tokens (seq aggregation), then over samples (batch aggregation), each with
-mean, l2 or var. Per element we keep, for every seq aggregation s_b, the sums Σ_b s_b and Σ_b s_b²
+writes into the residual stream on that channel, so a channel the blocks write loudly ranks high.
+It is aggregated over each sample's valid tokens (seq aggregation), then over samples (batch
+aggregation), each with mean, l2 or var. Per element we keep, for every seq aggregation s_b, the sums Σ_b s_b and Σ_b s_b²
 (in float64 on the host) and the sample count: that gives all nine (batch, seq) combinations
 exactly, accumulates batch by batch, and does not depend on how samples are split into batches.
 
@@ -148,8 +148,7 @@ class Scores:
   """Importance statistics of one model; any aggregation is computed from them on demand.
 
   stats['heads'] [L,3,2,N], stats['neurons'] [L,3,2,F], stats['embedding'] [2L+1,3,2,D] (4L+1
-  with post-norms): for
-  each seq aggregation (mean, l2, var) the sums Σ_b s_b and Σ_b s_b² over `num_samples` samples.
+  with post-norms): for each seq aggregation (mean, l2, var) the sums Σ_b s_b and Σ_b s_b² over `num_samples` samples.
   block_importance[n] [L-n+1]: BI of the n-layer block starting at each layer.
   drop_loss[n] [L-n+1]: LM loss increase when that block is removed (`base_loss` without).
   """

@@ -287,14 +287,9 @@ class Decoder(nnx.Module):
     return self.final_norm(x), stacked
 
 
-# The mesh axes a batch is split over (sharding.LOGICAL_RULES' "batch"; named here because
-# sharding imports this module).
-_BATCH_MESH_AXES = ("data", "fsdp")
-
-
 def shard_batch_axis(x: jax.Array) -> jax.Array:
-  """x [B,...] with B split over the batch axes of the mesh in context (`jax.set_mesh`), as far
-  as they divide it; unchanged without a mesh.
+  """x [B,...] with B split as `sharding.batch_sharding` splits a batch, over the mesh in context
+  (`jax.set_mesh`); unchanged without a mesh.
 
   Without it GSPMD follows the weights, whose embed axis FSDP splits, and every device holds
   (and computes) the whole batch's activations.
@@ -302,15 +297,10 @@ def shard_batch_axis(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  chosen, split = [], 1
-  for name in _BATCH_MESH_AXES:
-    size = dict(mesh.shape).get(name, 1)
-    if size > 1 and x.shape[0] % (split * size) == 0:
-      chosen.append(name)
-      split *= size
-  if not chosen:
-    return x
-  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(tuple(chosen)))
+  from minitron_jax import sharding  # it imports this module for the weights' logical axes
+
+  spec = sharding.logical_to_spec(("batch",) + ("length",) * (x.ndim - 1), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 @functools.lru_cache(maxsize=64)
