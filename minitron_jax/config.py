@@ -10,7 +10,10 @@ import dataclasses
 import json
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron", "gemma", "gemma2", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron", "gemma", "gemma2", "gemma3",
+            "mixtral", "qwen2_moe", "qwen3_moe")
+# Families whose every layer's MLP is a sparse mixture of experts.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu2")
 # rms1p: Gemma's RMSNorm, whose stored scale is offset by one (it multiplies by 1 + w).
 NORMS = ("rms", "rms1p", "layernorm1p")
@@ -44,8 +47,8 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A pre-norm decoder-only transformer covering Llama 3.x, Mistral, Qwen2/3, Nemotron and the
-  Gemma 1/2/3 text models."""
+  """A pre-norm decoder-only transformer covering Llama 3.x, Mistral, Qwen2/3, Nemotron, the
+  Gemma 1/2/3 text models and the Mixtral / Qwen2-MoE / Qwen3-MoE mixtures of experts."""
 
   family: str
   vocab_size: int
@@ -84,6 +87,15 @@ class ModelConfig:
   local_rope_theta: float | None = None
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 8192
+  # Mixture of experts (every layer; 0 experts: a dense MLP of intermediate_size). With experts,
+  # intermediate_size is only carried for the Hugging Face config (Qwen's dense width).
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  # Renormalise the top-k routing probabilities to sum to one (Mixtral always does).
+  norm_topk_prob: bool = False
+  # Qwen2-MoE: a dense expert every token passes through, scaled by sigmoid(x . gate); 0: none.
+  shared_expert_intermediate_size: int = 0
   # Compute options; they never change what is saved.
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -130,6 +142,22 @@ class ModelConfig:
       need(len(self.sliding_window_layers) == self.num_layers,
            f"sliding_window_layers has {len(self.sliding_window_layers)} entries; "
            f"num_layers={self.num_layers}")
+    for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                 "shared_expert_intermediate_size"):
+      value = getattr(self, name)
+      need(isinstance(value, int) and value >= 0, f"{name}={value!r} must be a whole number")
+    if self.num_experts:
+      need(1 <= self.num_experts_per_tok <= self.num_experts,
+           f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+           f"{self.num_experts}]")
+      need(self.moe_intermediate_size > 0,
+           f"moe_intermediate_size={self.moe_intermediate_size} must be positive with experts")
+      need(self.gated_mlp, "gated_mlp=False with experts; allowed: gated experts")
+    else:
+      need(not (self.num_experts_per_tok or self.moe_intermediate_size
+                or self.shared_expert_intermediate_size),
+           "num_experts_per_tok, moe_intermediate_size and shared_expert_intermediate_size "
+           "need num_experts > 0")
     for name in ("embedding_scale", "query_pre_attn_scalar", "attn_logit_softcap",
                  "final_logit_softcap", "local_rope_theta"):
       value = getattr(self, name)
@@ -142,6 +170,10 @@ class ModelConfig:
   @property
   def queries_per_group(self) -> int:
     return self.num_attention_heads // self.num_key_value_heads
+
+  @property
+  def is_moe(self) -> bool:
+    return self.num_experts > 0
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
@@ -178,8 +210,7 @@ class ModelConfig:
       return (False,) * self.num_layers
     return tuple(w is not None for w in self.layer_windows())
 
-  def num_params(self) -> int:
-    """Exact parameter count of the weights this config describes (tied head counted once)."""
+  def _layer_params(self, active: bool) -> int:
     d, h = self.hidden_size, self.head_dim
     n, k, f = self.num_attention_heads, self.num_key_value_heads, self.intermediate_size
     norm = d * (2 if self.norm == "layernorm1p" else 1)
@@ -187,11 +218,50 @@ class ModelConfig:
     attn += h * (n + 2 * k) if self.qkv_bias else 0
     attn += d if self.o_bias else 0
     attn += 2 * h if self.qk_norm else 0
-    mlp = d * f * (3 if self.gated_mlp else 2)
-    mlp += (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
-    layer = (4 if self.post_norms else 2) * norm + attn + mlp
-    embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-    return embed + self.num_layers * layer + norm
+    if self.is_moe:
+      experts = self.num_experts_per_tok if active else self.num_experts
+      mlp = experts * 3 * d * self.moe_intermediate_size + d * self.num_experts  # + router
+      if self.shared_expert_intermediate_size:
+        mlp += 3 * d * self.shared_expert_intermediate_size + d  # + its sigmoid gate
+    else:
+      mlp = d * f * (3 if self.gated_mlp else 2)
+      mlp += (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
+    return (4 if self.post_norms else 2) * norm + attn + mlp
+
+  def num_params(self) -> int:
+    """Exact parameter count of the weights this config describes (tied head counted once)."""
+    norm = self.hidden_size * (2 if self.norm == "layernorm1p" else 1)
+    embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+    return embed + self.num_layers * self._layer_params(active=False) + norm
+
+  def num_active_params(self) -> int:
+    """Parameters one token computes with: num_params less the experts it is not routed to
+    (embeddings and the LM head count in full, as model cards count them)."""
+    norm = self.hidden_size * (2 if self.norm == "layernorm1p" else 1)
+    embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+    return embed + self.num_layers * self._layer_params(active=True) + norm
+
+  def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str = "bfloat16") -> int:
+    """Bytes of the keys and values a generation of `batch` sequences of `seq_len` tokens keeps;
+    a sliding-window layer keeps the last window - 1 (the next token attends to them and to
+    itself), as transformers' cache does."""
+    per_token = 2 * self.num_key_value_heads * self.head_dim * dtype_bytes(dtype)
+    kept = sum(seq_len if w is None else min(seq_len, w - 1) for w in self.layer_windows())
+    return batch * kept * per_token
+
+  def memory_bytes(self, batch: int, seq_len: int, dtype: str = "bfloat16") -> int:
+    """Serving memory: every weight at `dtype` plus the KV cache of `kv_cache_bytes`."""
+    return self.num_params() * dtype_bytes(dtype) + self.kv_cache_bytes(batch, seq_len, dtype)
+
+
+# Bytes per element of the dtypes a memory budget can be counted at.
+MEMORY_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1}
+
+
+def dtype_bytes(dtype: str) -> int:
+  if dtype not in MEMORY_DTYPES:
+    raise ConfigError(f"memory dtype={dtype!r} is not supported; allowed: {sorted(MEMORY_DTYPES)}")
+  return MEMORY_DTYPES[dtype]
 
 
 def _preset(defaults: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
@@ -254,6 +324,22 @@ def gemma3_1b(**overrides) -> ModelConfig:
       max_position_embeddings=32768), overrides)
 
 
+def mixtral_8x7b(**overrides) -> ModelConfig:
+  return _preset(dict(
+      family="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_attention_heads=32,
+      num_key_value_heads=8, head_dim=128, intermediate_size=14336, num_experts=8,
+      num_experts_per_tok=2, moe_intermediate_size=14336, norm_topk_prob=True,
+      rope_theta=1e6, max_position_embeddings=32768), overrides)
+
+
+def qwen3_30b_a3b(**overrides) -> ModelConfig:
+  return _preset(dict(
+      family="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48,
+      num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
+      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+      qk_norm=True, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960), overrides)
+
+
 def tiny(family: str = "llama", **overrides) -> ModelConfig:
   """A few-hundred-thousand-parameter model of the given family, for tests and smoke runs."""
   base = dict(family=family, vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4,
@@ -276,6 +362,14 @@ def tiny(family: str = "llama", **overrides) -> ModelConfig:
       "gemma3": dict(_GEMMA2, embedding_scale=hidden ** 0.5, query_pre_attn_scalar=24.0,
                      qk_norm=True, rope_theta=1e6, local_rope_theta=1e4, sliding_window=8,
                      sliding_window_layers=_gemma_layers(layers, 2)),
+      # Few enough experts that every one sees tokens in a short test batch.
+      "mixtral": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      norm_topk_prob=True, rope_theta=1e6),
+      "qwen3_moe": dict(qk_norm=True, norm_eps=1e-6, rope_theta=1e6, num_experts=6,
+                        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+      "qwen2_moe": dict(qkv_bias=True, norm_eps=1e-6, rope_theta=1e6, num_experts=4,
+                        num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=48),
   }
   if family not in family_specific:
     raise ConfigError(f"family={family!r} is not supported; allowed: {FAMILIES}")
@@ -288,5 +382,7 @@ PRESETS = {
     "nemotron4_15b": nemotron4_15b,
     "gemma2_2b": gemma2_2b,
     "gemma3_1b": gemma3_1b,
+    "mixtral_8x7b": mixtral_8x7b,
+    "qwen3_30b_a3b": qwen3_30b_a3b,
     "tiny": tiny,
 }

@@ -26,9 +26,9 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from minitron_jax import atomic, distributed, gguf_checkpoint
+from minitron_jax import atomic, distributed, gguf_checkpoint, hf_moe
 from minitron_jax import model as model_lib
-from minitron_jax.config import ACTIVATIONS, ConfigError, ModelConfig, RopeScaling
+from minitron_jax.config import ACTIVATIONS, MOE_FAMILIES, ConfigError, ModelConfig, RopeScaling
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -39,6 +39,7 @@ _ARCHITECTURES = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    **hf_moe.ARCHITECTURES,
 }
 # Family -> Hugging Face model_type where the two differ.
 _MODEL_TYPES = {"gemma3": "gemma3_text"}
@@ -54,7 +55,7 @@ _GEMMA3_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.m
                          ("language_model.lm_head.", "lm_head."))
 _GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
                            "model.multi_modal_projector.")
-_CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_CARRIED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", *hf_moe.CARRIED_FIELDS)
 _REQUIRED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_size")
 _DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -158,8 +159,12 @@ def _gemma_layer_types(hf: Mapping[str, Any], family: str, num_layers: int) -> l
 
 
 def _sliding_from_hf(hf: Mapping[str, Any], family: str, num_layers: int):
-  if family == "mistral":
+  if family in ("mistral", "mixtral"):
     return hf.get("sliding_window"), None
+  if family in ("qwen2_moe", "qwen3_moe"):
+    if hf.get("use_sliding_window", False):
+      raise ConfigError(f"use_sliding_window=True is not supported for {family}; allowed: false")
+    return None, None
   if family in ("gemma2", "gemma3"):
     layer_types = _gemma_layer_types(hf, family, num_layers)
     unknown = set(layer_types) - {"sliding_attention", "full_attention"}
@@ -248,6 +253,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     theta, scaling, partial = _rope_from_hf(hf, family)
   window, window_layers = _sliding_from_hf(hf, family, num_layers)
   attention_bias = bool(hf.get("attention_bias", False))
+  moe = family in MOE_FAMILIES
   default_head_dim = {"qwen3": 128, "gemma": 256, "gemma2": 256, "gemma3": 256}.get(
       family, hf["hidden_size"] // heads)
   softcaps = {"gemma2": (50.0, 30.0)}.get(family, (None, None))  # Gemma2Config's defaults
@@ -267,10 +273,11 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
       norm={"nemotron": "layernorm1p"}.get(family, "rms1p" if gemma else "rms"),
       norm_eps=float(hf.get("norm_eps" if family == "nemotron" else "rms_norm_eps",
                             1e-5 if family == "nemotron" else 1e-6)),
-      qkv_bias=True if family == "qwen2" else attention_bias,
-      o_bias=False if family == "qwen2" else attention_bias,
+      qkv_bias={"qwen2": True, "qwen2_moe": bool(hf.get("qkv_bias", True))}.get(
+          family, attention_bias),
+      o_bias=False if family in ("qwen2", "qwen2_moe") else attention_bias,
       mlp_bias=bool(hf.get("mlp_bias", False)),
-      qk_norm=family in ("qwen3", "gemma3"),
+      qk_norm=family in ("qwen3", "gemma3", "qwen3_moe"),
       post_norms=family in ("gemma2", "gemma3"),
       embedding_scale=hf["hidden_size"] ** 0.5 if gemma else None,
       query_pre_attn_scalar=(float(hf.get("query_pre_attn_scalar", 256))
@@ -287,6 +294,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
       max_position_embeddings=hf.get("max_position_embeddings", 8192),
       hf_extras=tuple((k, tuple(v) if isinstance(v, list) else v)
                       for k, v in hf.items() if k in _CARRIED_FIELDS and v is not None),
+      **(hf_moe.config_fields(hf, family) if moe else {}),
   )
 
 
@@ -300,10 +308,12 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
 
   uniform_bias = config.qkv_bias == config.o_bias
   gemma, sandwich = family in _GEMMA_FAMILIES, family in ("gemma2", "gemma3")
+  refuse_unless(config.is_moe == (family in MOE_FAMILIES), f"num_experts={config.num_experts}")
   refuse_unless(config.gated_mlp == (family != "nemotron"), f"gated_mlp={config.gated_mlp}")
   refuse_unless(config.norm == {"nemotron": "layernorm1p"}.get(family, "rms1p" if gemma else "rms"),
                 f"norm={config.norm!r}")
-  refuse_unless(config.qk_norm == (family in ("qwen3", "gemma3")), f"qk_norm={config.qk_norm}")
+  refuse_unless(config.qk_norm == (family in ("qwen3", "gemma3", "qwen3_moe")),
+                f"qk_norm={config.qk_norm}")
   refuse_unless(config.post_norms == sandwich, f"post_norms={config.post_norms}")
   # A Gemma embedding scale other than sqrt(hidden) (a pruned model's) is folded into the weights
   # by params_to_hf; other families have none.
@@ -322,15 +332,18 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
   if family == "qwen2":
     refuse_unless(config.qkv_bias and not config.o_bias and not config.mlp_bias,
                   f"qkv_bias={config.qkv_bias}, o_bias={config.o_bias}, mlp_bias={config.mlp_bias}")
-  elif family in ("mistral",):
+  elif family == "qwen2_moe":
+    refuse_unless(not config.o_bias and not config.mlp_bias,
+                  f"o_bias={config.o_bias}, mlp_bias={config.mlp_bias}")
+  elif family in ("mistral", "mixtral"):
     refuse_unless(not (config.qkv_bias or config.o_bias or config.mlp_bias), "biases")
   else:
     refuse_unless(uniform_bias, f"qkv_bias={config.qkv_bias} with o_bias={config.o_bias}")
   refuse_unless(family in ("llama", "nemotron") or not config.mlp_bias,
                 f"mlp_bias={config.mlp_bias}")
-  refuse_unless(family in ("mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+  refuse_unless(family in ("mistral", "mixtral", "qwen2", "qwen3", "gemma2", "gemma3")
                 or config.sliding_window is None, f"sliding_window={config.sliding_window}")
-  refuse_unless(family != "mistral" or config.sliding_window_layers is None,
+  refuse_unless(family not in ("mistral", "mixtral") or config.sliding_window_layers is None,
                 "per-layer sliding windows")
 
   rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
@@ -391,12 +404,18 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
               attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
   else:
     hf["rms_norm_eps"] = config.norm_eps
-  if family in ("llama", "qwen3"):
+  if family in ("llama", "qwen3", "qwen3_moe"):
     hf["attention_bias"] = config.qkv_bias
   if family == "llama":
     hf["mlp_bias"] = config.mlp_bias
-  if family == "mistral":
+  if family in ("mistral", "mixtral"):
     hf["sliding_window"] = config.sliding_window
+  if config.is_moe:
+    hf.update(hf_moe.config_to_hf(config))
+  if family == "qwen2_moe":
+    hf["qkv_bias"] = config.qkv_bias
+  if family in ("qwen2_moe", "qwen3_moe"):
+    hf.update(use_sliding_window=False, sliding_window=None)
   if family in ("qwen2", "qwen3"):
     hf.update(use_sliding_window=config.sliding_window is not None,
               sliding_window=config.sliding_window,
@@ -413,7 +432,8 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
 def _tensor_map(config: ModelConfig):
   """Yields (our path, abstract leaf, HF name or per-layer name template, layout) per weight."""
   flat = jax.tree_util.tree_flatten_with_path(model_lib.abstract_params(config))[0]
-  layer_tensors = {**_LAYER_TENSORS, **(_POST_NORM_TENSORS if config.post_norms else {})}
+  layer_tensors = {**_LAYER_TENSORS, **(_POST_NORM_TENSORS if config.post_norms else {}),
+                   **(hf_moe.layer_tensors(config.family) if config.is_moe else {})}
   for key_path, leaf in flat:
     path = tuple(k.key for k in key_path)
     if path[0] == "layers":
@@ -422,6 +442,10 @@ def _tensor_map(config: ModelConfig):
     else:
       name, layout = _TOP_TENSORS[path]
       yield path, leaf, name, layout
+
+
+def _per_expert(layout) -> bool:
+  return isinstance(layout, tuple) and layout[0] == "experts"
 
 
 def _to_ours(tensor: np.ndarray, shape: tuple[int, ...], layout: Layout) -> np.ndarray:
@@ -460,7 +484,12 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> mo
     return tensor
 
   for path, leaf, name, layout in _tensor_map(config):
-    if path[0] == "layers":
+    if _per_expert(layout):  # [L,E,...]: one tensor per layer and expert
+      per_expert = leaf.shape[2:]
+      value = np.stack([np.stack([
+          _to_ours(take(name.format(i, e=e), per_expert), per_expert, layout[1])
+          for e in range(config.num_experts)]) for i in range(config.num_layers)])
+    elif path[0] == "layers":
       per_layer = leaf.shape[1:]
       value = np.stack([_to_ours(take(name.format(i), per_layer), per_layer, layout)
                         for i in range(config.num_layers)])
@@ -504,7 +533,11 @@ def params_to_hf(config: ModelConfig, params: model_lib.Params) -> dict[str, np.
     for key in path:
       value = value[key]
     value = np.asarray(value)
-    if path[0] == "layers":
+    if _per_expert(layout):
+      for i in range(config.num_layers):
+        for e in range(config.num_experts):
+          tensors[name.format(i, e=e)] = _to_hf(value[i, e], layout[1])
+    elif path[0] == "layers":
       for i in range(config.num_layers):
         tensors[name.format(i)] = _to_hf(value[i], layout)
     else:

@@ -235,7 +235,7 @@ def drop_loss_program(config: ModelConfig, mesh, batch_size: int, seq_len: int) 
 
 
 def _data_parallel(mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape.get("expert", 1)
 
 
 # ----------------------------------------------------------------------------- from a config

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minitron_jax import attention
+from minitron_jax import attention, moe
 from minitron_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -24,6 +24,10 @@ Params = dict[str, Any]
 #   layer_input [B,T,D], attn_norm [B,T,D], attn_heads [B,T,N,H] (before o_proj),
 #   mlp_norm [B,T,D], mlp_act [B,T,F] (input of down_proj), layer_output [B,T,D];
 #   with post_norms also attn_post_norm and mlp_post_norm [B,T,D] (what each branch adds).
+# A mixture of experts has no mlp_act; it exposes instead router_logits [B,T,E], expert_index and
+#   expert_weight [B,T,K] (the K experts each token is routed to and their weights),
+#   expert_act [B,T,K,F] and expert_output [B,T,K,D] (each routed expert's down_proj input and
+#   unweighted output), and with a shared expert shared_act [B,T,Fs].
 Intermediates = dict[str, jax.Array]
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -165,20 +169,22 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Gated (SwiGLU-style) or plain (Nemotron relu²) feed-forward block."""
+  """Gated (SwiGLU-style) or plain (Nemotron relu²) feed-forward block; `width` and `axis` name
+  another one of its kind (a mixture's shared expert)."""
 
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-    d, f = config.hidden_size, config.intermediate_size
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, width: int | None = None,
+               axis: str = "mlp"):
+    d, f = config.hidden_size, width or config.intermediate_size
     dtype = jnp.dtype(config.param_dtype)
     self.config = config
     if config.gated_mlp:
-      self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
-    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), dtype)
-    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+      self.gate_proj = _param(rngs, (d, f), ("embed", axis), dtype)
+    self.up_proj = _param(rngs, (d, f), ("embed", axis), dtype)
+    self.down_proj = _param(rngs, (f, d), (axis, "embed"), dtype)
     if config.mlp_bias:
       if config.gated_mlp:
-        self.gate_bias = _param(rngs, (f,), ("mlp",), dtype, "zeros")
-      self.up_bias = _param(rngs, (f,), ("mlp",), dtype, "zeros")
+        self.gate_bias = _param(rngs, (f,), (axis,), dtype, "zeros")
+      self.up_bias = _param(rngs, (f,), (axis,), dtype, "zeros")
       self.down_bias = _param(rngs, (d,), ("embed",), dtype, "zeros")
 
   def __call__(self, x) -> tuple[jax.Array, jax.Array]:
@@ -198,6 +204,46 @@ class MLP(nnx.Module):
     return out, act
 
 
+class MixtureOfExperts(nnx.Module):
+  """A router picks each token's top-k of `num_experts` gated MLPs and mixes their outputs by
+  its softmax weights (moe.py dispatches them); Qwen2-MoE adds a shared expert every token
+  passes through, scaled by sigmoid(x . shared_gate)."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, e, f = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    dtype = jnp.dtype(config.param_dtype)
+    self.config = config
+    self.router = _param(rngs, (d, e), ("embed", "experts"), dtype)
+    self.gate_proj = _param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), dtype)
+    self.up_proj = _param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), dtype)
+    self.down_proj = _param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), dtype)
+    if config.shared_expert_intermediate_size:
+      self.shared = MLP(config, rngs, width=config.shared_expert_intermediate_size,
+                        axis="shared_mlp")
+      self.shared_gate = _param(rngs, (d, 1), ("embed", "unit"), dtype)
+
+  def __call__(self, x) -> tuple[jax.Array, Intermediates]:
+    """x [B,T,D] -> (output [B,T,D], the routing intermediates listed at the top of model.py)."""
+    cfg, dt = self.config, x.dtype
+    # Routing is discontinuous: logits rounded to bf16 would flip near-tied experts, so they
+    # keep float32 (transformers rounds them to the compute dtype; fp32 runs are identical).
+    logits = jnp.einsum("BTD,DE->BTE", x, self.router[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    weights, indices = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    weights = weights.astype(dt)  # transformers casts them to the router's dtype too
+    outputs, act = moe.experts(x, indices, self.gate_proj[...].astype(dt),
+                               self.up_proj[...].astype(dt), self.down_proj[...].astype(dt),
+                               _ACTIVATIONS[cfg.activation])
+    out = jnp.einsum("BTKD,BTK->BTD", outputs, weights)
+    inter = dict(router_logits=logits, expert_index=indices, expert_weight=weights,
+                 expert_act=act, expert_output=outputs)
+    if cfg.shared_expert_intermediate_size:
+      shared, inter["shared_act"] = self.shared(x)
+      gate = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x, self.shared_gate[...].astype(dt)))
+      out = out + gate * shared
+    return out, inter
+
+
 class DecoderLayer(nnx.Module):
   """Pre-norm attention and MLP blocks; with post_norms each output is normalised again (Gemma 2/3)."""
 
@@ -208,7 +254,10 @@ class DecoderLayer(nnx.Module):
     self.attn_norm = norm()
     self.attn = Attention(config, rngs)
     self.mlp_norm = norm()
-    self.mlp = MLP(config, rngs)
+    if config.is_moe:
+      self.moe = MixtureOfExperts(config, rngs)
+    else:
+      self.mlp = MLP(config, rngs)
     if config.post_norms:
       self.attn_post_norm = norm()
       self.mlp_post_norm = norm()
@@ -221,12 +270,16 @@ class DecoderLayer(nnx.Module):
       attn_out = post["attn_post_norm"] = self.attn_post_norm(attn_out)
     h = x + attn_out
     mlp_in = self.mlp_norm(h)
-    mlp_out, act = self.mlp(mlp_in)
+    if hasattr(self, "moe"):
+      mlp_out, mlp_inter = self.moe(mlp_in)
+    else:
+      mlp_out, act = self.mlp(mlp_in)
+      mlp_inter = dict(mlp_act=act)
     if self.post_norms:
       mlp_out = post["mlp_post_norm"] = self.mlp_post_norm(mlp_out)
     y = h + mlp_out
     return y, dict(layer_input=x, attn_norm=attn_in, attn_heads=heads, mlp_norm=mlp_in,
-                   mlp_act=act, layer_output=y, **post)
+                   layer_output=y, **mlp_inter, **post)
 
 
 class Decoder(nnx.Module):

@@ -32,7 +32,20 @@ from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.importance import Aggregation, Scores
 
 TARGET_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size")
+               "intermediate_size", "num_experts", "moe_intermediate_size",
+               "shared_expert_intermediate_size")
+_DENSE_KEYS = TARGET_KEYS[:5]
+_MOE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+             "num_experts", "moe_intermediate_size")
+
+
+def target_keys(config: ModelConfig) -> tuple[str, ...]:
+  """The sizes pruning can change in this model: a mixture of experts prunes experts and their
+  width instead of a dense MLP (and its shared expert's width, when it has one)."""
+  if not config.is_moe:
+    return _DENSE_KEYS
+  return _MOE_KEYS + (("shared_expert_intermediate_size",)
+                      if config.shared_expert_intermediate_size else ())
 DEPTH_CRITERIA = ("block_importance", "drop_loss")
 
 
@@ -52,10 +65,16 @@ class Selection:
 
 def validate_target(config: ModelConfig, target: Mapping[str, int]) -> dict[str, int]:
   """The full target (unspecified sizes keep the source's); one-line errors for bad values."""
+  keys = target_keys(config)
   unknown = sorted(set(target) - set(TARGET_KEYS))
   if unknown:
-    raise ConfigError(f"target keys {unknown} are unknown; allowed: {list(TARGET_KEYS)}")
-  full = {key: int(target.get(key, getattr(config, key))) for key in TARGET_KEYS}
+    raise ConfigError(f"target keys {unknown} are unknown; allowed: {list(keys)}")
+  foreign = sorted(set(target) - set(keys))
+  if foreign:
+    kind = "a mixture of experts" if config.is_moe else "a dense model"
+    raise ConfigError(f"target keys {foreign} do not apply to {kind} ({config.family}); "
+                      f"allowed: {list(keys)}")
+  full = {key: int(target.get(key, getattr(config, key))) for key in keys}
   for key, value in full.items():
     source = getattr(config, key)
     if value < 1:
@@ -249,10 +268,11 @@ def iterative_targets(config: ModelConfig, target: Mapping[str, int], rounds: in
   if not isinstance(rounds, int) or rounds < 1:
     raise ConfigError(f"rounds={rounds!r} must be at least 1")
   full = validate_target(config, target)
-  source = {key: getattr(config, key) for key in TARGET_KEYS}
+  keys = target_keys(config)
+  source = {key: getattr(config, key) for key in keys}
   steps = []
   for r in range(1, rounds):
-    step = {key: source[key] - (source[key] - full[key]) * r // rounds for key in TARGET_KEYS}
+    step = {key: source[key] - (source[key] - full[key]) * r // rounds for key in keys}
     groups = step["num_key_value_heads"]
     per_group = -(-step["num_attention_heads"] // groups)  # ceil: never below the final target
     step["num_attention_heads"] = min(groups * per_group, groups * config.queries_per_group)

@@ -19,11 +19,13 @@ from minitron_jax import distributed
 from minitron_jax import model as model_lib
 from minitron_jax.config import ConfigError, ModelConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# expert: expert parallelism; a mixture's experts are split over it, and so is the batch, so the
+# dense parts of the model stay data-parallel across it.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical axis -> mesh axes it is split over (tried in order; each mesh axis used once per array).
 LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("layers", ()),
     ("vocab", ("tensor",)),
     ("embed", ("fsdp",)),
@@ -31,6 +33,10 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kv_heads", ("tensor",)),
     ("head_dim", ()),
     ("mlp", ("tensor",)),
+    ("experts", ("expert",)),
+    ("moe_mlp", ("tensor",)),
+    ("shared_mlp", ("tensor",)),
+    ("unit", ()),
     ("length", ()),
 )
 
@@ -42,9 +48,10 @@ class MeshConfig:
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  expert: int = 1
 
-  def shape(self, num_devices: int) -> tuple[int, int, int]:
-    sizes = [self.data, self.fsdp, self.tensor]
+  def shape(self, num_devices: int) -> tuple[int, int, int, int]:
+    sizes = [self.data, self.fsdp, self.tensor, self.expert]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
       raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} is invalid; allowed: positive sizes "
                         "and at most one -1")
@@ -100,7 +107,8 @@ def shard_params(config: ModelConfig, params, mesh: Mesh, rules=LOGICAL_RULES):
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """Leading (batch) axis over data x fsdp as far as they divide it, the rest replicated."""
+  """Leading (batch) axis over data x fsdp x expert as far as they divide it, the rest
+  replicated."""
   axes = ("batch",) + ("length",) * (len(shape) - 1)
   return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
 

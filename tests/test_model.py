@@ -40,18 +40,37 @@ def test_packed_segments_equal_separate_sequences(family):
                              rtol=1e-5, atol=1e-5)
 
 
+def _same_routing(config, params, low_config, low_params, tokens) -> np.ndarray:
+  """[B,T]: tokens routed to the same experts in every layer (all of them for dense models).
+
+  Routing is discontinuous: bf16 rounding may swap a token's near-tied experts, and that
+  token's output then differs by far more than rounding, as in any MoE implementation."""
+  if not config.is_moe:
+    return np.ones(tokens.shape, bool)
+  routed = [np.sort(np.asarray(model.apply(c, p, tokens, return_intermediates=True)[1]
+                               ["expert_index"]), -1)
+            for c, p in ((config, params), (low_config, low_params))]
+  return np.all(routed[0] == routed[1], axis=(0, -1))
+
+
 @pytest.mark.parametrize("family", config_lib.FAMILIES)
 def test_bfloat16_compute_stays_close_to_float32(family):
   config = config_lib.tiny(family)
   params = _scaled_random_params(config)
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (2, 16)))
   reference = model.apply(config, params, tokens)
-  bf16 = model.apply(config.replace(dtype="bfloat16"), params, tokens)
+  low_config = config.replace(dtype="bfloat16")
+  bf16 = model.apply(low_config, params, tokens)
   assert bf16.dtype == jnp.float32
-  assert _relative_error(bf16, reference) < 5e-2
+  same = _same_routing(config, params, low_config, params, tokens)
+  assert same.mean() >= 0.9
+  assert _relative_error(np.asarray(bf16)[same], np.asarray(reference)[same]) < 5e-2
   bf16_params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
-  both = model.apply(config.replace(dtype="bfloat16", param_dtype="bfloat16"), bf16_params, tokens)
-  assert _relative_error(both, reference) < 5e-2
+  low_config = config.replace(dtype="bfloat16", param_dtype="bfloat16")
+  both = model.apply(low_config, bf16_params, tokens)
+  same = _same_routing(config, params, low_config, bf16_params, tokens)
+  assert same.mean() >= 0.9
+  assert _relative_error(np.asarray(both)[same], np.asarray(reference)[same]) < 5e-2
   # bf16 must actually be used: results differ from fp32 beyond fp32 rounding.
   assert _relative_error(bf16, reference) > 1e-5
 

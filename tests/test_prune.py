@@ -41,7 +41,7 @@ def _zeroed(params, edits):
 @pytest.mark.parametrize("family", config_lib.FAMILIES)
 def test_keeping_everything_is_the_identity(family):
   config, params, scores = _setup(family)
-  full = {k: getattr(config, k) for k in prune.TARGET_KEYS}
+  full = {k: getattr(config, k) for k in prune.target_keys(config)}
   pruned_config, pruned = prune.prune(config, params, scores, full, head_merging=True)
   assert pruned_config == config
   jax.tree.map(np.testing.assert_array_equal, pruned, params)

@@ -60,8 +60,9 @@ def test_bad_mesh_is_a_one_line_error(mesh_config, devices, message):
 
 
 def test_mesh_fills_the_free_axis():
-  assert sharding.MeshConfig(data=-1, fsdp=2, tensor=2).shape(8) == (2, 2, 2)
-  assert sharding.MeshConfig().shape(8) == (8, 1, 1)
+  assert sharding.MeshConfig(data=-1, fsdp=2, tensor=2).shape(8) == (2, 2, 2, 1)
+  assert sharding.MeshConfig().shape(8) == (8, 1, 1, 1)
+  assert sharding.MeshConfig(data=2, expert=4).shape(8) == (2, 1, 1, 4)
 
 
 def test_activations_are_split_over_the_batch_under_fsdp():

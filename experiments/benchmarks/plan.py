@@ -49,7 +49,7 @@ CAVEAT = ("parameters and optimizer: exact per-device shard bytes; argument/outp
 
 def parse_mesh(text: str) -> dict[str, int]:
   """'data=1,fsdp=8,tensor=1' -> sizes; every axis explicit, since the devices are simulated."""
-  sizes = dict(data=1, fsdp=1, tensor=1)
+  sizes = dict(data=1, fsdp=1, tensor=1, expert=1)
   for part in filter(None, text.split(",")):
     name, _, value = part.partition("=")
     if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:

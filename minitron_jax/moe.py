@@ -1,0 +1,76 @@
+"""Sparse mixture-of-experts pieces as pure functions: top-k routing, grouped expert matmuls and
+the router's load-balancing loss.
+
+Axis letters (as in model.py): B batch, T positions, D hidden, E experts, K experts per token
+(top-k), F expert width, M = B*T*K routed (token, expert) pairs.
+
+Dispatch sorts the M pairs by expert and runs each projection as one grouped matmul
+(`jax.lax.ragged_dot`): every token reaches exactly its K experts, with no capacity limit and
+so no dropped tokens, and no loop over experts. The work is M x D x F per projection, what the
+routed tokens need, never E times that.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
+  """router_logits [...,E] -> (weights [...,K] float32, expert indices [...,K] int32).
+
+  Softmax over every expert in float32, then the K largest; `normalize` rescales those K to sum
+  to one (Mixtral, Qwen3-MoE's norm_topk_prob)."""
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
+  weights, indices = jax.lax.top_k(probs, top_k)
+  if normalize:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, indices.astype(jnp.int32)
+
+
+def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax.Array,
+            down_proj: jax.Array, activation: Callable[[jax.Array], jax.Array]
+            ) -> tuple[jax.Array, jax.Array]:
+  """Each token through each of its K experts (gated MLPs), unweighted.
+
+  x [B,T,D], indices [B,T,K], gate_proj / up_proj [E,D,F], down_proj [E,F,D] ->
+  (outputs [B,T,K,D], activations [B,T,K,F] that feed each expert's down_proj).
+  """
+  b, t, d = x.shape
+  k = indices.shape[-1]
+  num_experts = gate_proj.shape[0]
+  flat = indices.reshape(-1)  # [M]
+  order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
+  group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
+  routed = jnp.take(x.reshape(b * t, d), order // k, axis=0)  # [M,D], sorted
+  gate = jax.lax.ragged_dot(routed, gate_proj, group_sizes)  # [M,F]
+  up = jax.lax.ragged_dot(routed, up_proj, group_sizes)
+  act = activation(gate) * up
+  out = jax.lax.ragged_dot(act, down_proj, group_sizes)  # [M,D]
+  inverse = jnp.argsort(order)  # back to (token, k) order
+  out = jnp.take(out, inverse, axis=0).reshape(b, t, k, d)
+  act = jnp.take(act, inverse, axis=0).reshape(b, t, k, -1)
+  return out, act
+
+
+def load_balancing_loss(router_logits: jax.Array, top_k: int,
+                        valid: jax.Array | None = None) -> jax.Array:
+  """Switch Transformer's auxiliary loss over every layer's routing, as transformers computes it.
+
+  router_logits [L,B,T,E]; valid [B,T] (False: padding, left out). With f_e the fraction of
+  routed (token, k) assignments that go to expert e and p_e its mean routing probability, both
+  over every layer's valid tokens: E * sum_e f_e * p_e. It is K at perfectly even routing.
+  """
+  num_experts = router_logits.shape[-1]
+  probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)  # [L,B,T,E]
+  _, chosen = jax.lax.top_k(probs, top_k)  # [L,B,T,K]
+  counts = jnp.sum(jax.nn.one_hot(chosen, num_experts, dtype=jnp.float32), axis=-2)  # [L,B,T,E]
+  if valid is None:
+    valid = jnp.ones(router_logits.shape[1:3], bool)
+  weight = jnp.broadcast_to(valid.astype(jnp.float32)[None, ..., None], probs.shape[:-1] + (1,))
+  rows = jnp.maximum(jnp.sum(weight), 1.0)
+  tokens_per_expert = jnp.sum(counts * weight, axis=(0, 1, 2)) / rows  # [E]
+  prob_per_expert = jnp.sum(probs * weight, axis=(0, 1, 2)) / rows  # [E]
+  return num_experts * jnp.sum(tokens_per_expert * prob_per_expert)
