@@ -62,7 +62,7 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   # own: the tokenizer.json of model.hf_path, or the tokenizer its GGUF file embeds.
   config.tokenizer = "bytes"
 
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
 
   # minitron_jax.data.DataConfig fields.
   config.data = ml_collections.ConfigDict(dict(
@@ -122,12 +122,18 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   config.compression = ()
 
   # Lightweight architecture search (paper §3); runs when "search" is in stages. space holds
-  # minitron_jax.search.SearchSpace fields.
+  # minitron_jax.search.SearchSpace fields. Constraints: budget (total parameters),
+  # active_params (per token) and memory (bytes: weights and the KV cache of memory_batch x
+  # memory_seq_len tokens at memory_dtype); 0 leaves one unconstrained, a candidate must meet
+  # every other one within ± tolerance. num_experts, moe_intermediate_size and
+  # shared_expert_intermediate_size are the axes of a mixture of experts (instead of the MLP's).
   config.search = ml_collections.ConfigDict()
   config.search.space = ml_collections.ConfigDict(dict(
       num_layers=(3, 4), hidden_size=(96, 128), num_attention_heads=(4, 8),
       num_key_value_heads=(), intermediate_size=(), mlp_expansion=(2.0, 3.0, 4.0), round_to=8,
-      budget=520_000, tolerance=0.1))
+      num_experts=(), moe_intermediate_size=(), shared_expert_intermediate_size=(),
+      budget=520_000, active_params=0, memory=0, memory_batch=1, memory_seq_len=4096,
+      memory_dtype="bfloat16", tolerance=0.1))
   config.search.retrain_steps = 60
   config.search.max_candidates = 0  # 0: every feasible candidate, as in the paper
   config.search.eval_steps = (20, 40, 60)
@@ -246,10 +252,18 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
         {**stage, "target": _scale_target(dict(stage["target"]), real, tiny)}
         for stage in config.compression)
     space = config.search.space
-    for key in ("num_layers", "hidden_size", "num_attention_heads"):
-      values = {_scale_target({key: v}, real, tiny)[key] for v in space[key]}
-      space[key] = tuple(sorted(values))
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_experts",
+                "moe_intermediate_size", "shared_expert_intermediate_size"):
+      if space.get(key) and getattr(real, key):  # else the search's own error names the axis
+        values = {_scale_target({key: v}, real, tiny)[key] for v in space[key]}
+        space[key] = tuple(sorted(values))
     space.budget = round(space.budget / real.num_params() * tiny.num_params())
+    if space.get("active_params"):
+      space.active_params = round(space.active_params / real.num_active_params()
+                                  * tiny.num_active_params())
+    if space.get("memory"):
+      memory = (space.memory_batch, space.memory_seq_len, space.memory_dtype)
+      space.memory = round(space.memory / real.memory_bytes(*memory) * tiny.memory_bytes(*memory))
     space.tolerance = max(space.tolerance, 0.25)
     space.round_to = 8
     config.importance.update(drop_loss=True, block_sizes=(1, 2))

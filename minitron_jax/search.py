@@ -1,13 +1,17 @@
 """Lightweight architecture search (Minitron §2.4, Table 13, Figure 10): which pruned shape?
 
 Pruning to a parameter budget has many answers (fewer layers, narrower embedding, fewer heads, a
-smaller MLP). The paper enumerates every shape in a small grid of common sizes whose exact
-parameter count lies within a tolerance of the budget, prunes each, retrains each briefly with
-distillation and keeps the one with the lowest validation loss, because rankings right after
-pruning are unreliable and settle after a few hundred steps. This module does the enumeration
-(exact counts from `ModelConfig.num_params`, feasibility from `prune.validate_target`) and the
-bookkeeping of the search loop (losses per step, rankings, their correlation with the final
-ranking, save/resume); the caller supplies the prune-and-retrain step as a callback.
+smaller MLP, fewer or narrower experts). The paper enumerates every shape in a small grid of
+common sizes whose exact parameter count lies within a tolerance of the budget, prunes each,
+retrains each briefly with distillation and keeps the one with the lowest validation loss,
+because rankings right after pruning are unreliable and settle after a few hundred steps. This
+module does the enumeration (exact counts from `ModelConfig.num_params`, `num_active_params` and
+`memory_bytes`, feasibility from `prune.validate_target`) and the bookkeeping of the search loop
+(losses per step, rankings, their correlation with the final ranking, save/resume); the caller
+supplies the prune-and-retrain step as a callback.
+
+Besides total parameters a search can be held to per-token active parameters (what a mixture of
+experts computes with) and to serving memory (weights plus KV cache), alone or together.
 """
 
 from __future__ import annotations
@@ -21,10 +25,20 @@ from fractions import Fraction
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from minitron_jax import prune
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import MEMORY_DTYPES, ConfigError, ModelConfig
 
 AXES = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
         "intermediate_size")
+# The sizes a mixture of experts is searched over instead of intermediate_size.
+MOE_AXES = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+_COMMON_KEYS = AXES[:4]
+# The target keys a candidate can hold: prune.target_keys of a dense model, of a mixture of
+# experts, and of one with a shared expert.
+_TARGET_KINDS = (AXES, _COMMON_KEYS + MOE_AXES[:2], _COMMON_KEYS + MOE_AXES)
+# Constraint -> (the Candidate field it bounds, the unit its window is written in).
+CONSTRAINTS = {"budget": ("num_params", "parameters"),
+               "active_params": ("num_active_params", "active parameters"),
+               "memory": ("memory_bytes", "bytes of memory")}
 
 
 def _exact(number: float | int) -> Fraction:
@@ -42,37 +56,69 @@ def _is_real(value: Any) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-  """Candidate sizes per axis, and the parameter budget they must meet.
+  """Candidate sizes per axis, and the constraints they must meet.
 
-  An empty tuple for an axis keeps the source model's value. The MLP is given either as absolute
+  Constraints (each optional, 0 or None: not constrained; at least one must be given): `budget`
+  total parameters, `active_params` parameters one token computes with (`num_active_params`:
+  a mixture's experts not routed to are left out) and `memory` bytes of serving memory (every
+  weight plus the KV cache of `memory_batch` sequences of `memory_seq_len` tokens, both at
+  `memory_dtype`; `ModelConfig.memory_bytes`). Each given constraint c defines the window
+  [c × (1 - tolerance), c × (1 + tolerance)], bounds included; a candidate qualifies when it lies
+  in every given window. Unconstrained values are stored as 0 (so `dataclasses.asdict` gives
+  an ml_collections config whose every field can be overridden from the command line).
+
+  An empty tuple for an axis keeps the source model's value; only the axes pruning can change in
+  the source (`prune.target_keys`) may be given. A dense MLP is given either as absolute
   `intermediate_size` values or as `mlp_expansion` factors of each candidate's hidden size; a
   factor's width is factor × hidden rounded to the nearest multiple of `round_to` (halves round
-  up, never below `round_to`). A candidate qualifies when its exact parameter count lies in
-  [budget × (1 - tolerance), budget × (1 + tolerance)], bounds included.
+  up, never below `round_to`). A mixture of experts is searched over `num_experts`,
+  `moe_intermediate_size` and (with a shared expert) `shared_expert_intermediate_size`.
   """
 
-  budget: int
+  budget: int = 0
   tolerance: float = 0.05
+  active_params: int = 0
+  memory: int = 0
+  memory_batch: int = 1
+  memory_seq_len: int = 4096
+  memory_dtype: str = "bfloat16"
   num_layers: tuple[int, ...] = ()
   hidden_size: tuple[int, ...] = ()
   num_attention_heads: tuple[int, ...] = ()
   num_key_value_heads: tuple[int, ...] = ()
   intermediate_size: tuple[int, ...] = ()
   mlp_expansion: tuple[float, ...] = ()
+  num_experts: tuple[int, ...] = ()
+  moe_intermediate_size: tuple[int, ...] = ()
+  shared_expert_intermediate_size: tuple[int, ...] = ()
   round_to: int = 1
 
   def __post_init__(self):
-    budget = self.budget
-    if _is_real(budget) and float(budget).is_integer():
-      budget = int(budget)
-    if not _is_int(budget) or budget < 1:
-      raise ConfigError(f"search budget={self.budget!r} must be a positive whole parameter count")
-    object.__setattr__(self, "budget", budget)
+    given = {name: getattr(self, name) for name in CONSTRAINTS}
+    for name, value in given.items():
+      kind = "byte count" if name == "memory" else "parameter count"
+      if value is None:
+        value = 0
+      elif _is_real(value) and float(value).is_integer():
+        value = int(value)
+      if not _is_int(value) or value < 0:
+        raise ConfigError(f"search {name}={given[name]!r} must be a positive whole {kind} "
+                          "(0 or None: not constrained)")
+      object.__setattr__(self, name, value)
+    if not self.constraints:
+      shown = ", ".join(f"{name}={value!r}" for name, value in given.items())
+      raise ConfigError(f"search space has no constraint ({shown}); allowed: a positive budget, "
+                        "active_params or memory (alone or together)")
     if not _is_real(self.tolerance) or not 0 <= self.tolerance < 1:
       raise ConfigError(f"search tolerance={self.tolerance!r} must be a fraction in [0, 1)")
-    if not _is_int(self.round_to) or self.round_to < 1:
-      raise ConfigError(f"search round_to={self.round_to!r} must be a positive integer")
-    for axis in AXES + ("mlp_expansion",):
+    for name in ("memory_batch", "memory_seq_len", "round_to"):
+      value = getattr(self, name)
+      if not _is_int(value) or value < 1:
+        raise ConfigError(f"search {name}={value!r} must be a positive integer")
+    if self.memory_dtype not in MEMORY_DTYPES:
+      raise ConfigError(f"search memory_dtype={self.memory_dtype!r} is not supported; allowed: "
+                        f"{sorted(MEMORY_DTYPES)}")
+    for axis in AXES + ("mlp_expansion",) + MOE_AXES:
       values = getattr(self, axis)
       if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ConfigError(f"search {axis}={values!r} must be a list of values (empty: keep the "
@@ -92,10 +138,57 @@ class SearchSpace:
                         "allowed: one of them (or neither, to keep the source's MLP)")
 
   @property
-  def window(self) -> tuple[int, int]:
-    """The inclusive range of qualifying parameter counts."""
-    budget, tolerance = Fraction(self.budget), _exact(self.tolerance)
-    return math.ceil(budget * (1 - tolerance)), math.floor(budget * (1 + tolerance))
+  def constraints(self) -> dict[str, int]:
+    """The given constraints by name (budget, active_params, memory)."""
+    return {name: getattr(self, name) for name in CONSTRAINTS if getattr(self, name)}
+
+  @property
+  def windows(self) -> dict[str, tuple[int, int]]:
+    """The inclusive range of qualifying values of each given constraint."""
+    tolerance = _exact(self.tolerance)
+    return {name: (math.ceil(Fraction(c) * (1 - tolerance)),
+                   math.floor(Fraction(c) * (1 + tolerance)))
+            for name, c in self.constraints.items()}
+
+  @property
+  def window(self) -> tuple[int, int] | None:
+    """The inclusive range of qualifying parameter counts (None: the budget is not given)."""
+    return self.windows.get("budget")
+
+  @property
+  def memory_settings(self) -> dict[str, Any]:
+    """What `Candidate.build` counts memory at."""
+    return dict(memory_batch=self.memory_batch, memory_seq_len=self.memory_seq_len,
+                memory_dtype=self.memory_dtype)
+
+  def qualifies(self, candidate: "Candidate") -> bool:
+    """Whether the candidate lies in every given window."""
+    return all(low <= getattr(candidate, CONSTRAINTS[name][0]) <= high
+               for name, (low, high) in self.windows.items())
+
+  def distance(self, candidate: "Candidate") -> Fraction:
+    """How far the candidate is from the constraints: the largest relative deviation from any
+    of them (for the budget alone, ordering by it orders by |num_params - budget|)."""
+    return max(abs(Fraction(getattr(candidate, CONSTRAINTS[name][0])) - c) / c
+               for name, c in self.constraints.items())
+
+  def describe(self) -> str:
+    """e.g. '8,000,000,000 parameters and 2,000,000,000 active parameters' (for logs)."""
+    parts = []
+    for name, c in self.constraints.items():
+      parts.append(f"{c:,} {CONSTRAINTS[name][1]}" + (
+          f" ({self.memory_batch} x {self.memory_seq_len} tokens, {self.memory_dtype})"
+          if name == "memory" else ""))
+    return " and ".join(parts)
+
+  def window_text(self, name: str) -> str:
+    """e.g. '7,600,000,000..8,400,000,000 parameters (budget 8,000,000,000 ± 0.05)'."""
+    (low, high), c = self.windows[name], self.constraints[name]
+    text = f"{low:,}..{high:,} {CONSTRAINTS[name][1]} ({name} {c:,} ± {self.tolerance:g}"
+    if name == "memory":
+      text += (f", weights and the KV cache of {self.memory_batch} x {self.memory_seq_len} "
+               f"tokens at {self.memory_dtype}")
+    return text + ")"
 
   def mlp_width(self, hidden_size: int, factor: float) -> int:
     """factor × hidden_size rounded to the nearest multiple of round_to (halves up)."""
@@ -103,90 +196,164 @@ class SearchSpace:
     return self.round_to * max(1, multiples)
 
   def grid(self, source: ModelConfig) -> list[dict[str, int]]:
-    """Every combination of the axes, as full targets (source values fill empty axes)."""
-    def axis(name: str) -> tuple[int, ...]:
-      return getattr(self, name) or (getattr(source, name),)
+    """Every combination of the axes, as full targets over `prune.target_keys(source)` (source
+    values fill empty axes). One-line ConfigError for an axis that does not apply to `source`."""
+    keys = prune.target_keys(source)
+    foreign = [axis for axis in AXES + ("mlp_expansion",) + MOE_AXES if getattr(self, axis)
+               and (axis if axis != "mlp_expansion" else "intermediate_size") not in keys]
+    if foreign:
+      kind = "a mixture of experts" if source.is_moe else "a dense model"
+      allowed = list(keys) + (["mlp_expansion"] if "intermediate_size" in keys else [])
+      raise ConfigError(f"search axes {foreign} do not apply to {kind} ({source.family}); "
+                        f"allowed: {allowed}")
+
+    def options(key: str) -> tuple:
+      if key == "intermediate_size" and self.mlp_expansion:
+        return self.mlp_expansion
+      return getattr(self, key) or (getattr(source, key),)
 
     combos = []
-    mlp_options = self.mlp_expansion or axis("intermediate_size")
-    for layers, hidden, heads, groups, mlp in itertools.product(
-        axis("num_layers"), axis("hidden_size"), axis("num_attention_heads"),
-        axis("num_key_value_heads"), mlp_options):
-      width = self.mlp_width(hidden, mlp) if self.mlp_expansion else mlp
-      combos.append(dict(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                         num_key_value_heads=groups, intermediate_size=width))
+    for values in itertools.product(*(options(key) for key in keys)):
+      target = dict(zip(keys, values))
+      if "intermediate_size" in target and self.mlp_expansion:
+        target["intermediate_size"] = self.mlp_width(target["hidden_size"],
+                                                     target["intermediate_size"])
+      combos.append(target)
     return combos
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """One pruned shape: absolute sizes for `prune.prune`, and its exact parameter count."""
+  """One pruned shape: absolute sizes for `prune.prune` (exactly `prune.target_keys` of the
+  source), its exact parameter count, active parameters per token and serving memory in bytes
+  (at the search's memory settings). Candidates read from a search.json written before these were
+  recorded have memory_bytes None (and, being dense, num_active_params = num_params)."""
 
   target: dict[str, int]
   num_params: int
   name: str
+  num_active_params: int | None = None
+  memory_bytes: int | None = None
 
   def __post_init__(self):
-    object.__setattr__(self, "target", {key: int(self.target[key]) for key in AXES})
+    target = dict(self.target)
+    kind = next((keys for keys in _TARGET_KINDS if set(keys) == set(target)), None)
+    if kind is None:
+      raise ConfigError(f"search candidate target keys {sorted(target)} are not a pruning "
+                        f"target; allowed: one of {[list(keys) for keys in _TARGET_KINDS]}")
+    object.__setattr__(self, "target", {key: int(target[key]) for key in kind})
+    if self.num_active_params is None and kind == AXES:  # a dense model uses every weight
+      object.__setattr__(self, "num_active_params", self.num_params)
 
   @classmethod
-  def build(cls, source: ModelConfig, target: Mapping[str, int]) -> "Candidate":
+  def build(cls, source: ModelConfig, target: Mapping[str, int], *, memory_batch: int = 1,
+            memory_seq_len: int = 4096, memory_dtype: str = "bfloat16") -> "Candidate":
     """The candidate for `target` (validated against `source`; missing keys keep its sizes)."""
     full = prune.validate_target(source, target)
-    return cls(target=full, num_params=pruned_num_params(source, full), name=candidate_name(full))
+    config = pruned_config(source, full)
+    return cls(target=full, num_params=config.num_params(), name=candidate_name(full),
+               num_active_params=config.num_active_params(),
+               memory_bytes=config.memory_bytes(memory_batch, memory_seq_len, memory_dtype))
 
   def to_dict(self) -> dict[str, Any]:
-    return dict(name=self.name, num_params=self.num_params, target=dict(self.target))
+    return dict(name=self.name, num_params=self.num_params,
+                num_active_params=self.num_active_params, memory_bytes=self.memory_bytes,
+                target=dict(self.target))
 
   @classmethod
   def from_dict(cls, fields: Mapping[str, Any]) -> "Candidate":
+    def optional(key):
+      value = fields.get(key)
+      return None if value is None else int(value)
+
     try:
       return cls(target=dict(fields["target"]), num_params=int(fields["num_params"]),
-                 name=str(fields["name"]))
-    except (KeyError, TypeError) as error:
+                 name=str(fields["name"]), num_active_params=optional("num_active_params"),
+                 memory_bytes=optional("memory_bytes"))
+    except (KeyError, TypeError, ValueError) as error:
+      if isinstance(error, ConfigError):
+        raise
       raise ConfigError(f"search candidate {dict(fields)!r} is malformed: {error!r}") from None
 
 
 def candidate_name(target: Mapping[str, int]) -> str:
-  """e.g. L32-D4096-H48-G8-F16384 (layers, hidden, heads, query groups, MLP width)."""
-  return (f"L{target['num_layers']}-D{target['hidden_size']}-H{target['num_attention_heads']}"
-          f"-G{target['num_key_value_heads']}-F{target['intermediate_size']}")
+  """e.g. L32-D4096-H48-G8-F16384 (layers, hidden, heads, query groups, MLP width); a mixture
+  of experts names experts and their width instead of F: L48-D2048-H32-G4-E64-M512, and a shared
+  expert's width as -S…."""
+  name = (f"L{target['num_layers']}-D{target['hidden_size']}-H{target['num_attention_heads']}"
+          f"-G{target['num_key_value_heads']}")
+  if "intermediate_size" in target:
+    return name + f"-F{target['intermediate_size']}"
+  name += f"-E{target['num_experts']}-M{target['moe_intermediate_size']}"
+  if "shared_expert_intermediate_size" in target:
+    name += f"-S{target['shared_expert_intermediate_size']}"
+  return name
+
+
+def pruned_config(source: ModelConfig, target: Mapping[str, int]) -> ModelConfig:
+  """The architecture `source` pruned to `target` counts as (pruning only changes these sizes).
+
+  Pruning experts below `num_experts_per_tok` routes each token to every kept expert, so k is
+  clamped to them. Which sliding-window layers depth pruning keeps depends on the importance
+  scores; the count assumes it keeps the full-attention ones first, so the KV cache (and memory)
+  is the most the pruned model can need (parameter counts do not depend on it).
+  """
+  changes = {key: int(value) for key, value in target.items()}
+  if source.is_moe:
+    changes["num_experts_per_tok"] = min(source.num_experts_per_tok,
+                                         changes.get("num_experts", source.num_experts))
+  if source.sliding_window_layers is not None:
+    kept = changes.get("num_layers", source.num_layers)
+    changes["sliding_window_layers"] = tuple(sorted(source.sliding_window_layers))[:kept]
+  return source.replace(**changes)
 
 
 def pruned_num_params(source: ModelConfig, target: Mapping[str, int]) -> int:
-  """Exact parameter count of `source` pruned to `target` (pruning only changes these sizes)."""
-  changes = {key: int(value) for key, value in target.items()}
-  if source.sliding_window_layers is not None:  # which layers survive does not change the count
-    changes["sliding_window_layers"] = None
-  return source.replace(**changes).num_params()
+  """Exact parameter count of `source` pruned to `target`."""
+  return pruned_config(source, target).num_params()
+
+
+def pruned_num_active_params(source: ModelConfig, target: Mapping[str, int]) -> int:
+  """Parameters one token of `source` pruned to `target` computes with (`num_active_params`)."""
+  return pruned_config(source, target).num_active_params()
+
+
+def pruned_memory_bytes(source: ModelConfig, target: Mapping[str, int], batch: int = 1,
+                        seq_len: int = 4096, dtype: str = "bfloat16") -> int:
+  """Serving memory of `source` pruned to `target` (`ModelConfig.memory_bytes`)."""
+  return pruned_config(source, target).memory_bytes(batch, seq_len, dtype)
 
 
 def enumerate_candidates(source: ModelConfig, space: SearchSpace) -> list[Candidate]:
-  """Every feasible candidate of `space` within its parameter window, largest first (then name).
+  """Every feasible candidate of `space` within all its windows, largest first (then name).
 
   Infeasible combinations (a size above the source's, heads not a multiple of the groups, more
   heads per group than the source has) are skipped; duplicates (factors that round to the same
-  width) are kept once. Raises ConfigError when nothing qualifies.
+  width) are kept once. Raises ConfigError when nothing qualifies, naming every constraint and
+  the closest candidate (the smallest largest relative deviation from them).
   """
-  low, high = space.window
   grid = space.grid(source)
   seen: dict[str, Candidate] = {}
-  closest: Candidate | None = None
+  closest: tuple[Fraction, Candidate] | None = None
   for target in grid:
     try:
-      candidate = Candidate.build(source, target)
+      candidate = Candidate.build(source, target, **space.memory_settings)
     except ConfigError:
       continue
-    if closest is None or (abs(candidate.num_params - space.budget)
-                           < abs(closest.num_params - space.budget)):
-      closest = candidate
-    if low <= candidate.num_params <= high:
+    distance = space.distance(candidate)
+    if closest is None or distance < closest[0]:
+      closest = distance, candidate
+    if space.qualifies(candidate):
       seen.setdefault(candidate.name, candidate)
   if not seen:
-    found = ("none was feasible for the source model" if closest is None else
-             f"the closest was {closest.name} with {closest.num_params:,}")
-    raise ConfigError(f"no search candidate has {low:,}..{high:,} parameters (budget "
-                      f"{space.budget:,} ± {space.tolerance:g}); tried {len(grid)} combinations, "
+    if closest is None:
+      found = "none was feasible for the source model"
+    else:
+      c = closest[1]
+      found = (f"the closest was {c.name} with {c.num_params:,} parameters, "
+               f"{c.num_active_params:,} active, {c.memory_bytes:,} bytes of memory")
+    windows = " and ".join(space.window_text(name) for name in space.constraints)
+    raise ConfigError(f"no search candidate has {windows}; tried {len(grid)} combinations, "
                       f"{found}")
   return sorted(seen.values(), key=lambda c: (-c.num_params, c.name))
 
@@ -368,15 +535,14 @@ class SearchResult:
   def to_markdown(self) -> str:
     """A candidate table in final-rank order, then each step's rank correlation with the final."""
     steps = self.eval_steps
-    header = (["name", "layers", "hidden", "heads", "groups", "MLP", "params"]
-              + [f"loss@{s}" for s in steps] + [f"rank@{s}" for s in steps])
+    header = (["name", "layers", "hidden", "heads", "groups", "MLP", "params", "active",
+               "memory"] + [f"loss@{s}" for s in steps] + [f"rank@{s}" for s in steps])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in self.rankings[self.final_step]:
       candidate, target = self.candidate(name), self.candidate(name).target
-      mlp = target["intermediate_size"]
       cells = [name, target["num_layers"], target["hidden_size"], target["num_attention_heads"],
-               target["num_key_value_heads"], f"{mlp} ({mlp / target['hidden_size']:.3g}×)",
-               f"{candidate.num_params:,}"]
+               target["num_key_value_heads"], _mlp_cell(target, ratio=True)]
+      cells += _size_cells(candidate)
       cells += [f"{self.losses[name][s]:.4f}" for s in steps]
       cells += [self.ranks[name][s] for s in steps]
       lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -455,12 +621,33 @@ def run_search(candidates: Sequence[Candidate],
   return SearchResult(candidates=candidates, eval_steps=steps, losses=losses)
 
 
+def _mlp_cell(target: Mapping[str, int], ratio: bool = False) -> str:
+  """A dense MLP's width (and its ratio to hidden); a mixture's experts x their width (+ shared)."""
+  if "intermediate_size" in target:
+    mlp = target["intermediate_size"]
+    return f"{mlp} ({mlp / target['hidden_size']:.3g}×)" if ratio else str(mlp)
+  cell = f"{target['num_experts']} × {target['moe_intermediate_size']}"
+  if "shared_expert_intermediate_size" in target:
+    cell += f" + shared {target['shared_expert_intermediate_size']}"
+  return cell
+
+
+def _size_cells(candidate: Candidate) -> list[str]:
+  """params, active params and memory bytes (a dash where an old search.json lacks one)."""
+  return [f"{value:,}" if value is not None else "–"
+          for value in (candidate.num_params, candidate.num_active_params,
+                        candidate.memory_bytes)]
+
+
 def candidates_markdown(candidates: Sequence[Candidate]) -> str:
-  """The enumerated candidates as a table, before any retraining."""
-  lines = ["| # | name | layers | hidden | heads | groups | MLP | params |", "|" + "---|" * 8]
+  """The enumerated candidates as a table, before any retraining (memory in bytes, at the
+  search's memory settings)."""
+  header = ["#", "name", "layers", "hidden", "heads", "groups", "MLP", "params", "active",
+            "memory"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for i, candidate in enumerate(candidates):
     t = candidate.target
-    lines.append(f"| {i + 1} | {candidate.name} | {t['num_layers']} | {t['hidden_size']} | "
-                 f"{t['num_attention_heads']} | {t['num_key_value_heads']} | "
-                 f"{t['intermediate_size']} | {candidate.num_params:,} |")
+    cells = [i + 1, candidate.name, t["num_layers"], t["hidden_size"], t["num_attention_heads"],
+             t["num_key_value_heads"], _mlp_cell(t)] + _size_cells(candidate)
+    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
   return "\n".join(lines) + "\n"

@@ -377,10 +377,11 @@ def search_candidates(cfg: ml_collections.ConfigDict,
   if not isinstance(section.max_candidates, int) or section.max_candidates < 0:
     raise ConfigError(f"search.max_candidates={section.max_candidates!r} must be 0 (every "
                       "candidate) or a positive integer")
-  candidates = search.enumerate_candidates(config, search_space(cfg))
+  space = search_space(cfg)
+  candidates = search.enumerate_candidates(config, space)
   if section.max_candidates and len(candidates) > section.max_candidates:
-    # The ones nearest the budget; the paper retrains every feasible candidate (0: all).
-    nearest = sorted(candidates, key=lambda c: (abs(c.num_params - section.space.budget), c.name))
+    # The ones nearest the constraints; the paper retrains every feasible candidate (0: all).
+    nearest = sorted(candidates, key=lambda c: (space.distance(c), c.name))
     keep = {c.name for c in nearest[:section.max_candidates]}
     candidates = [c for c in candidates if c.name in keep]
   return candidates
@@ -398,7 +399,7 @@ def run_search(ctx: Context) -> dict:
   scores = importance.Scores.load(ctx.directory / "importance")
   candidates = search_candidates(cfg, config)
   ctx.log(f"[search] {len(candidates)} candidates within {section.space.tolerance:.0%} of "
-          f"{section.space.budget:,} parameters; {section.retrain_steps} steps each")
+          f"{search_space(cfg).describe()}; {section.retrain_steps} steps each")
   progress = out / "progress.json"
   done = json.loads(progress.read_text()) if progress.exists() else {}
   done = {name: {int(k): v for k, v in losses.items()} for name, losses in done.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 
 import jax
 import numpy as np
@@ -39,7 +40,7 @@ def test_candidate_counts_equal_num_params_of_the_replaced_config(family):
   candidates = search.enumerate_candidates(source, space)
   assert len(candidates) == 3 * 3 * 3 * 2  # (4,4), (4,2), (8,4) per-group-feasible head pairs
   for candidate in candidates:
-    assert set(candidate.target) == set(prune.TARGET_KEYS)
+    assert list(candidate.target) == list(prune.target_keys(source))
     assert candidate.num_params == source.replace(**candidate.target).num_params()
     assert candidate.name == search.candidate_name(candidate.target)
   counts = [c.num_params for c in candidates]
@@ -150,6 +151,15 @@ def test_no_candidate_in_the_window_says_what_was_tried():
     (dict(budget=100, mlp_expansion=(0,)), "mlp_expansion value 0"),
     (dict(budget=100, mlp_expansion=(math.nan,)), "mlp_expansion value nan"),
     (dict(budget=100, intermediate_size=(64,), mlp_expansion=(2.0,)), "both intermediate_size"),
+    (dict(), "no constraint"),
+    (dict(budget=None, active_params=0, memory=None), "no constraint"),
+    (dict(active_params=-1), "active_params=-1"),
+    (dict(memory=1.5), "memory=1.5 must be a positive whole byte count"),
+    (dict(memory=100, memory_batch=0), "memory_batch=0"),
+    (dict(memory=100, memory_seq_len=2.0), "memory_seq_len=2.0"),
+    (dict(memory=100, memory_dtype="int4"), "memory_dtype='int4'"),
+    (dict(budget=100, num_experts=(0,)), "num_experts value 0"),
+    (dict(budget=100, moe_intermediate_size=(8, 8)), r"moe_intermediate_size lists \[8\]"),
 ])
 def test_bad_spaces_raise_one_line_errors(fields, message):
   with pytest.raises(ConfigError, match=message) as error:
@@ -161,6 +171,318 @@ def test_space_normalises_lists_and_float_budgets():
   space = SearchSpace(budget=8e9, num_layers=[29, 30], mlp_expansion=[2.5, 3])
   assert space.budget == 8_000_000_000 and isinstance(space.budget, int)
   assert space.num_layers == (29, 30) and space.mlp_expansion == (2.5, 3)
+
+
+# ------------------------------------------------------- constraints beyond total parameters
+
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe")
+
+
+def _tree_counts(config):
+  """(all parameters, active parameters) of the model's real parameter tree: a token uses every
+  leaf but the experts, of which it uses k of E (the router is not an expert: every token uses
+  it)."""
+  params = model.abstract_params(config)
+  axes = jax.tree.leaves(model.logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  assert len(axes) == len(leaves)
+  dense = experts = 0
+  for (path, leaf), names in zip(leaves, axes):
+    if "experts" in names and path[-1].key != "router":
+      experts += leaf.size
+    else:
+      dense += leaf.size
+  if not config.is_moe:
+    assert experts == 0
+    return dense, dense
+  active = dense + Fraction(config.num_experts_per_tok, config.num_experts) * experts
+  assert active.denominator == 1
+  return dense + experts, int(active)
+
+
+@pytest.mark.parametrize("family", ("llama", "qwen2", "gemma2") + MOE_FAMILIES)
+def test_counts_equal_the_models_parameter_trees(family):
+  source = config_lib.tiny(family)
+  assert _tree_counts(source) == (source.num_params(), source.num_active_params())
+  smaller = dict(num_layers=1, hidden_size=48, num_key_value_heads=1, num_attention_heads=2)
+  if source.is_moe:
+    smaller.update(num_experts=3, moe_intermediate_size=16)
+    if source.shared_expert_intermediate_size:
+      smaller["shared_expert_intermediate_size"] = 24
+  else:
+    smaller["intermediate_size"] = 96
+  for target in ({}, smaller):
+    candidate = Candidate.build(source, target)
+    assert list(candidate.target) == list(prune.target_keys(source))
+    pruned = search.pruned_config(source, candidate.target)
+    assert _tree_counts(pruned) == (candidate.num_params, candidate.num_active_params)
+    assert candidate.num_params == search.pruned_num_params(source, target)
+    assert candidate.num_active_params == search.pruned_num_active_params(source, target)
+    assert candidate.memory_bytes == search.pruned_memory_bytes(source, target)
+  if source.is_moe:
+    assert candidate.num_active_params < candidate.num_params
+
+
+def test_pruning_experts_below_top_k_clamps_k():
+  source = config_lib.tiny("mixtral")  # 4 experts, 2 per token
+  counts = {}
+  for experts in (4, 3, 2, 1):
+    candidate = Candidate.build(source, {"num_experts": experts})
+    pruned = search.pruned_config(source, candidate.target)
+    assert pruned.num_experts_per_tok == min(2, experts)
+    assert _tree_counts(pruned) == (candidate.num_params, candidate.num_active_params)
+    counts[experts] = candidate
+  assert counts[3].num_active_params < counts[3].num_params
+  # With no more experts than a token is routed to, every expert is active.
+  assert counts[2].num_active_params == counts[2].num_params
+  assert counts[1].num_active_params == counts[1].num_params
+
+
+_HF_CONFIGS = dict(llama="LlamaConfig", mistral="MistralConfig", gemma2="Gemma2Config",
+                   mixtral="MixtralConfig", qwen3_moe="Qwen3MoeConfig",
+                   qwen2_moe="Qwen2MoeConfig")
+
+
+def _hf_cache_bytes(config, batch, seq_len):
+  """(parameters, bytes of the KV cache) of the same architecture in `transformers` (float32,
+  random weights) after a forward over [batch, seq_len] tokens with use_cache=True."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  fields = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
+                num_attention_heads=config.num_attention_heads,
+                num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                tie_word_embeddings=config.tie_word_embeddings)
+  if config.is_moe:
+    fields.update(num_experts_per_tok=config.num_experts_per_tok,
+                  norm_topk_prob=config.norm_topk_prob)
+    if config.family == "mixtral":  # Mixtral's experts are intermediate_size wide
+      fields.update(num_local_experts=config.num_experts,
+                    intermediate_size=config.moe_intermediate_size)
+    else:
+      fields.update(num_experts=config.num_experts,
+                    moe_intermediate_size=config.moe_intermediate_size,
+                    shared_expert_intermediate_size=config.shared_expert_intermediate_size)
+  if config.sliding_window is not None:
+    fields["sliding_window"] = config.sliding_window
+    if config.sliding_window_layers is not None:
+      fields["layer_types"] = ["sliding_attention" if s else "full_attention"
+                               for s in config.sliding_window_layers]
+  hf_config = getattr(transformers, _HF_CONFIGS[config.family])(**fields)
+  torch.manual_seed(0)
+  reference = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
+  tokens = torch.randint(0, config.vocab_size, (batch, seq_len))
+  with torch.no_grad():
+    cache = reference(tokens, use_cache=True).past_key_values
+  assert len(cache.layers) == config.num_layers
+  stored = sum(t.numel() * t.element_size()
+               for layer in cache.layers for t in (layer.keys, layer.values))
+  assert all(t.dtype == torch.float32 for layer in cache.layers for t in (layer.keys, layer.values))
+  return sum(p.numel() for p in reference.parameters()), stored
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "mixtral", "qwen2_moe"])
+def test_kv_cache_and_counts_match_transformers(family):
+  source = config_lib.tiny(family, num_layers=3)
+  batch, seq_len = 2, 12
+  params, stored = _hf_cache_bytes(source, batch, seq_len)
+  assert params == source.num_params()
+  assert stored == source.kv_cache_bytes(batch, seq_len, "float32")
+  assert source.memory_bytes(batch, seq_len, "float32") == 4 * params + stored
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+@pytest.mark.parametrize("seq_len", [5, 12])  # shorter and longer than the window
+def test_sliding_window_kv_cache_matches_transformers(family, seq_len):
+  source = config_lib.tiny(family)  # window 8: every layer (mistral), alternate layers (gemma2)
+  params, stored = _hf_cache_bytes(source, 2, seq_len)
+  assert params == source.num_params()
+  assert stored == source.kv_cache_bytes(2, seq_len, "float32")
+
+
+def _everything(source, space_fields, **axes):
+  """Every feasible candidate of the grid (a window nearly anything is in)."""
+  return search.enumerate_candidates(source, SearchSpace(
+      budget=source.num_params(), tolerance=WIDE, **space_fields, **axes))
+
+
+def _in_windows(candidates, space):
+  """The candidates whose counts lie in every window given, from first principles."""
+  measures = dict(budget=lambda c: c.num_params, active_params=lambda c: c.num_active_params,
+                  memory=lambda c: c.memory_bytes)
+  tolerance = Fraction(str(space.tolerance))
+  return {c.name for c in candidates
+          if all(value * (1 - tolerance) <= measures[name](c) <= value * (1 + tolerance)
+                 for name, value in space.constraints.items())}
+
+
+MOE_AXES = dict(num_layers=(1, 2), num_experts=(2, 4, 6), moe_intermediate_size=(16, 32))
+
+
+def test_moe_search_over_experts_and_their_width():
+  source = config_lib.tiny("qwen3_moe")  # 6 experts of 32, 2 per token
+  candidates = _everything(source, {}, **MOE_AXES)
+  assert len(candidates) == 2 * 3 * 2
+  for candidate in candidates:
+    t = candidate.target
+    assert list(t) == list(prune.target_keys(source))
+    assert candidate.name == (f"L{t['num_layers']}-D64-H4-G2-E{t['num_experts']}"
+                              f"-M{t['moe_intermediate_size']}")
+    assert candidate.num_params == search.pruned_num_params(source, t)
+    assert candidate.num_active_params == search.pruned_num_active_params(source, t)
+  shared = config_lib.tiny("qwen2_moe")
+  names = _names(_everything(shared, {}, num_experts=(2,),
+                             shared_expert_intermediate_size=(16, 48)))
+  assert names == {"L2-D64-H4-G2-E2-M32-S16", "L2-D64-H4-G2-E2-M32-S48"}
+
+
+def test_active_params_alone():
+  source = config_lib.tiny("qwen3_moe")
+  everything = _everything(source, {}, **MOE_AXES)
+  middle = sorted(c.num_active_params for c in everything)[len(everything) // 2]
+  space = SearchSpace(active_params=middle, tolerance=0.1, **MOE_AXES)
+  assert space.budget == 0 and space.window is None
+  chosen = search.enumerate_candidates(source, space)
+  assert _names(chosen) == _in_windows(everything, space)
+  # Active parameters barely depend on the number of experts (only the router does), so a window
+  # on them keeps shapes whose totals differ widely.
+  assert len({c.target["num_experts"] for c in chosen}) > 1
+  assert len({c.num_params for c in chosen}) > 1
+
+
+def test_memory_alone():
+  source = _source()  # a dense model
+  settings = dict(memory_batch=2, memory_seq_len=64, memory_dtype="float32")
+  axes = dict(num_layers=(2, 3, 4), hidden_size=(32, 64), num_key_value_heads=(2, 4))
+  everything = _everything(source, settings, **axes)
+  for candidate in everything:
+    t = candidate.target
+    kv = 2 * t["num_layers"] * t["num_key_value_heads"] * source.head_dim * 2 * 64 * 4
+    assert candidate.memory_bytes == 4 * candidate.num_params + kv
+  middle = sorted(c.memory_bytes for c in everything)[len(everything) // 2]
+  space = SearchSpace(memory=middle, tolerance=0.05, **settings, **axes)
+  chosen = search.enumerate_candidates(source, space)
+  assert middle in {c.memory_bytes for c in chosen}
+  assert _names(chosen) == _in_windows(everything, space)
+  low, high = space.windows["memory"]
+  assert all(low <= c.memory_bytes <= high for c in chosen)
+
+
+def test_memory_assumes_depth_pruning_keeps_the_largest_caches():
+  source = config_lib.tiny("gemma2", num_layers=4)  # local (window 8) and global layers alternate
+  candidate = Candidate.build(source, {"num_layers": 2}, memory_batch=1, memory_seq_len=100,
+                              memory_dtype="bfloat16")
+  assert search.pruned_config(source, candidate.target).sliding_window_layers == (False, False)
+  kv = 2 * 2 * source.num_key_value_heads * source.head_dim * 100 * 2
+  assert candidate.memory_bytes == 2 * candidate.num_params + kv
+  assert candidate.num_params == source.replace(num_layers=2,
+                                                sliding_window_layers=None).num_params()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_all_three_constraints_together(family):
+  source = config_lib.tiny(family)
+  axes = dict(num_layers=(1, 2), hidden_size=(32, 48, 64), num_attention_heads=(2, 4))
+  axes.update(dict(num_experts=(2, 4, 6), moe_intermediate_size=(16, 32)) if source.is_moe else
+              dict(intermediate_size=(64, 128)))
+  everything = _everything(source, {}, **axes)
+  pick = everything[len(everything) // 2]
+  limits = dict(budget=pick.num_params, active_params=pick.num_active_params,
+                memory=pick.memory_bytes)
+  spaces = {name: SearchSpace(**{name: value}, tolerance=0.2, **axes)
+            for name, value in limits.items()}
+  together = SearchSpace(**limits, tolerance=0.2, **axes)
+  chosen = _names(search.enumerate_candidates(source, together))
+  alone = [_in_windows(everything, space) for space in spaces.values()]
+  assert pick.name in chosen
+  assert chosen == _in_windows(everything, together) == set.intersection(*alone)
+  assert together.describe().count(" and ") == 2
+
+
+def test_axes_that_do_not_apply_are_refused():
+  dense, moe, shared = _source(), config_lib.tiny("mixtral"), config_lib.tiny("qwen2_moe")
+  cases = [
+      (dense, dict(num_experts=(2,)), r"axes \['num_experts'\] do not apply to a dense model"),
+      (dense, dict(shared_expert_intermediate_size=(8,)), "do not apply to a dense model"),
+      (moe, dict(intermediate_size=(64,)),
+       r"axes \['intermediate_size'\] do not apply to a mixture of experts \(mixtral\)"),
+      (moe, dict(mlp_expansion=(2.0,)), r"axes \['mlp_expansion'\] do not apply"),
+      (moe, dict(shared_expert_intermediate_size=(8,)), "do not apply to a mixture of experts"),
+  ]
+  for source, axes, message in cases:
+    with pytest.raises(ConfigError, match=message) as error:
+      search.enumerate_candidates(source, SearchSpace(budget=source.num_params(), **axes))
+    assert "\n" not in str(error.value) and "allowed: [" in str(error.value)
+  assert search.enumerate_candidates(shared, SearchSpace(
+      budget=shared.num_params(), tolerance=WIDE, shared_expert_intermediate_size=(8,)))
+
+
+def test_nothing_qualifies_names_every_constraint_and_the_closest_values():
+  source = config_lib.tiny("qwen3_moe")
+  only = Candidate.build(source, {})  # the grid of a space without axes: the source itself
+  space = SearchSpace(budget=10, active_params=20, memory=30, tolerance=0.1)
+  with pytest.raises(ConfigError) as error:
+    search.enumerate_candidates(source, space)
+  message = str(error.value)
+  assert "\n" not in message
+  for text in ("9..11 parameters (budget 10 ± 0.1)",
+               "18..22 active parameters (active_params 20 ± 0.1)",
+               "27..33 bytes of memory (memory 30 ± 0.1, weights and the KV cache of 1 x 4096 "
+               "tokens at bfloat16)",
+               f"tried 1 combinations, the closest was {only.name} with {only.num_params:,} "
+               f"parameters, {only.num_active_params:,} active, {only.memory_bytes:,} bytes"):
+    assert text in message, message
+  # Of several, the closest is the one nearest all constraints at once.
+  space = SearchSpace(budget=10, active_params=20, num_layers=(1, 2))
+  smallest = Candidate.build(source, {"num_layers": 1})
+  with pytest.raises(ConfigError, match=f"closest was {smallest.name} "):
+    search.enumerate_candidates(source, space)
+
+
+def test_candidates_read_from_an_old_search_json():
+  candidates = _four_candidates()
+  result = search.run_search(candidates, lambda c: _fake_losses(candidates)[c.name], STEPS)
+  fields = json.loads(result.to_json())
+  for candidate in fields["candidates"]:  # as written before active params and memory
+    del candidate["num_active_params"], candidate["memory_bytes"]
+  old = search.SearchResult.from_json(json.dumps(fields))
+  for candidate in old.candidates:
+    assert candidate.num_active_params == candidate.num_params  # dense: every weight is used
+    assert candidate.memory_bytes is None
+  assert [c.name for c in old.candidates] == [c.name for c in candidates]
+  assert "| – |" in old.to_markdown() and "| – |" in search.candidates_markdown(old.candidates)
+  with pytest.raises(ConfigError, match="not a pruning target"):
+    Candidate.from_dict(dict(name="x", num_params=1, target=dict(num_layers=1)))
+
+
+def test_moe_candidates_round_trip_and_tabulate():
+  source = config_lib.tiny("qwen2_moe")
+  candidates = _everything(source, {}, num_experts=(2, 4), moe_intermediate_size=(16, 32))
+  assert len(candidates) == 4
+  result = search.run_search(candidates, lambda c: {1: float(c.num_params)}, (1,))
+  assert search.SearchResult.from_json(result.to_json()) == result
+  text, table = result.to_markdown(), search.candidates_markdown(candidates)
+  assert "| params | active | memory |" in table and "params | active | memory | loss@1" in text
+  for candidate in candidates:
+    t = candidate.target
+    mlp = f"{t['num_experts']} × {t['moe_intermediate_size']} + shared 48"
+    for cells in (text, table):
+      assert (f"{mlp} | {candidate.num_params:,} | {candidate.num_active_params:,} | "
+              f"{candidate.memory_bytes:,} |") in cells
+
+
+def test_run_config_carries_the_constraints_to_the_space():
+  from minitron_jax import run_config, stages  # pylint: disable=import-outside-toplevel
+  cfg = run_config.base_config()
+  space = stages.search_space(cfg)
+  assert space.constraints == {"budget": 520_000}  # today's search, unchanged
+  assert (space.memory_batch, space.memory_seq_len, space.memory_dtype) == (1, 4096, "bfloat16")
+  cfg.search.space.update(budget=0, active_params=400_000, memory=900_000, memory_batch=2,
+                          memory_seq_len=128, memory_dtype="float32")
+  space = stages.search_space(cfg)
+  assert space.constraints == {"active_params": 400_000, "memory": 900_000}
+  assert space.memory_settings == dict(memory_batch=2, memory_seq_len=128,
+                                       memory_dtype="float32")
 
 
 # ----------------------------------------------------------------------- the paper's spaces
