@@ -9,6 +9,15 @@ aggregation), each with mean, l2 or var. Per element we keep, for every seq aggr
 (in float64 on the host) and the sample count: that gives all nine (batch, seq) combinations
 exactly, accumulates batch by batch, and does not depend on how samples are split into batches.
 
+Mixtures of experts: each expert sees a different subset of tokens, so its statistics are sums
+over the (valid) tokens routed to it rather than per-sample aggregates. An expert's score is its
+contribution, the sum over its tokens of routing weight x the L2 norm of its output (what it adds
+to the residual stream: output size and routing frequency at once), or its routing frequency
+alone; per token on average, so scores from different calibration sets compare. An expert's
+neuron j has |w_t * a_tj| summed (mean) or squared and summed (l2) over those tokens, a_tj being
+the input of the expert's down_proj and w_t the token's routing weight: a neuron matters as much
+as what it adds to the layer's output. A shared expert's neurons are ranked as a dense MLP's are.
+
 Depth: Block Importance BI = 1 - E[cos(x_in, x_out)] over tokens, for single layers and n-layer
 blocks, and optionally the LM-loss increase when a layer (or block) is dropped.
 """
@@ -32,6 +41,9 @@ from minitron_jax.config import ConfigError, ModelConfig
 
 AGGREGATIONS = ("mean", "l2", "var")
 WIDTH_AXES = ("heads", "neurons", "embedding")
+# Axes scored per sample (a mixture has shared_neurons, and no neurons, which its experts hold).
+_PER_SAMPLE_AXES = WIDTH_AXES + ("shared_neurons",)
+EXPERT_CRITERIA = ("contribution", "frequency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +92,24 @@ def _per_sample(magnitude: jax.Array, valid: jax.Array) -> jax.Array:
   return _sample_aggregates(magnitude.astype(jnp.float32), valid)
 
 
+def _expert_sums(inter: model.Intermediates, valid: jax.Array, num_experts: int
+                 ) -> dict[str, jax.Array]:
+  """Per-expert sums over the valid tokens routed to it (see the module docstring):
+  expert_tokens [E], expert_contribution [E], expert_neurons [2,E,F] (sum of |w a|, of (w a)^2)."""
+  index = inter["expert_index"].reshape(-1)  # [M] (token, k) pairs
+  weight = (inter["expert_weight"].astype(jnp.float32)
+            * valid[..., None].astype(jnp.float32))  # [B,T,K]; 0 on padding
+  routed = jnp.broadcast_to(valid[..., None], weight.shape).astype(jnp.float32).reshape(-1)
+  output = inter["expert_output"].astype(jnp.float32)
+  norms = jnp.sqrt(jnp.sum(jnp.square(output), -1))  # [B,T,K]
+  act = jnp.abs(inter["expert_act"].astype(jnp.float32)) * weight[..., None]  # [B,T,K,F]
+  act = act.reshape(index.shape[0], -1)
+  total = lambda values: jax.ops.segment_sum(values, index, num_segments=num_experts)
+  return dict(expert_tokens=total(routed),
+              expert_contribution=total((weight * norms).reshape(-1)),
+              expert_neurons=jnp.stack([total(act), total(jnp.square(act))]))
+
+
 def _token_cosine_sum(a: jax.Array, b: jax.Array, valid: jax.Array) -> jax.Array:
   """Σ over valid tokens of cos(a_t, b_t); a, b [...,B,T,D]."""
   a, b = a.astype(jnp.float32), b.astype(jnp.float32)
@@ -100,9 +130,14 @@ def _batch_statistics(config: ModelConfig, params, tokens, segment_ids, position
     head_norms = jnp.sqrt(jnp.sum(jnp.square(inter["attn_heads"].astype(jnp.float32)), -1))
     out = dict(
         heads=_per_sample(head_norms, valid),
-        neurons=_per_sample(jnp.abs(inter["mlp_act"]), valid),
         cosine=_token_cosine_sum(inter["layer_input"], inter["layer_output"], valid),
     )
+    if config.is_moe:
+      out["token_sums"] = _expert_sums(inter, valid, config.num_experts)
+      if config.shared_expert_intermediate_size:
+        out["shared_neurons"] = _per_sample(jnp.abs(inter["shared_act"]), valid)
+    else:
+      out["neurons"] = _per_sample(jnp.abs(inter["mlp_act"]), valid)
     out.update({site: _per_sample(jnp.abs(inter[site]), valid) for site in norm_sites})
     if keep_inputs:
       out["layer_input"] = inter["layer_input"]
@@ -116,7 +151,8 @@ def _batch_statistics(config: ModelConfig, params, tokens, segment_ids, position
   per_layer_norms = jnp.stack([per[site] for site in norm_sites], axis=1)
   norms = jnp.concatenate([per_layer_norms.reshape(-1, *per_layer_norms.shape[2:]),
                            _per_sample(jnp.abs(final), valid)[None]])
-  stats = dict(heads=per["heads"], neurons=per["neurons"], embedding=norms)
+  stats = dict(heads=per["heads"], embedding=norms)
+  stats.update({name: per[name] for name in ("neurons", "shared_neurons") if name in per})
   cosines = {}
   for n in block_sizes:
     if n == 1:
@@ -125,7 +161,7 @@ def _batch_statistics(config: ModelConfig, params, tokens, segment_ids, position
       # x_i vs the output of layer i+n-1 is layer i+n's input, or the last layer's output.
       hidden = jnp.concatenate([per["layer_input"], per["layer_output"][-1:]], axis=0)
       cosines[n] = jax.vmap(lambda a, b: _token_cosine_sum(a, b, valid))(hidden[:-n], hidden[n:])
-  return stats, cosines, jnp.any(valid, axis=1), jnp.sum(valid)
+  return stats, per.get("token_sums", {}), cosines, jnp.any(valid, axis=1), jnp.sum(valid)
 
 
 def _lm_loss_sums(config: ModelConfig, params, tokens, segment_ids, positions):
@@ -147,8 +183,12 @@ _lm_loss_sums_jit = jax.jit(_lm_loss_sums, static_argnames=("config",))
 class Scores:
   """Importance statistics of one model; any aggregation is computed from them on demand.
 
-  stats['heads'] [L,3,2,N], stats['neurons'] [L,3,2,F], stats['embedding'] [2L+1,3,2,D] (4L+1
-  with post-norms): for each seq aggregation (mean, l2, var) the sums Σ_b s_b and Σ_b s_b² over `num_samples` samples.
+  stats['heads'] [L,3,2,N], stats['neurons'] [L,3,2,F] (dense models),
+  stats['shared_neurons'] [L,3,2,Fs] (a shared expert), stats['embedding'] [2L+1,3,2,D] (4L+1
+  with post-norms): for each seq aggregation (mean, l2, var) the sums Σ_b s_b and Σ_b s_b² over
+  `num_samples` samples. Mixtures of experts also have sums over each expert's routed tokens:
+  stats['expert_tokens'] [L,E], stats['expert_contribution'] [L,E], stats['expert_neurons']
+  [L,2,E,F] (Σ|w a|, Σ(w a)²).
   block_importance[n] [L-n+1]: BI of the n-layer block starting at each layer.
   drop_loss[n] [L-n+1]: LM loss increase when that block is removed (`base_loss` without).
   """
@@ -163,8 +203,10 @@ class Scores:
 
   def per_layer(self, axis: str, aggregation=None) -> np.ndarray:
     """[layers (or norms), elements] scores of one width axis under an aggregation."""
-    if axis not in WIDTH_AXES:
-      raise ConfigError(f"importance axis={axis!r} is unknown; allowed: {WIDTH_AXES}")
+    if axis not in _PER_SAMPLE_AXES:
+      raise ConfigError(f"importance axis={axis!r} is unknown; allowed: {_PER_SAMPLE_AXES}")
+    if axis not in self.stats:
+      raise ConfigError(f"these importance scores hold no {axis} statistics (the model has none)")
     agg = Aggregation.parse(aggregation) if aggregation is not None else self.aggregation
     sums = self.stats[axis][:, AGGREGATIONS.index(agg.seq)]  # [L,2,E]
     total, squares, n = sums[:, 0], sums[:, 1], max(self.num_samples, 1)
@@ -189,6 +231,37 @@ class Scores:
   def neurons(self, aggregation=None) -> np.ndarray:
     """[L,F] MLP neuron scores."""
     return self.per_layer("neurons", aggregation)
+
+  def shared_neurons(self, aggregation=None) -> np.ndarray:
+    """[L,Fs] neuron scores of a mixture's shared expert."""
+    return self.per_layer("shared_neurons", aggregation)
+
+  def _expert_stat(self, name: str) -> np.ndarray:
+    if name not in self.stats:
+      raise ConfigError("these importance scores hold no expert statistics (estimated on a dense "
+                        "model); allowed: scores of the mixture of experts being pruned")
+    return self.stats[name]
+
+  def experts(self, criterion: str = "contribution") -> np.ndarray:
+    """[L,E] expert scores per calibration token: routing-weighted output norm, or the fraction
+    of tokens routed to each expert (`frequency`; sums to top-k per layer)."""
+    if criterion not in EXPERT_CRITERIA:
+      raise ConfigError(f"expert criterion={criterion!r} is unknown; allowed: {EXPERT_CRITERIA}")
+    name = "expert_contribution" if criterion == "contribution" else "expert_tokens"
+    return self._expert_stat(name) / max(self.num_tokens, 1)
+
+  def expert_neurons(self, aggregation=None) -> np.ndarray:
+    """[L,E,F] neuron scores inside each expert over its routed tokens: the batch aggregation
+    applies token-wise (mean, l2 or var); a seq aggregation has no meaning here."""
+    agg = Aggregation.parse(aggregation) if aggregation is not None else self.aggregation
+    sums = self._expert_stat("expert_neurons")  # [L,2,E,F]
+    count = np.maximum(self._expert_stat("expert_tokens"), 1.0)[..., None]  # [L,E,1]
+    total, squares = sums[:, 0], sums[:, 1]
+    if agg.batch == "mean":
+      return total / count
+    if agg.batch == "l2":
+      return np.sqrt(squares)
+    return np.maximum(squares / count - (total / count) ** 2, 0.0)
 
   def embedding_channels(self, aggregation=None) -> np.ndarray:
     """[D] channel scores summed over every normalisation layer (network-wide by nature)."""
@@ -263,7 +336,11 @@ class Scores:
         aggregation=dict(batch=self.aggregation.batch, seq=self.aggregation.seq),
         num_samples=self.num_samples, num_tokens=self.num_tokens, base_loss=self.base_loss,
         head_scores_per_layer=self.heads().round(6).tolist(),
-        neuron_score_mean_per_layer=self.neurons().mean(1).round(6).tolist(),
+        **({"neuron_score_mean_per_layer": self.neurons().mean(1).round(6).tolist()}
+           if "neurons" in self.stats else {}),
+        **({"expert_contribution_per_layer": self.experts().round(6).tolist(),
+            "expert_token_fraction_per_layer": self.experts("frequency").round(6).tolist()}
+           if "expert_tokens" in self.stats else {}),
         top_embedding_channels=top(self.embedding_channels()),
         block_importance={str(n): v.round(6).tolist() for n, v in self.block_importance.items()},
         drop_loss_increase={str(n): v.round(6).tolist() for n, v in self.drop_loss.items()},
@@ -275,7 +352,10 @@ class Scores:
              f"batch={self.aggregation.batch}, seq={self.aggregation.seq}.\n",
              "| layer | BI | drop-loss increase | mean head score | mean neuron score |",
              "|---|---|---|---|---|"]
-    heads, neurons = self.heads(), self.neurons()
+    heads = self.heads()
+    # A mixture's "neurons" column: its experts' neurons.
+    neurons = (self.neurons() if "neurons" in self.stats
+               else self.expert_neurons().reshape(heads.shape[0], -1))
     bi, drop = self.block_importance.get(1), self.drop_loss.get(1)
     for layer in range(heads.shape[0]):
       cells = [str(layer), "" if bi is None else f"{bi[layer]:.4f}",
@@ -376,10 +456,13 @@ def estimate(config: ModelConfig, params, batches: Iterable, *,
       kept_for_drop_loss.append(dict(zip(("tokens", "segment_ids", "positions"), arrays)))
     device_arrays = [jnp.asarray(a) if batch_sharding is None
                      else distributed.put(a, batch_sharding(a.shape)) for a in arrays]
-    per_sample, cosines, has_tokens, n_tokens = _batch_statistics(
+    per_sample, token_sums, cosines, has_tokens, n_tokens = _batch_statistics(
         config, params, *device_arrays, block_sizes=block_sizes)
     # Per-sample values stay split over the batch axes: gathered for every process alike.
-    per_sample, cosines, has_tokens = distributed.to_host((per_sample, cosines, has_tokens))
+    per_sample, token_sums, cosines, has_tokens = distributed.to_host(
+        (per_sample, token_sums, cosines, has_tokens))
+    for name, value in token_sums.items():
+      stats[name] = stats.get(name, 0.0) + np.asarray(value, np.float64)
     for name, value in per_sample.items():  # [layers,3,B,E] -> [layers,3,2,E] in float64
       value = np.asarray(value, np.float64)[:, :, has_tokens]
       sums = np.stack([value.sum(2), np.square(value).sum(2)], axis=2)

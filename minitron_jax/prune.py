@@ -4,11 +4,17 @@ Every weight names its axes (`model.logical_axes`), so pruning is one rule per a
   layers   -> the kept layers            embed    -> the kept embedding channels (network-wide)
   q_heads  -> kept query heads per layer kv_heads -> kept query groups per layer
   mlp      -> kept neurons per layer     vocab, head_dim -> untouched
+  experts  -> kept experts per layer (the router's columns with them)
+  moe_mlp  -> kept neurons per kept expert (each expert ranks its own)
+  shared_mlp -> kept neurons of a mixture's shared expert per layer
 All layers keep one width; within a layer, query heads are ranked inside their KV group so groups
 stay intact. Kept indices stay in their original order, so keeping everything is the identity.
 
 Depth pruning keeps each kept layer's own kind (sliding_window_layers is sliced, and with it the
 RoPE base of Gemma 3's local layers), so a local layer stays local wherever it lands.
+
+A mixture keeping fewer experts than it routes each token to routes to all it keeps
+(num_experts_per_tok is clamped, with a warning).
 
 Width pruning of the embedding keeps `embedding_scale` (Gemma: sqrt of the unpruned width D). With
 it the pruned model computes exactly what the unpruned one computes with the pruned channels
@@ -22,6 +28,7 @@ exported weights, so the export still computes what the pruned model does.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Iterable, Mapping
 
 import jax
@@ -53,14 +60,19 @@ DEPTH_CRITERIA = ("block_importance", "drop_loss")
 class Selection:
   """Indices to keep, in the source model's numbering.
 
-  layers [L'], embed [D'], and per kept layer: q_heads [L',N'], kv_heads [L',K'], mlp [L',F'].
+  layers [L'], embed [D'], and per kept layer: q_heads [L',N'], kv_heads [L',K'], mlp [L',F']
+  (dense models); experts [L',E'], moe_mlp [L',E',F'] (per kept expert, in its own numbering)
+  and shared_mlp [L',Fs'] (mixtures of experts).
   """
 
   layers: np.ndarray
   embed: np.ndarray
   q_heads: np.ndarray
   kv_heads: np.ndarray
-  mlp: np.ndarray
+  mlp: np.ndarray | None = None
+  experts: np.ndarray | None = None
+  moe_mlp: np.ndarray | None = None
+  shared_mlp: np.ndarray | None = None
 
 
 def validate_target(config: ModelConfig, target: Mapping[str, int]) -> dict[str, int]:
@@ -93,6 +105,7 @@ def validate_target(config: ModelConfig, target: Mapping[str, int]) -> dict[str,
 
 def check_selection(config: ModelConfig, target: Mapping[str, int], *,
                     depth_criterion: str = "block_importance", contiguous_depth: bool = False,
+                    expert_criterion: str = "contribution",
                     estimated: Mapping[str, Iterable[int]] | None = None) -> dict[str, int]:
   """Everything `select` requires besides the scores' values; returns the full target.
 
@@ -103,6 +116,9 @@ def check_selection(config: ModelConfig, target: Mapping[str, int], *,
   full = validate_target(config, target)
   if depth_criterion not in DEPTH_CRITERIA:
     raise ConfigError(f"depth_criterion={depth_criterion!r} is unknown; allowed: {DEPTH_CRITERIA}")
+  if expert_criterion not in importance.EXPERT_CRITERIA:
+    raise ConfigError(f"expert_criterion={expert_criterion!r} is unknown; allowed: "
+                      f"{importance.EXPERT_CRITERIA}")
   dropped = config.num_layers - full["num_layers"]
   needed = dropped if contiguous_depth else 1
   if dropped and estimated is not None and needed not in set(estimated.get(depth_criterion, ())):
@@ -121,8 +137,16 @@ def target_config(config: ModelConfig, full_target: Mapping[str, int]) -> ModelC
   Which layers keep a sliding window depends on the scores; this keeps the first ones."""
   windows = config.sliding_window_layers
   return config.replace(**{k: int(v) for k, v in full_target.items()},
+                        **_routed_per_token(config, full_target.get("num_experts")),
                         sliding_window_layers=None if windows is None
                         else windows[:int(full_target["num_layers"])])
+
+
+def _routed_per_token(config: ModelConfig, kept_experts: int | None) -> dict[str, int]:
+  """num_experts_per_tok of a mixture keeping `kept_experts`: unchanged, or all it keeps."""
+  if not config.is_moe or kept_experts is None:
+    return {}
+  return dict(num_experts_per_tok=min(config.num_experts_per_tok, int(kept_experts)))
 
 
 def _top_sorted(scores: np.ndarray, k: int) -> np.ndarray:
@@ -133,11 +157,11 @@ def _top_sorted(scores: np.ndarray, k: int) -> np.ndarray:
 
 def select(config: ModelConfig, scores: Scores, target: Mapping[str, int], *,
            aggregation: Aggregation | str | None = None,
-           depth_criterion: str = "block_importance", contiguous_depth: bool = False
-           ) -> Selection:
-  """Which layers, channels, groups, heads and neurons to keep."""
+           depth_criterion: str = "block_importance", contiguous_depth: bool = False,
+           expert_criterion: str = "contribution") -> Selection:
+  """Which layers, channels, groups, heads, neurons and experts to keep."""
   full = check_selection(config, target, depth_criterion=depth_criterion,
-                         contiguous_depth=contiguous_depth,
+                         contiguous_depth=contiguous_depth, expert_criterion=expert_criterion,
                          estimated={"block_importance": scores.block_importance,
                                     "drop_loss": scores.drop_loss})
   agg = Aggregation.parse(aggregation) if aggregation is not None else scores.aggregation
@@ -160,12 +184,23 @@ def select(config: ModelConfig, scores: Scores, target: Mapping[str, int], *,
   within = _top_sorted(np.take_along_axis(head_scores, kv_heads[..., None], axis=1),
                        kept_per_group)  # [L',K',G']
   q_heads = (kv_heads[..., None] * group_size + within).reshape(len(layers), -1)
+  shared = {}
+  if not config.is_moe:
+    shared["mlp"] = _top_sorted(scores.neurons(agg)[layers], full["intermediate_size"])
+  else:
+    experts = _top_sorted(scores.experts(expert_criterion)[layers], full["num_experts"])
+    neurons = np.take_along_axis(scores.expert_neurons(agg)[layers], experts[..., None], axis=1)
+    shared["experts"] = experts  # [L',E']
+    shared["moe_mlp"] = _top_sorted(neurons, full["moe_intermediate_size"])  # [L',E',F']
+    if config.shared_expert_intermediate_size:
+      shared["shared_mlp"] = _top_sorted(scores.shared_neurons(agg)[layers],
+                                         full["shared_expert_intermediate_size"])
   return Selection(
       layers=layers,
       embed=_top_sorted(scores.embedding_channels(agg), full["hidden_size"]),
       q_heads=q_heads,
       kv_heads=kv_heads,
-      mlp=_top_sorted(scores.neurons(agg)[layers], full["intermediate_size"]),
+      **shared,
   )
 
 
@@ -203,7 +238,8 @@ def merge_heads(config: ModelConfig, params, scores: Scores, selection: Selectio
 def apply_selection(config: ModelConfig, params, selection: Selection):
   """Slices every weight to the selection; returns (pruned config, pruned params as numpy)."""
   per_layer = {"q_heads": selection.q_heads, "kv_heads": selection.kv_heads,
-               "mlp": selection.mlp}
+               "mlp": selection.mlp, "experts": selection.experts,
+               "shared_mlp": selection.shared_mlp}
 
   def slice_leaf(axes: tuple[str, ...], leaf) -> np.ndarray:
     array = np.asarray(leaf)
@@ -216,33 +252,53 @@ def apply_selection(config: ModelConfig, params, selection: Selection):
         indices = per_layer[name]
         array = np.stack([np.take(array[i], indices[i], axis=axis - 1)
                           for i in range(array.shape[0])])
+      elif name == "moe_mlp":  # [L',E',...,F,...]: each kept expert keeps its own neurons
+        indices = np.expand_dims(selection.moe_mlp,
+                                 tuple(a for a in range(2, array.ndim) if a != axis))
+        array = np.take_along_axis(array, indices, axis=axis)
     return array
 
   pruned = jax.tree.map(slice_leaf, model.logical_axes(config), params,
                         is_leaf=lambda x: isinstance(x, tuple))
   windows = config.sliding_window_layers
+  widths = {}
+  if selection.mlp is not None:
+    widths["intermediate_size"] = selection.mlp.shape[1]
+  if selection.experts is not None:
+    kept = selection.experts.shape[1]
+    widths.update(num_experts=kept, moe_intermediate_size=selection.moe_mlp.shape[2],
+                  **_routed_per_token(config, kept))
+    if kept < config.num_experts_per_tok:
+      warnings.warn(f"num_experts={kept} keeps fewer experts than num_experts_per_tok="
+                    f"{config.num_experts_per_tok}; every token now goes to all {kept}",
+                    stacklevel=3)
+  if selection.shared_mlp is not None:
+    widths["shared_expert_intermediate_size"] = selection.shared_mlp.shape[1]
   new_config = config.replace(
       num_layers=len(selection.layers),
       hidden_size=len(selection.embed),
       num_attention_heads=selection.q_heads.shape[1],
       num_key_value_heads=selection.kv_heads.shape[1],
-      intermediate_size=selection.mlp.shape[1],
       sliding_window_layers=None if windows is None
-      else tuple(windows[i] for i in selection.layers))
+      else tuple(windows[i] for i in selection.layers), **widths)
   return new_config, pruned
 
 
 def prune(config: ModelConfig, params, scores: Scores, target: Mapping[str, int], *,
           aggregation: Aggregation | str | None = None, head_merging: bool = True,
-          depth_criterion: str = "block_importance", contiguous_depth: bool = False):
+          depth_criterion: str = "block_importance", contiguous_depth: bool = False,
+          expert_criterion: str = "contribution"):
   """(config, params) of the model pruned to `target` (absolute sizes; missing keys: unchanged).
 
-  target keys: num_layers, hidden_size, num_attention_heads, num_key_value_heads,
-  intermediate_size. Depth is ranked by `depth_criterion`; `contiguous_depth` removes the
-  lowest-scoring contiguous block instead of the lowest-scoring single layers.
+  target keys (`target_keys(config)`): num_layers, hidden_size, num_attention_heads,
+  num_key_value_heads, and intermediate_size (dense) or num_experts, moe_intermediate_size and
+  shared_expert_intermediate_size (mixtures). Depth is ranked by `depth_criterion`;
+  `contiguous_depth` removes the lowest-scoring contiguous block instead of the lowest-scoring
+  single layers. Experts are ranked by `expert_criterion` (importance.EXPERT_CRITERIA).
   """
   selection = select(config, scores, target, aggregation=aggregation,
-                     depth_criterion=depth_criterion, contiguous_depth=contiguous_depth)
+                     depth_criterion=depth_criterion, contiguous_depth=contiguous_depth,
+                     expert_criterion=expert_criterion)
   if head_merging:
     params = merge_heads(config, params, scores, selection, aggregation)
   return apply_selection(config, params, selection)

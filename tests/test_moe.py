@@ -161,3 +161,25 @@ def test_bad_moe_fields_are_one_line_errors(fields, message):
 def test_dense_layers_among_sparse_are_refused():
   with pytest.raises(ConfigError, match="mlp_only_layers"):
     hf.config_from_hf(moe_hf_config("qwen3_moe", mlp_only_layers=[1]).to_dict())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+def test_pruned_on_every_axis_exports_with_parity(tmp_path, family):
+  from minitron_jax import importance, prune
+
+  reference, config, params, _ = _round_trip(tmp_path, moe_hf_config(family))
+  scores = importance.estimate(config, params, [TOKENS, TOKENS[::-1]],
+                               block_sizes=(1,))
+  target = dict(num_layers=2, hidden_size=40, num_attention_heads=2, num_key_value_heads=1,
+                num_experts=3, moe_intermediate_size=16)
+  if family == "qwen2_moe":
+    target["shared_expert_intermediate_size"] = 24
+  pruned_config, pruned = prune.prune(config, params, scores, target)
+  assert (pruned_config.num_experts, pruned_config.moe_intermediate_size) == (3, 16)
+  assert pruned_config.num_params() == sum(np.size(leaf) for leaf in jax.tree.leaves(pruned))
+  logits = np.asarray(model.apply(pruned_config, pruned, jnp.asarray(TOKENS)))
+  hf.save(tmp_path / "pruned", pruned_config, pruned)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+  assert_close_relative(hf_logits(reloaded, TOKENS), logits, FP32_TOLERANCE)
+  assert hf.load_config(tmp_path / "pruned") == pruned_config.replace(
+      intermediate_size=hf.load_config(tmp_path / "pruned").intermediate_size)
