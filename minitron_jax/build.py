@@ -9,12 +9,16 @@ from minitron_jax import hf, model
 from minitron_jax.config import ConfigError
 
 # Model settings that change how it computes, never what it holds: applied over any checkpoint.
-COMPUTE_OPTIONS = ("dtype", "remat", "attention", "attention_block_size")
+COMPUTE_OPTIONS = ("dtype", "remat", "attention", "attention_block_size", "moe_capacity_factor")
 
 
 def compute_options(section: ml_collections.ConfigDict) -> dict:
-  """The model section's settings for how to compute (not what): they apply over any checkpoint."""
-  return {k: section[k] for k in COMPUTE_OPTIONS if section.get(k) not in (None, "")}
+  """The model section's settings for how to compute (not what): they apply over any checkpoint.
+  moe_capacity_factor 0 (a config file cannot override None) is the exact grouped dispatch."""
+  options = {k: section[k] for k in COMPUTE_OPTIONS if section.get(k) not in (None, "")}
+  if "moe_capacity_factor" in options and not options["moe_capacity_factor"]:
+    options["moe_capacity_factor"] = None
+  return options
 
 
 def model_config(section: ml_collections.ConfigDict) -> config_lib.ModelConfig:

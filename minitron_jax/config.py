@@ -97,6 +97,9 @@ class ModelConfig:
   # Qwen2-MoE: a dense expert every token passes through, scaled by sigmoid(x . gate); 0: none.
   shared_expert_intermediate_size: int = 0
   # Compute options; they never change what is saved.
+  # Expert dispatch (moe.py): None, the grouped matmul, drops nothing; a factor c gives each
+  # expert c x its even share of a batch's routed tokens in a batched matmul, dropping overflow.
+  moe_capacity_factor: float | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
@@ -158,6 +161,8 @@ class ModelConfig:
                 or self.shared_expert_intermediate_size),
            "num_experts_per_tok, moe_intermediate_size and shared_expert_intermediate_size "
            "need num_experts > 0")
+    need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+         f"moe_capacity_factor={self.moe_capacity_factor!r} must be positive or None")
     for name in ("embedding_scale", "query_pre_attn_scalar", "attn_logit_softcap",
                  "final_logit_softcap", "local_rope_theta"):
       value = getattr(self, name)

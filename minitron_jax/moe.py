@@ -4,14 +4,21 @@ the router's load-balancing loss.
 Axis letters (as in model.py): B batch, T positions, D hidden, E experts, K experts per token
 (top-k), F expert width, M = B*T*K routed (token, expert) pairs.
 
-Dispatch sorts the M pairs by expert and runs each projection as one grouped matmul
-(`jax.lax.ragged_dot`): every token reaches exactly its K experts, with no capacity limit and
-so no dropped tokens, and no loop over experts. The work is M x D x F per projection, what the
-routed tokens need, never E times that.
+Two dispatches, neither with a loop over experts; both sort the M pairs by expert first.
+- Grouped (capacity None, the default): each projection is one grouped matmul
+  (`jax.lax.ragged_dot`). Every token reaches exactly its K experts, nothing is dropped, and the
+  results are transformers' exactly. TPUs and cuDNN-capable GPUs run it as a grouped GEMM of
+  M x D x F work; XLA's generic lowering (CPU, other GPUs) pads every group to M rows, E times
+  that work.
+- Capacity C per expert: pairs are packed into an [E,C,D] buffer and each projection is one
+  batched matmul, E x C x D x F work on every backend, split over the `expert` mesh axis with
+  the experts. Pairs beyond an expert's C (later tokens first) are dropped, as in Switch
+  Transformer and GShard; C >= B*T (capacity factor E/K) never drops and equals the grouped path.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -30,25 +37,44 @@ def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Ar
   return weights, indices.astype(jnp.int32)
 
 
+def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+  """Routed pairs each expert takes: capacity_factor x its even share, at most every token."""
+  return max(1, min(tokens, math.ceil(capacity_factor * tokens * top_k / num_experts)))
+
+
 def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax.Array,
-            down_proj: jax.Array, activation: Callable[[jax.Array], jax.Array]
-            ) -> tuple[jax.Array, jax.Array]:
+            down_proj: jax.Array, activation: Callable[[jax.Array], jax.Array],
+            capacity_factor: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Each token through each of its K experts (gated MLPs), unweighted.
 
   x [B,T,D], indices [B,T,K], gate_proj / up_proj [E,D,F], down_proj [E,F,D] ->
-  (outputs [B,T,K,D], activations [B,T,K,F] that feed each expert's down_proj).
+  (outputs [B,T,K,D], activations [B,T,K,F] that feed each expert's down_proj; zero for a pair
+  dropped by the capacity).
   """
   b, t, d = x.shape
   k = indices.shape[-1]
   num_experts = gate_proj.shape[0]
   flat = indices.reshape(-1)  # [M]
-  order = jnp.argsort(flat, stable=True)  # pairs grouped by expert
+  order = jnp.argsort(flat, stable=True)  # pairs grouped by expert, in token order within one
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
   routed = jnp.take(x.reshape(b * t, d), order // k, axis=0)  # [M,D], sorted
-  gate = jax.lax.ragged_dot(routed, gate_proj, group_sizes)  # [M,F]
-  up = jax.lax.ragged_dot(routed, up_proj, group_sizes)
-  act = activation(gate) * up
-  out = jax.lax.ragged_dot(act, down_proj, group_sizes)  # [M,D]
+  if capacity_factor is None:
+    gate = jax.lax.ragged_dot(routed, gate_proj, group_sizes)  # [M,F]
+    up = jax.lax.ragged_dot(routed, up_proj, group_sizes)
+    act = activation(gate) * up
+    out = jax.lax.ragged_dot(act, down_proj, group_sizes)  # [M,D]
+  else:
+    slots = capacity(b * t, k, num_experts, capacity_factor)
+    expert = jnp.take(flat, order)  # [M], sorted
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    rank = jnp.arange(flat.shape[0]) - jnp.take(starts, expert)  # place in the expert's queue
+    rank = jnp.where(rank < slots, rank, slots)  # past the capacity: an index that drops
+    buffer = jnp.zeros((num_experts, slots, d), x.dtype).at[expert, rank].set(routed, mode="drop")
+    hidden = activation(jnp.einsum("ECD,EDF->ECF", buffer, gate_proj)) * jnp.einsum(
+        "ECD,EDF->ECF", buffer, up_proj)
+    out_buffer = jnp.einsum("ECF,EFD->ECD", hidden, down_proj)
+    out = out_buffer.at[expert, rank].get(mode="fill", fill_value=0)  # [M,D]
+    act = hidden.at[expert, rank].get(mode="fill", fill_value=0)  # [M,F]
   inverse = jnp.argsort(order)  # back to (token, k) order
   out = jnp.take(out, inverse, axis=0).reshape(b, t, k, d)
   act = jnp.take(act, inverse, axis=0).reshape(b, t, k, -1)

@@ -183,3 +183,54 @@ def test_pruned_on_every_axis_exports_with_parity(tmp_path, family):
   assert_close_relative(hf_logits(reloaded, TOKENS), logits, FP32_TOLERANCE)
   assert hf.load_config(tmp_path / "pruned") == pruned_config.replace(
       intermediate_size=hf.load_config(tmp_path / "pruned").intermediate_size)
+
+
+def _capacity_reference(x, indices, weights, gate, up, down, slots):
+  """Per-token loop: an expert takes pairs in (token, k) order until it holds `slots`."""
+  x64 = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+  flat_index = np.asarray(indices).reshape(len(x64), -1)
+  flat_weight = np.asarray(weights, np.float64).reshape(len(x64), -1)
+  taken = np.zeros(gate.shape[0], int)
+  out = np.zeros_like(x64)
+  silu = lambda v: v / (1 + np.exp(-v))
+  for token in range(len(x64)):
+    for k in range(flat_index.shape[1]):
+      e = flat_index[token, k]
+      if taken[e] < slots:
+        taken[e] += 1
+        hidden = silu(x64[token] @ gate[e]) * (x64[token] @ up[e])
+        out[token] += flat_weight[token, k] * hidden @ down[e]
+  return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 2.5])  # 2.5 = E/K: nothing dropped
+def test_capacity_dispatch_drops_overflow_as_a_per_token_loop(factor):
+  keys = jax.random.split(jax.random.key(1), 5)
+  b, t, d, e, f, k = 2, 9, 8, 5, 6, 2
+  x = jax.random.normal(keys[0], (b, t, d))
+  gate, up = (np.asarray(jax.random.normal(keys[i], (e, d, f)), np.float64) / 3 for i in (1, 2))
+  down = np.asarray(jax.random.normal(keys[3], (e, f, d)), np.float64) / 3
+  weights, indices = moe.route(jax.random.normal(keys[4], (b, t, e)), k, normalize=False)
+  as32 = lambda a: jnp.asarray(a, jnp.float32)
+  outputs, _ = moe.experts(x, indices, as32(gate), as32(up), as32(down), jax.nn.silu, factor)
+  ours = np.asarray(jnp.einsum("BTKD,BTK->BTD", outputs, weights))
+  slots = moe.capacity(b * t, k, e, factor)
+  np.testing.assert_allclose(ours, _capacity_reference(x, indices, weights, gate, up, down, slots),
+                             rtol=1e-5, atol=1e-6)
+  if factor == 2.5:
+    exact, _ = moe.experts(x, indices, as32(gate), as32(up), as32(down), jax.nn.silu)
+    np.testing.assert_allclose(outputs, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_dispatch_in_the_model_and_its_gradients():
+  config = config_lib.tiny("qwen3_moe")  # 6 experts, 2 per token: factor 3 never drops
+  params = model.init(config, seed=2)
+  tokens = jnp.asarray(TOKENS % config.vocab_size)
+  roomy = config.replace(moe_capacity_factor=3.0)
+  loss = lambda c: lambda p: jnp.sum(jnp.sin(model.apply(c, p, tokens)))
+  np.testing.assert_allclose(model.apply(roomy, params, tokens),
+                             model.apply(config, params, tokens), rtol=1e-5, atol=1e-6)
+  grads, exact_grads = (jax.grad(loss(c))(params) for c in (roomy, config))
+  jax.tree.map(lambda a, b: assert_close_relative(a, b, 1e-5), grads, exact_grads)
+  tight = model.apply(config.replace(moe_capacity_factor=0.5), params, tokens)
+  assert np.all(np.isfinite(tight)) and not np.allclose(tight, model.apply(config, params, tokens))
