@@ -2,8 +2,9 @@
 
 Only the student (and the student->teacher hidden projection) is trained; the teacher is an input
 of the step, never part of the train state, never in the optimiser, never checkpointed. One
-jitted step runs both forward passes, the fused logit KLD, the projected hidden-state losses and
-an AdamW update, with gradient accumulation over micro-batches inside the step.
+jitted step runs both forward passes, the fused logit KLD, the projected hidden-state losses, a
+mixture-of-experts student's router load-balancing loss (when weighted) and an AdamW update, with
+gradient accumulation over micro-batches inside the step.
 
 The loop never passes on garbage: a step whose loss or gradient norm is not finite stops
 training with `Diverged` before its state can be checkpointed. With `skip_non_finite` such a step
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from minitron_jax import atomic, distributed, losses, model, preemption
+from minitron_jax import atomic, distributed, losses, model, moe, preemption
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.losses import LossConfig
 
@@ -97,6 +98,10 @@ def check_models(student_config: ModelConfig, teacher_config: ModelConfig | None
   """Whether the loss can be computed between these two architectures (shapes only)."""
   if loss_config.uses_teacher and teacher_config is None:
     raise ConfigError("the loss uses the teacher but no teacher was given")
+  if loss_config.uses_router_aux and not student_config.is_moe:
+    raise ConfigError(f"router_aux_loss_coef={loss_config.router_aux_loss_coef} needs a "
+                      f"mixture-of-experts student; this one ({student_config.family}) is dense; "
+                      "allowed: 0.0")
   if teacher_config is not None and teacher_config.vocab_size != student_config.vocab_size:
     raise ConfigError(f"teacher vocab_size={teacher_config.vocab_size} differs from student "
                       f"vocab_size={student_config.vocab_size}")
@@ -145,25 +150,33 @@ class Distiller:
 
   # --------------------------------------------------------------------------- losses
 
-  def _forward(self, config: ModelConfig, params, batch: Batch):
+  def _forward(self, config: ModelConfig, params, batch: Batch, *, router: bool = False):
+    """(final hidden, per-layer kept intermediates or None); `router` also keeps every layer's
+    router_logits [L,B,T,E] (the student's, for the load-balancing loss)."""
     cfg = self.loss_config
+    hidden = cfg.uses_hidden
 
     def keep(inter):
-      kept = {"norms": inter["attn_norm"]}
-      if cfg.embedding_term:
-        kept["inputs"] = inter["layer_input"]
+      kept = {}
+      if hidden:
+        kept["norms"] = inter["attn_norm"]
+        if cfg.embedding_term:
+          kept["inputs"] = inter["layer_input"]
+      if router:
+        kept["router_logits"] = inter["router_logits"]
       return kept
 
     return model.hidden_states(config, params, batch["tokens"], segment_ids=batch["segment_ids"],
                                positions=batch["positions"],
-                               intermediates_fn=keep if cfg.uses_hidden else None)
+                               intermediates_fn=keep if hidden or router else None)
 
   def loss_terms(self, trainable, teacher_params, batch: Batch, *, for_eval: bool = False):
     """(total loss, metrics) of one batch."""
     cfg = self.loss_config
     student = trainable["student"]
     mask = batch["segment_ids"] != 0
-    s_hidden, s_inter = self._forward(self.student_config, student, batch)
+    s_hidden, s_inter = self._forward(self.student_config, student, batch,
+                                      router=cfg.uses_router_aux)
     need_full_student_logits = (cfg.ce_weight > 0 or for_eval
                                 or (cfg.uses_logits and not cfg.fused_logits))
     s_logits = (model.logits_from_hidden(self.student_config, student, s_hidden)
@@ -195,9 +208,13 @@ class Distiller:
           student_side.append(s_inter["inputs"][0])
         terms["hidden"] = losses.hidden_state_loss(teacher_side, student_side,
                                                    trainable["projection"], mask, cfg.hidden_loss)
+    if cfg.uses_router_aux:
+      terms["router_aux"] = moe.load_balancing_loss(
+          s_inter["router_logits"], self.student_config.num_experts_per_tok, mask)
     total, metrics = losses.combine(
         cfg, ce=terms.get("ce") if cfg.ce_weight > 0 else None,
-        logits=terms.get("logits"), hidden=terms.get("hidden"))
+        logits=terms.get("logits"), hidden=terms.get("hidden"),
+        router_aux=terms.get("router_aux"))
     if for_eval:
       metrics["ce"] = terms["ce"]
     return total, metrics

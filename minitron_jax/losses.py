@@ -1,13 +1,15 @@
 """Distillation losses (Minitron §4): logit losses, LM cross-entropy, projected hidden-state losses.
 
-Total loss L = w_ce * L_CLM + w_logits * L_logits + alpha * L_is, where alpha is either a constant
-or, by default, w_is * stop_gradient(L_logits / L_is) so the two terms keep equal scale.
+Total loss L = w_ce * L_CLM + w_logits * L_logits + alpha * L_is (+ c_aux * L_aux for a mixture
+of experts), where alpha is either a constant or, by default, w_is * stop_gradient(L_logits / L_is)
+so the two terms keep equal scale, and L_aux is the student router's load-balancing loss.
 p = softmax(logits / temperature) for every logit loss; no temperature² factor is applied.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,10 @@ class LossConfig:
   dynamic_alpha: bool = True
   fused: bool = True  # chunked logit KLD that never holds [tokens x vocab] of both models
   chunk_size: int = 1024
+  # Weight of a mixture-of-experts student's load-balancing loss (moe.load_balancing_loss, as
+  # transformers' router_aux_loss_coef); 0 leaves routing to the distillation terms alone, as
+  # transformers does by default (output_router_logits=False).
+  router_aux_loss_coef: float = 0.0
 
   def __post_init__(self):
     if self.logit_loss not in LOGIT_LOSSES:
@@ -55,6 +61,10 @@ class LossConfig:
       raise ConfigError(f"top_k={self.top_k} must be 0 (full vocabulary) or positive")
     if min(self.logit_weight, self.ce_weight, self.hidden_weight) < 0:
       raise ConfigError("loss weights must be non-negative")
+    coef = self.router_aux_loss_coef
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not 0 <= coef < math.inf:
+      raise ConfigError(f"router_aux_loss_coef={coef!r} is invalid; allowed: a finite number >= 0 "
+                        "(0: off)")
     if not self.uses_teacher and self.ce_weight == 0:
       raise ConfigError("every loss weight is zero; set ce_weight, logit_weight or hidden_loss")
 
@@ -65,6 +75,10 @@ class LossConfig:
   @property
   def uses_hidden(self) -> bool:
     return self.hidden_loss != "none"
+
+  @property
+  def uses_router_aux(self) -> bool:
+    return self.router_aux_loss_coef > 0
 
   @property
   def uses_teacher(self) -> bool:
@@ -139,7 +153,8 @@ def hidden_state_loss(teacher_states: list[jax.Array], student_states: list[jax.
   return sum(terms) / len(terms)
 
 
-def combine(config: LossConfig, *, ce=None, logits=None, hidden=None) -> tuple[jax.Array, dict]:
+def combine(config: LossConfig, *, ce=None, logits=None, hidden=None,
+            router_aux=None) -> tuple[jax.Array, dict]:
   """The weighted total and a dict of every term (alpha included) for logging."""
   total = jnp.float32(0.0)
   metrics = {}
@@ -156,5 +171,8 @@ def combine(config: LossConfig, *, ce=None, logits=None, hidden=None) -> tuple[j
       alpha = jnp.float32(config.hidden_weight)
     metrics.update(hidden_loss=hidden, alpha=alpha)
     total = total + alpha * hidden
+  if router_aux is not None:
+    metrics["router_aux"] = router_aux
+    total = total + config.router_aux_loss_coef * router_aux
   metrics["loss"] = total
   return total, metrics

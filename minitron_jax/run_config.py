@@ -51,6 +51,9 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   # Attention kernel (minitron_jax/attention.py; "auto" picks per backend) and its tile size.
   config.model.attention = "auto"
   config.model.attention_block_size = 512
+  # Mixtures of experts: 0 dispatches exactly (grouped matmul); c > 0 gives each expert c x its
+  # even share of a batch's tokens in one batched matmul and drops the overflow (moe.py).
+  config.model.moe_capacity_factor = 0.0
   # Real-model configs set this: a run on a random 15B model is a mistake, not a default.
   config.model.require_checkpoint = False
   # What to tell the user when a required checkpoint is absent (e.g. the pip line that ships it).
@@ -87,6 +90,8 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
            intermediate_size=256))
   config.prune.head_merging = True
   config.prune.depth_criterion = "block_importance"
+  # Mixtures of experts: rank experts by routed contribution or routing frequency.
+  config.prune.expert_criterion = "contribution"
   config.prune.contiguous_depth = False
   config.prune.iterative_rounds = 1  # T > 1: re-estimate importance between T pruning steps
   # Paper Table 12's baseline: the target architecture with fresh random weights (model.seed+1).
@@ -112,10 +117,12 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
       peak_lr=2e-3, end_lr=4.5e-7, warmup_steps=20, weight_decay=0.1, clip_norm=1.0,
       accumulation_steps=1))
   # minitron_jax.losses.LossConfig fields; the paper's best practice: logit-only forward KL.
+  # router_aux_loss_coef > 0 adds a mixture-of-experts student's load-balancing loss (e.g. 0.001,
+  # Qwen3-MoE's training value); a dense student refuses it.
   config.distill.loss = ml_collections.ConfigDict(dict(
       logit_loss="forward_kl", temperature=1.0, top_k=0, logit_weight=1.0, ce_weight=0.0,
       hidden_loss="none", hidden_pairs=((-1, -1),), embedding_term=False, hidden_weight=1.0,
-      dynamic_alpha=True, fused=True, chunk_size=1024))
+      dynamic_alpha=True, fused=True, chunk_size=1024, router_aux_loss_coef=0.0))
 
   # Multi-stage compression: a tuple of dicts(name, target, teacher="original"|"previous",
   # distill_steps); empty: one stage with prune.target.
@@ -204,6 +211,8 @@ def _scale_target(target: dict, real, tiny) -> dict:
       multiple = 8 if key in ("hidden_size", "intermediate_size") else 1
       out[key] = min(_scaled(value, getattr(real, key), getattr(tiny, key), multiple),
                      getattr(tiny, key))
+      if key == "num_experts":  # fewer than top-k would route every token to all of them
+        out[key] = max(out[key], min(tiny.num_experts_per_tok, tiny.num_experts))
   return out
 
 
@@ -230,7 +239,8 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
   """Shrinks a run to a CPU smoke test of seconds: every stage runs, on tiny sizes.
 
   A paper-scale config keeps its stages, search and compression plan, but on a tiny random model
-  of the same family, with every target scaled proportionally.
+  of the same family (a mixture of experts stays one: `config.tiny`'s experts for the family),
+  with every target scaled proportionally.
   """
   if config.model.preset != "tiny":
     from minitron_jax import config as config_lib  # only runlocal needs the presets here
@@ -244,7 +254,7 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
                                        "num_attention_heads", "num_key_value_heads", "head_dim",
                                        "intermediate_size")})
     config.tokenizer = "bytes"
-    config.mesh.update(data=-1, fsdp=1, tensor=1)
+    config.mesh.update(data=-1, fsdp=1, tensor=1, expert=1)
     config.data.source = "stdlib"
     config.prune.target = ml_collections.ConfigDict(
         _scale_target(dict(config.prune.target), real, tiny))

@@ -154,7 +154,8 @@ def estimate_options(cfg: ml_collections.ConfigDict) -> dict:
 def prune_options(cfg: ml_collections.ConfigDict) -> dict:
   return dict(aggregation=(cfg.importance.batch_aggregation, cfg.importance.seq_aggregation),
               head_merging=cfg.prune.head_merging, depth_criterion=cfg.prune.depth_criterion,
-              contiguous_depth=cfg.prune.contiguous_depth)
+              contiguous_depth=cfg.prune.contiguous_depth,
+              expert_criterion=cfg.prune.expert_criterion)
 
 
 def settings(cls, fields: dict, what: str):

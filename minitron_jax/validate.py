@@ -251,7 +251,8 @@ class _Validation:
     estimated = {"block_importance": options["block_sizes"],
                  "drop_loss": options["drop_block_sizes"] if options["drop_loss"] else ()}
     selection = dict(depth_criterion=self.cfg.prune.depth_criterion,
-                     contiguous_depth=self.cfg.prune.contiguous_depth, estimated=estimated)
+                     contiguous_depth=self.cfg.prune.contiguous_depth,
+                     expert_criterion=self.cfg.prune.expert_criterion, estimated=estimated)
     rounds = self.cfg.prune.iterative_rounds
     if iterative and rounds > 1:
       targets = self.attempt("prune.iterative_rounds", prune.iterative_targets, source,

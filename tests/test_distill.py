@@ -1,5 +1,6 @@
-"""The distillation train step and loop: frozen teacher, fused path, accumulation, sharding,
-divergence guard, kill-and-resume and SIGTERM-and-resume."""
+"""The distillation train step and loop: frozen teacher, fused path, accumulation, sharding, a
+mixture-of-experts student's router loss, divergence guard, kill-and-resume and
+SIGTERM-and-resume."""
 
 import json
 import os
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 
 from minitron_jax import config as config_lib
-from minitron_jax import distill, model, preemption, sharding
+from minitron_jax import distill, model, moe, preemption, sharding
 from minitron_jax.config import ConfigError
 from minitron_jax.losses import LossConfig
 
@@ -137,6 +138,62 @@ def test_sharded_steps_match_one_device():
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
   q_proj = state["trainable"]["student"]["layers"]["attn"]["q_proj"]
   assert len(q_proj.sharding.device_set) == 8
+
+
+MOE_STUDENT_CONFIG = config_lib.tiny("qwen3_moe")  # the dense teacher's vocabulary
+
+
+def _padded_batch():
+  """distill_job's first batch with the last 5 positions of row 0 padding (segment 0)."""
+  batch = {k: np.array(v) for k, v in distill_job.batches(1, 0)[0].items()}
+  batch["segment_ids"][0, -5:] = 0
+  return _device_batch(batch)
+
+
+def test_router_load_balancing_loss_of_a_moe_student():
+  teacher, student = model.init(TEACHER_CONFIG, 0), model.init(MOE_STUDENT_CONFIG, 1)
+  batch = _padded_batch()
+  coef = 0.05
+
+  def distiller(coef):
+    return distill.Distiller(MOE_STUDENT_CONFIG, TEACHER_CONFIG,
+                             LossConfig(router_aux_loss_coef=coef), distill.OptimizerConfig(), 1)
+
+  def value_and_grad(coef):
+    trainable = distiller(coef).init_state(student)["trainable"]
+    return jax.value_and_grad(distiller(coef).loss_terms, has_aux=True)(trainable, teacher, batch)
+
+  (total, metrics), grads = value_and_grad(coef)
+  (total_off, metrics_off), grads_off = value_and_grad(0.0)
+  assert "router_aux" not in metrics_off
+
+  def reference_aux(params):
+    _, inter = model.apply(MOE_STUDENT_CONFIG, params, batch["tokens"],
+                           segment_ids=batch["segment_ids"], positions=batch["positions"],
+                           return_intermediates=True)
+    return moe.load_balancing_loss(inter["router_logits"], MOE_STUDENT_CONFIG.num_experts_per_tok,
+                                   batch["segment_ids"] != 0)
+
+  expected, expected_grads = jax.value_and_grad(reference_aux)(student)
+  np.testing.assert_allclose(metrics["router_aux"], expected, rtol=1e-6)
+  np.testing.assert_allclose(metrics["logit_loss"], metrics_off["logit_loss"], rtol=1e-6)
+  np.testing.assert_allclose(total, total_off + coef * metrics["router_aux"], rtol=1e-6)
+  # The router's gradient changes by exactly coef x the load-balancing loss's own gradient.
+  router = [g["student"]["layers"]["moe"]["router"] for g in (grads, grads_off)]
+  change = router[0] - router[1]
+  assert float(jnp.max(jnp.abs(change))) > 1e-6
+  np.testing.assert_allclose(change, coef * expected_grads["layers"]["moe"]["router"],
+                             rtol=1e-3, atol=1e-7)
+  validation = distiller(coef).evaluate({"student": student}, teacher, [batch])
+  assert validation["val_router_aux"] == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_router_loss_needs_a_moe_student():
+  with pytest.raises(ConfigError) as caught:
+    distill.Distiller(STUDENT_CONFIG, TEACHER_CONFIG, LossConfig(router_aux_loss_coef=0.01),
+                      distill.OptimizerConfig(), 1)
+  assert str(caught.value) == ("router_aux_loss_coef=0.01 needs a mixture-of-experts student; "
+                               "this one (qwen2) is dense; allowed: 0.0")
 
 
 def test_a_non_finite_step_leaves_the_state_untouched():

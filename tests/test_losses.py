@@ -114,6 +114,9 @@ def test_dynamic_alpha_is_the_stopped_ratio():
     (dict(temperature=0.0), "temperature=0.0 must be positive"),
     (dict(top_k=-1), "top_k=-1 must be 0"),
     (dict(logit_loss="none", ce_weight=0.0), "every loss weight is zero"),
+    (dict(router_aux_loss_coef=-0.1),
+     r"router_aux_loss_coef=-0.1 is invalid; allowed: a finite number >= 0 \(0: off\)"),
+    (dict(router_aux_loss_coef=float("nan")), "router_aux_loss_coef=nan is invalid"),
 ])
 def test_bad_loss_config_is_a_one_line_error(fields, message):
   with pytest.raises(ConfigError, match=message):

@@ -3,11 +3,12 @@ config's runlocal smoke test through the whole pipeline."""
 
 import importlib.util
 import json
+import math
 import pathlib
 
 import pytest
 
-from minitron_jax import build, pipeline, prune, search
+from minitron_jax import build, pipeline, prune, run_config, search, stages, validate
 from minitron_jax.config import ConfigError
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -65,6 +66,75 @@ def test_search_space_of_the_15b_to_8b_config_is_feasible():
     assert abs(candidate.num_params - budget) <= config.search.space.tolerance * budget
 
 
+def _as_on_the_card(count: int) -> float:
+  """Billions to one decimal as Qwen's model card writes them: cut, not rounded (its 3.3B
+  activated parameters are 3.35B)."""
+  return math.floor(count / 1e8) / 10
+
+
+def test_qwen3_moe_config_prunes_experts_of_the_cards_architecture():
+  config = get_config("qwen3_30b_a3b_prune")
+  source = build.model_config(config.model)
+  assert (source.family, source.num_experts, source.num_experts_per_tok) == ("qwen3_moe", 128, 8)
+  assert (_as_on_the_card(source.num_params()), _as_on_the_card(source.num_active_params())) == (
+      30.5, 3.3)
+  pruned = search.pruned_config(source, prune.validate_target(source, dict(config.prune.target)))
+  assert (pruned.num_experts, pruned.moe_intermediate_size, pruned.hidden_size) == (96, 640, 1792)
+  assert (round(pruned.num_params() / 1e9, 1), round(pruned.num_active_params() / 1e9, 2)) == (
+      17.2, 2.67)
+
+
+@pytest.mark.parametrize("arg", ["", "runlocal"])
+def test_qwen3_moe_search_space_is_feasible_under_active_params_and_memory(arg):
+  config = get_config("qwen3_30b_a3b_prune", arg)
+  source = build.model_config(config.model)
+  assert source.is_moe and source.family == "qwen3_moe"
+  space = stages.search_space(config)
+  assert space.budget == 0 and space.active_params and space.memory
+  candidates = search.enumerate_candidates(source, space)
+  assert len(candidates) >= 2
+  tolerance = space.tolerance
+  for candidate in candidates:
+    shape = search.pruned_config(source, candidate.target)
+    # Counted here from the shape, not taken from the candidate.
+    active = shape.num_active_params()
+    memory = shape.memory_bytes(space.memory_batch, space.memory_seq_len, space.memory_dtype)
+    assert abs(active - space.active_params) <= tolerance * space.active_params, candidate.name
+    assert abs(memory - space.memory) <= tolerance * space.memory, candidate.name
+    assert shape.num_experts_per_tok == source.num_experts_per_tok <= shape.num_experts
+  prune_target = prune.validate_target(source, dict(config.prune.target))
+  assert source.num_experts_per_tok <= prune_target["num_experts"] < source.num_experts
+  if not arg:
+    assert len(candidates) == 17
+    assert {c.target["num_experts"] for c in candidates} == {96, 112, 128}
+    assert prune_target in [c.target for c in candidates]
+
+
+def test_qwen3_moe_config_validates_at_both_scales():
+  config = get_config("qwen3_30b_a3b_prune", "runlocal")
+  source = build.model_config(config.model)
+  assert source.num_params() < 1_000_000 and source.num_experts == 6
+  assert config.distill.loss.router_aux_loss_coef > 0
+  assert validate.validate(config, "/nonexistent/workdir") == []
+  # The real shapes (every search candidate pruned and retrained on paper), weights and data
+  # aside: the preset stands in for the checkpoint, the byte tokenizer and stdlib for the data.
+  config = get_config("qwen3_30b_a3b_prune")
+  config.model.require_checkpoint = False
+  config.update(tokenizer="bytes")
+  config.data.source = "stdlib"
+  assert validate.validate(config, "/nonexistent/workdir") == []
+
+
+def test_runlocal_keeps_a_scaled_expert_target_at_least_top_k():
+  # 16 of 128 experts scales to 1 of the tiny model's 6, below its 2 per token.
+  config = get_config("qwen3_30b_a3b_prune")
+  config.prune.target.num_experts = 16
+  config.search.space.num_experts = (16, 128)
+  run_config.runlocal(config)
+  assert config.prune.target.num_experts == 2
+  assert config.search.space.num_experts == (2, 6)
+
+
 def test_real_configs_refuse_to_run_without_a_checkpoint(tmp_path):
   with pytest.raises(ConfigError, match="model.hf_path is empty"):
     pipeline.run(get_config("llama3_1_8b_to_4b"), tmp_path)
@@ -74,7 +144,8 @@ def test_real_configs_refuse_to_run_without_a_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("name", ["nemotron4_15b_to_8b", "nemotron4_15b_to_4b",
                                   "llama3_1_8b_to_4b:variant=width",
-                                  "llama3_1_8b_to_4b:variant=depth"])
+                                  "llama3_1_8b_to_4b:variant=depth",
+                                  "qwen3_30b_a3b_prune"])
 def test_runlocal_smoke_runs_every_stage(tmp_path, name):
   config = get_config(name, "runlocal")
   lines = []
@@ -89,3 +160,10 @@ def test_runlocal_smoke_runs_every_stage(tmp_path, name):
   if config.compression:
     assert (tmp_path / "2_4b" / "distill" / "model").is_dir()
     assert any("teacher (original)" in line for line in lines if "[distill]" in line)
+  if build.model_config(config.model).is_moe:  # experts pruned, the router balanced in training
+    summary = json.loads((tmp_path / "prune" / "summary.json").read_text())
+    assert summary["pruned"]["num_experts"] < summary["source"]["num_experts"]
+    assert (tmp_path / "prune" / "hf" / "config.json").is_file()
+    logged = [json.loads(line) for line in
+              (tmp_path / "distill" / "metrics.jsonl").read_text().splitlines()]
+    assert any("router_aux" in record for record in logged)

@@ -1,4 +1,8 @@
-"""The forward pass on a 2x2x2 (data x fsdp x tensor) mesh of simulated CPU devices."""
+"""The forward pass on a 2x2x2 (data x fsdp x tensor) mesh of simulated CPU devices, and mixtures
+of experts (forward and a distillation step) on a 2x2x2 data x tensor x expert mesh."""
+
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +10,12 @@ import numpy as np
 import pytest
 
 from minitron_jax import config as config_lib
-from minitron_jax import model, sharding
+from minitron_jax import distill, model, sharding
 from minitron_jax.config import ConfigError
+from minitron_jax.losses import LossConfig
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import distill_job  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +52,11 @@ def test_indivisible_dimension_is_replicated(mesh):
   # One KV head cannot be split over tensor=2, so that axis is replicated instead of failing.
   spec = sharding.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 1, 16), mesh)
   assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+  # The batch also goes over `expert`, of size 1 here (a no-op split).
   assert sharding.batch_sharding(mesh, (4, 8)).spec == jax.sharding.PartitionSpec(
-      ("data", "fsdp"), None)
-  assert sharding.batch_sharding(mesh, (2, 8)).spec == jax.sharding.PartitionSpec("data", None)
+      ("data", "fsdp", "expert"), None)
+  assert sharding.batch_sharding(mesh, (2, 8)).spec == jax.sharding.PartitionSpec(
+      ("data", "expert"), None)
 
 
 @pytest.mark.parametrize("mesh_config, devices, message", [
@@ -84,3 +94,72 @@ def test_activations_are_split_over_the_batch_under_fsdp():
 
   assert per_device_rows(mesh) == 1
   assert per_device_rows(None) == 8  # what the constraint fixes
+
+
+@pytest.fixture(scope="module")
+def expert_mesh():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets --xla_force_host_platform_device_count)")
+  return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=2, expert=2))
+
+
+def _place_batch(mesh, batch):
+  return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.shape)) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])  # qwen2_moe: a shared expert
+def test_experts_are_split_over_the_expert_axis_and_match_one_device(expert_mesh, family):
+  config = config_lib.tiny(family)
+  params = model.init(config, 0)
+  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (4, 16)))
+  expected = model.apply(config, params, tokens)
+
+  sharded = sharding.shard_params(config, params, expert_mesh)
+  experts = sharded["layers"]["moe"]
+  spec = jax.sharding.PartitionSpec
+  assert experts["gate_proj"].sharding.spec == spec(None, "expert", "fsdp", "tensor")
+  assert experts["up_proj"].sharding.spec == spec(None, "expert", "fsdp", "tensor")
+  assert experts["down_proj"].sharding.spec == spec(None, "expert", "tensor", "fsdp")
+  assert experts["router"].sharding.spec == spec(None, "fsdp", "expert")
+  # Each device holds half the experts (and half of each one's width).
+  assert experts["gate_proj"].sharding.shard_shape(experts["gate_proj"].shape) == (
+      config.num_layers, config.num_experts // 2, config.hidden_size,
+      config.moe_intermediate_size // 2)
+  if config.shared_expert_intermediate_size:
+    assert experts["shared"]["up_proj"].sharding.spec == spec(None, "fsdp", "tensor")
+  tokens = jax.device_put(tokens, sharding.batch_sharding(expert_mesh, tokens.shape))
+  logits = model.apply(config, sharded, tokens)
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_moe_distillation_step_on_the_expert_mesh_matches_one_device(expert_mesh):
+  teacher_config = config_lib.tiny("qwen3_moe", num_layers=3)
+  student_config = config_lib.tiny("qwen3_moe", num_experts=4)
+  teacher, student = model.init(teacher_config, 0), model.init(student_config, 1)
+  # warmup 0: the one step applies the peak rate (a warmup's first step would change nothing).
+  distiller = distill.Distiller(
+      student_config, teacher_config, LossConfig(hidden_loss="cosine", router_aux_loss_coef=0.01),
+      distill.OptimizerConfig(warmup_steps=0), 10)
+  batch = distill_job.batches(1, 0)[0]
+
+  def step(teacher, student, batch):
+    state = distiller.init_state(jax.tree.map(jnp.copy, student))  # train_step donates it
+    return distiller.train_step(state, teacher, batch)
+
+  expected_state, expected = step(teacher, student,
+                                  {k: jnp.asarray(v) for k, v in batch.items()})
+  state, metrics = step(sharding.shard_params(teacher_config, teacher, expert_mesh),
+                        sharding.shard_params(student_config, student, expert_mesh),
+                        _place_batch(expert_mesh, batch))
+  assert set(metrics) >= {"loss", "logit_loss", "hidden_loss", "router_aux"}
+  for name in expected:
+    np.testing.assert_allclose(metrics[name], expected[name], rtol=1e-5, err_msg=name)
+  # Adam's first update is about lr x sign(gradient), so the tolerance is 1% of the rate.
+  atol = 0.01 * distiller.optimizer_config.peak_lr
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol),
+               state["trainable"], expected_state["trainable"])
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                       expected_state["trainable"]["student"], student)
+  assert min(jax.tree.leaves(moved)) > 10 * atol
+  gate_proj = state["trainable"]["student"]["layers"]["moe"]["gate_proj"]
+  assert gate_proj.sharding.spec[1] == "expert" and len(gate_proj.sharding.device_set) == 8

@@ -88,7 +88,7 @@ def test_cli_lists_every_problem_at_once_and_creates_nothing(tmp_path):
     ("default", "family=nemotron,runlocal"),
     ("nemotron4_15b_to_8b", "runlocal"), ("nemotron4_15b_to_4b", "runlocal"),
     ("llama3_1_8b_to_4b", "variant=width,runlocal"),
-    ("llama3_1_8b_to_4b", "variant=depth,runlocal"),
+    ("llama3_1_8b_to_4b", "variant=depth,runlocal"), ("qwen3_30b_a3b_prune", "runlocal"),
 ])
 def test_shipped_configs_are_valid(name, arg):
   assert _problems(get_config(name, arg)) == []
@@ -199,7 +199,8 @@ def test_mesh_optimizer_and_unknown_fields():
   with config.distill.loss.unlocked():
     config.distill.loss.logit_los = "forward_kl"
   problems = _problems(config)
-  assert problems[0] == "mesh: mesh {'data': -1, 'fsdp': 1, 'tensor': 3} does not divide 8 devices"
+  assert problems[0] == ("mesh: mesh {'data': -1, 'fsdp': 1, 'tensor': 3, 'expert': 1} does not "
+                         "divide 8 devices")
   assert problems[1].startswith("distill.loss: loss fields ['logit_los'] are unknown; allowed: "
                                 "['logit_loss', ")
   assert problems[2:] == [
@@ -220,3 +221,15 @@ def test_unknown_stages_are_listed_with_the_other_problems(tmp_path):
       "  stages ['distil'] are unknown; allowed: ['teacher_correction', 'check', 'importance', "
       "'search', 'prune', 'distill', 'evaluate', 'report']",
       "  eval_batches: 0 must be a positive integer"]
+
+
+def test_a_router_loss_for_a_dense_student_is_refused_from_the_command_line(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "minitron_jax.main", "--config=configs/default.py",
+       f"--workdir={workdir}", "--config.distill.loss.router_aux_loss_coef=0.01"], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and not workdir.exists()
+  assert result.stderr.strip() == ("error: distill: router_aux_loss_coef=0.01 needs a "
+                                   "mixture-of-experts student; this one (llama) is dense; "
+                                   "allowed: 0.0")
