@@ -5,15 +5,16 @@ Axis letters (as in model.py): B batch, T positions, D hidden, E experts, K expe
 (top-k), F expert width, M = B*T*K routed (token, expert) pairs.
 
 Two dispatches, neither with a loop over experts; both sort the M pairs by expert first.
-- Grouped (capacity None, the default): each projection is one grouped matmul
-  (`jax.lax.ragged_dot`). Every token reaches exactly its K experts, nothing is dropped, and the
-  results are transformers' exactly. TPUs and cuDNN-capable GPUs run it as a grouped GEMM of
-  M x D x F work; XLA's generic lowering (CPU, other GPUs) pads every group to M rows, E times
-  that work.
+- Grouped: each projection is one grouped matmul (`jax.lax.ragged_dot`); every token reaches
+  exactly its K experts and nothing is dropped. TPUs (and GPUs where XLA has a grouped-GEMM
+  kernel for it) do M x D x F work; XLA's generic lowering, CPU's included, pads every group to
+  M rows: E times that, and slower than the capacity path below at any E (BENCHMARKS.md).
 - Capacity C per expert: pairs are packed into an [E,C,D] buffer and each projection is one
   batched matmul, E x C x D x F work on every backend, split over the `expert` mesh axis with
   the experts. Pairs beyond an expert's C (later tokens first) are dropped, as in Switch
-  Transformer and GShard; C >= B*T (capacity factor E/K) never drops and equals the grouped path.
+  Transformer and GShard; C = B*T (every token, capacity factor E/K) never drops and equals the
+  grouped path.
+Without a capacity factor the dispatch is exact: grouped on TPU and GPU, capacity B*T on CPU.
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def capacity(tokens: int, top_k: int, num_experts: int, capacity_factor: float) 
 
 def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax.Array,
             down_proj: jax.Array, activation: Callable[[jax.Array], jax.Array],
-            capacity_factor: float | None = None) -> tuple[jax.Array, jax.Array]:
+            capacity_factor: float | None = None, implementation: str = "auto"
+            ) -> tuple[jax.Array, jax.Array]:
   """Each token through each of its K experts (gated MLPs), unweighted.
+
+  implementation: "grouped", "capacity" (every token when capacity_factor is None) or "auto"
+  (see the module docstring).
 
   x [B,T,D], indices [B,T,K], gate_proj / up_proj [E,D,F], down_proj [E,F,D] ->
   (outputs [B,T,K,D], activations [B,T,K,F] that feed each expert's down_proj; zero for a pair
@@ -58,13 +63,17 @@ def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax
   order = jnp.argsort(flat, stable=True)  # pairs grouped by expert, in token order within one
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
   routed = jnp.take(x.reshape(b * t, d), order // k, axis=0)  # [M,D], sorted
-  if capacity_factor is None:
+  if implementation == "auto":
+    exact_grouped = jax.default_backend() in ("tpu", "gpu")
+    implementation = "grouped" if capacity_factor is None and exact_grouped else "capacity"
+  if implementation == "grouped":
     gate = jax.lax.ragged_dot(routed, gate_proj, group_sizes)  # [M,F]
     up = jax.lax.ragged_dot(routed, up_proj, group_sizes)
     act = activation(gate) * up
     out = jax.lax.ragged_dot(act, down_proj, group_sizes)  # [M,D]
   else:
-    slots = capacity(b * t, k, num_experts, capacity_factor)
+    slots = (b * t if capacity_factor is None
+             else capacity(b * t, k, num_experts, capacity_factor))
     expert = jnp.take(flat, order)  # [M], sorted
     starts = jnp.cumsum(group_sizes) - group_sizes
     rank = jnp.arange(flat.shape[0]) - jnp.take(starts, expert)  # place in the expert's queue

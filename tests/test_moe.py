@@ -88,14 +88,16 @@ def test_grouped_dispatch_equals_dense_reference_values_and_gradients():
   weights, indices = moe.route(logits, k, normalize=True)
   np.testing.assert_allclose(np.sum(weights, -1), 1.0, rtol=1e-6)
 
-  def ours(gate, up, down):
-    outputs, _ = moe.experts(x, indices, gate, up, down, jax.nn.silu)
+  def ours(gate, up, down, implementation="grouped"):
+    outputs, _ = moe.experts(x, indices, gate, up, down, jax.nn.silu,
+                             implementation=implementation)
     return jnp.einsum("BTKD,BTK->BTD", outputs, weights)
 
   silu = lambda v: v / (1 + np.exp(-v))
   expected = _dense_reference(x, weights, indices, np.asarray(gate, np.float64),
                               np.asarray(up, np.float64), np.asarray(down, np.float64), silu)
   np.testing.assert_allclose(ours(gate, up, down), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ours(gate, up, down, "capacity"), expected, rtol=1e-5, atol=1e-5)
 
   def dense(gate, up, down):  # the same loss through every expert, masked: independent of sorting
     h = jax.nn.silu(jnp.einsum("btd,edf->btef", x, gate)) * jnp.einsum("btd,edf->btef", x, up)
@@ -105,8 +107,11 @@ def test_grouped_dispatch_equals_dense_reference_values_and_gradients():
   loss = lambda fn: lambda *w: jnp.sum(jnp.sin(fn(*w)))
   grads = jax.grad(loss(ours), argnums=(0, 1, 2))(gate, up, down)
   expected_grads = jax.grad(loss(dense), argnums=(0, 1, 2))(gate, up, down)
-  for got, want in zip(grads, expected_grads):
+  capacity_grads = jax.grad(loss(lambda *w: ours(*w, "capacity")), argnums=(0, 1, 2))(
+      gate, up, down)
+  for got, also, want in zip(grads, capacity_grads, expected_grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(also, want, rtol=1e-5, atol=1e-6)
   unrouted = np.setdiff1d(np.arange(e), np.asarray(indices))
   for expert in unrouted:  # an expert no token picked gets no gradient
     assert not np.any(np.asarray(grads[0][expert]))
@@ -218,7 +223,8 @@ def test_capacity_dispatch_drops_overflow_as_a_per_token_loop(factor):
   np.testing.assert_allclose(ours, _capacity_reference(x, indices, weights, gate, up, down, slots),
                              rtol=1e-5, atol=1e-6)
   if factor == 2.5:
-    exact, _ = moe.experts(x, indices, as32(gate), as32(up), as32(down), jax.nn.silu)
+    exact, _ = moe.experts(x, indices, as32(gate), as32(up), as32(down), jax.nn.silu,
+                           implementation="grouped")
     np.testing.assert_allclose(outputs, exact, rtol=1e-5, atol=1e-6)
 
 
