@@ -1,0 +1,185 @@
+"""Logit distillation from a stored teacher: its top-k log-probabilities plus one tail bucket.
+
+A teacher's distribution is kept per token as the log-probabilities a_i of its k most likely
+tokens K (indices i), and b = log(1 - sum_K p_i), the log of the mass it puts on every other
+token. The student's distribution is read on the same k + 1 outcomes: q_i for i in K and
+q_tail = 1 - sum_K q_i. The loss is the forward KL between these two (k + 1)-way distributions,
+
+  KL = sum_K p_i (a_i - log q_i) + p_tail (b - log q_tail),
+
+which is the full-vocabulary forward KL when K is the whole vocabulary (p_tail = 0), and with
+fewer tokens never asks the student to match a teacher detail that was not stored. Both use
+p = softmax(logits / temperature): the teacher's at the temperature it was stored with.
+
+`sparse_kld` walks the tokens in chunks like fused_kld.py: each chunk's student logits [C, V]
+are made, used for the loss and its gradient, and dropped; the gradients ([N, D] and [D, V]) are
+the custom-VJP residuals. With c = 1 - p_tail / q_tail per token, d KL / d z_v is c q_v for a
+token outside K and q_v - p_v inside it (z: the student's logits over temperature).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from minitron_jax.config import ConfigError
+from minitron_jax.fused_kld import _cap, _logsumexp, _token_weights
+
+
+def _log_mass_outside(z: jax.Array, indices: jax.Array) -> jax.Array:
+  """z [C,V] log-probabilities (or logits), indices [C,k] -> [C] log-sum-exp over the entries
+  not indexed: the tail summed directly, where 1 - sum(top-k) would cancel to rounding noise
+  when the top-k hold nearly everything; -inf (exactly) when they are the whole vocabulary."""
+  rows = jnp.arange(z.shape[0])[:, None]
+  rest = z.at[rows, indices].set(-jnp.inf)
+  peak = jnp.max(rest, axis=-1)
+  safe_peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+  return safe_peak + jnp.log(jnp.sum(jnp.exp(rest - safe_peak[:, None]), axis=-1))
+
+
+def teacher_top_k(logits: jax.Array, k: int, temperature: float = 1.0
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """logits [..., V] -> (log-probabilities [..., k] float32, indices [..., k] int32, log tail
+  mass [...] float32) of softmax(logits / temperature); the tail is -inf when k = V."""
+  z = logits.astype(jnp.float32) / temperature
+  lse = _logsumexp(z)  # [...,1]
+  top, indices = jax.lax.top_k(z, k)
+  flat_z, flat_indices = z.reshape(-1, z.shape[-1]), indices.reshape(-1, k)
+  tail = _log_mass_outside(flat_z, flat_indices).reshape(lse.shape[:-1]) - lse[..., 0]
+  return top - lse, indices.astype(jnp.int32), tail
+
+
+def _validate(student_hidden, student_head, log_probs, indices, tail, temperature, mask,
+              chunk_size) -> None:
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    raise ConfigError(f"chunk_size={chunk_size!r} is invalid; allowed: an integer >= 1")
+  if not temperature > 0:
+    raise ConfigError(f"temperature={temperature!r} is invalid; allowed: a number > 0")
+  if jnp.ndim(student_head) != 2 or jnp.shape(student_hidden)[-1] != jnp.shape(student_head)[0]:
+    raise ConfigError(f"student_hidden {tuple(jnp.shape(student_hidden))} and student_head "
+                      f"{tuple(jnp.shape(student_head))} do not match; allowed: [..., D], [D, V]")
+  lead = tuple(jnp.shape(student_hidden)[:-1])
+  if jnp.shape(log_probs) != jnp.shape(indices) or tuple(jnp.shape(log_probs)[:-1]) != lead:
+    raise ConfigError(f"teacher top-k shapes {tuple(jnp.shape(log_probs))} / "
+                      f"{tuple(jnp.shape(indices))} do not match the tokens {lead}; allowed: "
+                      f"{lead + ('k',)} for both")
+  if tuple(jnp.shape(tail)) != lead or (mask is not None and tuple(jnp.shape(mask)) != lead):
+    raise ConfigError(f"tail {tuple(jnp.shape(tail))} or mask shape does not match the tokens "
+                      f"{lead}")
+  if jnp.shape(log_probs)[-1] > jnp.shape(student_head)[1]:
+    raise ConfigError(f"k={jnp.shape(log_probs)[-1]} exceeds the vocabulary "
+                      f"{jnp.shape(student_head)[1]}")
+
+
+def _chunk_terms(hs_c, ws, a, idx, b, w_c, temperature, cap):
+  """One chunk: (Σ weighted KL, d loss / d student logits [C,V] float32, cap slope or None)."""
+  z, slope = _cap(jnp.einsum("CD,DV->CV", hs_c, ws, preferred_element_type=jnp.float32), cap)
+  z = z / temperature
+  lse = _logsumexp(z)  # [C,1]
+  log_q = jnp.take_along_axis(z, idx, axis=1) - lse  # [C,k]
+  p = jnp.exp(a)
+  log_q_tail = _log_mass_outside(z, idx) - lse[:, 0]  # [C]
+  p_tail = jnp.exp(b)
+  tail_term = jnp.where(p_tail > 0, p_tail * (b - log_q_tail), 0.0)
+  kl = jnp.sum(p * (a - log_q), axis=-1) + tail_term  # [C]
+  q = jnp.exp(z - lse)  # [C,V]
+  scale = jnp.where(p_tail > 0, 1.0 - p_tail * jnp.exp(-log_q_tail), 1.0)  # c per token
+  rows = jnp.arange(z.shape[0])[:, None]
+  g = (scale[:, None] * q).at[rows, idx].add(jnp.exp(log_q) * (1.0 - scale[:, None]) - p)
+  g = g * (w_c / temperature)[:, None]
+  return jnp.sum(w_c * kl), g, slope
+
+
+def _chunked_loss_and_grads(hs, ws, a, idx, b, weights, temperature, chunk, cap):
+  num_chunks = hs.shape[0] // chunk
+  split = lambda x: x.reshape(num_chunks, chunk, *x.shape[1:])
+  xs = tuple(map(split, (hs, a, idx, b, weights)))
+
+  def step(carry, x):
+    loss, d_ws = carry
+    hs_c, a_c, idx_c, b_c, w_c = x
+    chunk_loss, g, slope = _chunk_terms(hs_c, ws, a_c, idx_c, b_c, w_c, temperature, cap)
+    if slope is not None:
+      g = g * slope
+    d_hs_c = jnp.einsum("CV,DV->CD", g, ws, preferred_element_type=jnp.float32)
+    d_ws = d_ws + jnp.einsum("CD,CV->DV", hs_c, g, preferred_element_type=jnp.float32)
+    return (loss + chunk_loss, d_ws), d_hs_c.astype(hs.dtype)
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(ws.shape, jnp.float32))
+  (loss, d_ws), d_hs = jax.lax.scan(step, init, xs)
+  return loss, d_hs.reshape(hs.shape), d_ws.astype(ws.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _fused(hs, ws, a, idx, b, weights, temperature, chunk, cap):
+  return _chunked_loss_and_grads(hs, ws, a, idx, b, weights, temperature, chunk, cap)[0]
+
+
+def _fused_fwd(hs, ws, a, idx, b, weights, temperature, chunk, cap):
+  loss, d_hs, d_ws = _chunked_loss_and_grads(hs, ws, a, idx, b, weights, temperature, chunk, cap)
+  return loss, (d_hs, d_ws)
+
+
+def _fused_bwd(temperature, chunk, cap, residuals, cotangent):
+  del temperature, chunk, cap
+  d_hs, d_ws = residuals
+  return ((d_hs * cotangent).astype(d_hs.dtype), (d_ws * cotangent).astype(d_ws.dtype),
+          None, None, None, None)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def sparse_kld(student_hidden, student_head, teacher_log_probs, teacher_indices,
+               teacher_tail, *, temperature: float = 1.0, mask=None, chunk_size: int = 1024,
+               student_softcap: float | None = None) -> jax.Array:
+  """Mean over counted tokens of the top-k + tail forward KL (module docstring), fused.
+
+  student_hidden [..., D], student_head [D, V]; teacher_log_probs [..., k] (any float dtype),
+  teacher_indices [..., k] int, teacher_tail [...] (log tail mass; -inf: none) as
+  `teacher_top_k` makes them; mask [...] (None: all). Differentiable w.r.t. the student only.
+  """
+  _validate(student_hidden, student_head, teacher_log_probs, teacher_indices, teacher_tail,
+            temperature, mask, chunk_size)
+  lead = student_hidden.shape[:-1]
+  num_tokens = math.prod(lead)
+  if num_tokens == 0:
+    return jnp.zeros((), jnp.float32)
+  chunk = min(int(chunk_size), num_tokens)
+  pad = -(-num_tokens // chunk) * chunk - num_tokens
+  flat = lambda x, fill=0: jnp.pad(x.reshape(num_tokens, *x.shape[len(lead):]),
+                                   ((0, pad),) + ((0, 0),) * (x.ndim - len(lead)),
+                                   constant_values=fill)
+  stop = jax.lax.stop_gradient
+  a = flat(stop(teacher_log_probs).astype(jnp.float32))
+  idx = flat(stop(teacher_indices).astype(jnp.int32))
+  b = flat(stop(teacher_tail).astype(jnp.float32), -jnp.inf)
+  weights = jnp.pad(_token_weights(mask, lead), (0, pad))
+  cap = None if student_softcap is None else float(student_softcap)
+  return _fused(flat(student_hidden), student_head, a, idx, b, weights, float(temperature),
+                chunk, cap)
+
+
+def naive_sparse_kld(student_hidden, student_head, teacher_log_probs, teacher_indices,
+                     teacher_tail, *, temperature: float = 1.0, mask=None,
+                     student_softcap: float | None = None) -> jax.Array:
+  """Reference: the same loss from full [N, V] student log-probabilities, by plain autodiff."""
+  lead = student_hidden.shape[:-1]
+  z = _cap(jnp.einsum("...D,DV->...V", student_hidden, student_head,
+                      preferred_element_type=jnp.float32), student_softcap)[0] / temperature
+  log_q_all = jax.nn.log_softmax(z, axis=-1)
+  a = jax.lax.stop_gradient(teacher_log_probs).astype(jnp.float32)
+  b = jax.lax.stop_gradient(teacher_tail).astype(jnp.float32)
+  log_q = jnp.take_along_axis(log_q_all, teacher_indices, axis=-1)
+  outside = jnp.ones_like(log_q_all, bool)
+  outside = jnp.put_along_axis(outside, teacher_indices, False, axis=-1, inplace=False)
+  q_tail = jnp.sum(jnp.where(outside, jnp.exp(log_q_all), 0.0), axis=-1)
+  p_tail = jnp.exp(b)
+  safe_q_tail = jnp.where(p_tail > 0, q_tail, 1.0)
+  tail = jnp.where(p_tail > 0, p_tail * (b - jnp.log(safe_q_tail)), 0.0)
+  kl = jnp.sum(jnp.exp(a) * (a - log_q), axis=-1) + tail
+  return jnp.sum(kl.reshape(-1) * _token_weights(mask, lead))
