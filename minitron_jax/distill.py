@@ -28,7 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from minitron_jax import atomic, distributed, losses, model, moe, preemption
+from minitron_jax import atomic, distributed, losses, model, moe, preemption, sparse_kld
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.losses import LossConfig
 
@@ -94,9 +94,19 @@ def _replicate_unplaced(tree):
 
 
 def check_models(student_config: ModelConfig, teacher_config: ModelConfig | None,
-                 loss_config: LossConfig) -> None:
-  """Whether the loss can be computed between these two architectures (shapes only)."""
-  if loss_config.uses_teacher and teacher_config is None:
+                 loss_config: LossConfig, offline_teacher: bool = False) -> None:
+  """Whether the loss can be computed between these two architectures (shapes only).
+
+  offline_teacher: batches carry a stored teacher's top-k (teacher_store.py) instead of the
+  teacher running; only the forward-KL logit loss can be computed from it."""
+  if offline_teacher:
+    if loss_config.uses_hidden or loss_config.logit_loss != "forward_kl" or loss_config.top_k:
+      raise ConfigError(f"a stored teacher gives logits only: logit_loss="
+                        f"{loss_config.logit_loss!r}, top_k={loss_config.top_k}, hidden_loss="
+                        f"{loss_config.hidden_loss!r}; allowed: forward_kl, top_k 0, hidden_loss "
+                        "'none'")
+    teacher_config = None
+  elif loss_config.uses_teacher and teacher_config is None:
     raise ConfigError("the loss uses the teacher but no teacher was given")
   if loss_config.uses_router_aux and not student_config.is_moe:
     raise ConfigError(f"router_aux_loss_coef={loss_config.router_aux_loss_coef} needs a "
@@ -124,8 +134,9 @@ class Distiller:
 
   def __init__(self, student_config: ModelConfig, teacher_config: ModelConfig | None,
                loss_config: LossConfig, optimizer_config: OptimizerConfig, total_steps: int,
-               skip_non_finite: bool = False):
-    check_models(student_config, teacher_config, loss_config)
+               skip_non_finite: bool = False, offline_teacher: bool = False):
+    check_models(student_config, teacher_config, loss_config, offline_teacher)
+    self.offline_teacher = offline_teacher
     self.skip_non_finite = skip_non_finite
     self.student_config = student_config
     self.teacher_config = teacher_config
@@ -184,7 +195,13 @@ class Distiller:
     terms = {}
     if cfg.ce_weight > 0 or for_eval:
       terms["ce"] = losses.cross_entropy(s_logits, batch["tokens"], batch["segment_ids"])
-    if cfg.uses_teacher:
+    if cfg.uses_teacher and self.offline_teacher:
+      terms["logits"] = sparse_kld.sparse_kld(
+          s_hidden, model.lm_head_kernel(self.student_config, student),
+          batch["teacher_log_probs"], batch["teacher_indices"], batch["teacher_tail"],
+          temperature=cfg.temperature, mask=mask, chunk_size=cfg.chunk_size,
+          student_softcap=self.student_config.final_logit_softcap)
+    elif cfg.uses_teacher:
       t_hidden, t_inter = jax.lax.stop_gradient(
           self._forward(self.teacher_config, teacher_params, batch))
       if cfg.uses_logits:

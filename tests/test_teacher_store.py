@@ -98,3 +98,49 @@ def test_a_stream_shorter_than_the_store_is_one_line(tmp_path, teacher):
   with pytest.raises(ConfigError, match="the data stream ended before 10 rows"):
     teacher_store.write(tmp_path, _meta(config), config, params,
                         [next(_batches()) for _ in range(2)])
+
+
+def test_distillation_from_a_full_vocabulary_store_equals_online_distillation(tmp_path, teacher):
+  """k = vocab: the stored teacher is the teacher, so one training step gives the same loss,
+  gradients and updated student as running the teacher."""
+  import jax
+
+  from minitron_jax import distill
+  from minitron_jax.losses import LossConfig
+
+  config, params = teacher
+  student_config = config.replace(num_layers=1, intermediate_size=64)
+  student = model.init(student_config, seed=5)
+  loss = LossConfig(temperature=2.0)
+  meta = _meta(config, k=config.vocab_size, temperature=2.0, num_rows=4)
+  teacher_store.write(tmp_path, meta, config, params, _batches())
+  batch = next(iter(teacher_store.dataset(tmp_path, batch_size=4)))
+  online = distill.Distiller(student_config, config, loss, distill.OptimizerConfig(), 4)
+  offline = distill.Distiller(student_config, None, loss, distill.OptimizerConfig(), 4,
+                              offline_teacher=True)
+  row_batch = {key: batch[key] for key in teacher_store.ROW_KEYS}
+  exact = dict(row_batch, **dict(zip(
+      ("teacher_log_probs", "teacher_indices", "teacher_tail"),
+      teacher_store.teacher_outputs(config, params, row_batch, config.vocab_size, 2.0))))
+  trainable = online.init_state(student)["trainable"]
+  (online_loss, _), online_grads = jax.value_and_grad(online.loss_terms, has_aux=True)(
+      trainable, params, row_batch)
+  (offline_loss, metrics), offline_grads = jax.value_and_grad(offline.loss_terms, has_aux=True)(
+      trainable, None, exact)
+  np.testing.assert_allclose(offline_loss, online_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max()),
+               offline_grads, online_grads)
+  # What the store holds: log-probabilities rounded to bfloat16, a ~1% change of this tiny KL.
+  stored_loss = offline.loss_terms(trainable, None, batch)[0]
+  np.testing.assert_allclose(stored_loss, online_loss, rtol=3e-2)
+  assert "logit_loss" in metrics
+
+
+def test_a_stored_teacher_refuses_losses_it_cannot_give():
+  from minitron_jax import distill
+  from minitron_jax.losses import LossConfig
+
+  config = config_lib.tiny("llama")
+  with pytest.raises(ConfigError, match="a stored teacher gives logits only"):
+    distill.Distiller(config, None, LossConfig(hidden_loss="cosine"),
+                      distill.OptimizerConfig(), 1, offline_teacher=True)
