@@ -354,8 +354,13 @@ class MetricsLog:
       self.writer.close()
 
 
+# A stored teacher's top-k ride along with the tokens (teacher_store.py), kept in their dtypes.
+_TEACHER_KEYS = ("teacher_log_probs", "teacher_indices", "teacher_tail")
+
+
 def _to_device(batch, batch_sharding) -> Batch:
   arrays = {k: np.asarray(batch[k], np.int32) for k in ("tokens", "segment_ids", "positions")}
+  arrays.update({k: np.asarray(batch[k]) for k in _TEACHER_KEYS if k in batch})
   if batch_sharding is None:
     return {k: jnp.asarray(v) for k, v in arrays.items()}
   return {k: distributed.put(v, batch_sharding(v.shape)) for k, v in arrays.items()}

@@ -1,7 +1,7 @@
 """Runs the configured stages in order; a stage whose output already exists is skipped.
 
-  teacher_correction -> check -> [importance -> search -> prune -> distill] per compression
-  stage -> evaluate -> report
+  teacher_correction -> check -> [teacher_logits -> importance -> search -> prune -> distill]
+  per compression stage -> evaluate -> report
 
 `config.compression` lists the compression stages (target, teacher, distill steps); without it
 there is one, with `config.prune.target`, working directly in the workdir. Stage k starts from
@@ -23,13 +23,14 @@ from typing import Callable
 import jax
 import ml_collections
 
-from minitron_jax import atomic, check, distributed, report, stages, validate
+from minitron_jax import atomic, check, distributed, report, stages, teacher_logits, validate
 from minitron_jax.stages import Context, ModelRef
 
 # stage name -> (function(Context) -> summary, file whose presence marks it done)
 STAGES: dict[str, tuple[Callable, str]] = {
     "teacher_correction": (stages.run_teacher_correction, "teacher_correction/summary.json"),
     "check": (check.run, "check/metrics.json"),
+    "teacher_logits": (teacher_logits.run, "teacher_logits/summary.json"),
     "importance": (stages.run_importance, "importance/summary.json"),
     "search": (stages.run_search, "search/result.json"),
     "prune": (stages.run_prune, "prune/summary.json"),
@@ -37,7 +38,7 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "evaluate": (report.run_evaluate, "evaluate/metrics.json"),
     "report": (report.run_report, "report.md"),
 }
-PER_COMPRESSION = ("importance", "search", "prune", "distill")
+PER_COMPRESSION = ("teacher_logits", "importance", "search", "prune", "distill")
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) -> None:

@@ -97,6 +97,11 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   # Paper Table 12's baseline: the target architecture with fresh random weights (model.seed+1).
   config.prune.reinitialize = False
 
+  # Offline teacher: "teacher_logits" in stages stores the teacher's top-k log-probabilities
+  # over the distillation stream once; search and distill then read them instead of running it.
+  config.teacher_logits = ml_collections.ConfigDict(dict(
+      k=128, dtype="bfloat16", rows_per_shard=256, batch_size=8))
+
   config.distill = ml_collections.ConfigDict()
   config.distill.steps = 500
   config.distill.batch_size = 16

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from minitron_jax import (atomic, build, checkpoint, data, distill, distributed, hf, importance,
-                          model, preemption, prune, search, sharding, tokenizer)
+                          model, preemption, prune, search, sharding, teacher_logits, tokenizer)
 from minitron_jax.atomic import write_json  # noqa: F401  (stages.write_json: sweeps use it)
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.losses import LossConfig
@@ -207,12 +207,17 @@ class RetrainSettings:
 
 def retrain_settings(cfg: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
                      student_config: ModelConfig, teacher_config: ModelConfig, steps: int,
-                     eval_steps=(), checkpoint_every=None) -> RetrainSettings:
-  """The settings `_retrain` trains with; pure, so whole-run validation builds them too."""
+                     eval_steps=(), checkpoint_every=None, offline: bool = False
+                     ) -> RetrainSettings:
+  """The settings `_retrain` trains with; pure, so whole-run validation builds them too.
+  offline: the teacher comes from the teacher_logits stage's store."""
   losses = loss_config(section.loss)
   student_config = student_config.replace(dtype=section.dtype, remat=section.remat)
   teacher_config = teacher_config.replace(dtype=section.dtype) if losses.uses_teacher else None
-  distill.check_models(student_config, teacher_config, losses)
+  distill.check_models(student_config, teacher_config, losses, offline_teacher=offline)
+  if offline and teacher_config is not None and (
+      teacher_config.vocab_size != student_config.vocab_size):
+    distill.check_models(student_config, teacher_config, losses)  # names the vocab mismatch
   train_data = data_config(cfg, batch_size=section.batch_size, seq_len=section.seq_len)
   loop = loop_config(section, steps, eval_steps, checkpoint_every)
   optimizer = optimizer_config(section.optimizer, train_data.batch_size)
@@ -300,18 +305,44 @@ def _prune(ctx: Context, staging: pathlib.Path) -> dict:
 
 
 def _retrain(cfg, section, student_config, student, teacher_config, teacher, out: pathlib.Path,
-             steps: int, log, eval_steps=(), checkpoint_every=None, label: str = "distill"):
-  """Distils `student` from `teacher` for `steps` steps; (trained params, final metrics)."""
+             steps: int, log, eval_steps=(), checkpoint_every=None, label: str = "distill",
+             offline: OfflineTeacher | None = None):
+  """Distils `student` from `teacher` (or the stored one) for `steps` steps; (trained params,
+  final metrics)."""
   mesh = mesh_of(cfg)
   run = retrain_settings(cfg, section, student_config, teacher_config, steps, eval_steps,
-                         checkpoint_every)
+                         checkpoint_every, offline=offline is not None)
   distiller = distill.Distiller(run.student_config, run.teacher_config, run.losses, run.optimizer,
-                                steps, skip_non_finite=run.loop.max_bad_steps > 0)
-  tok = load_tokenizer(cfg, run.student_config.vocab_size)
-  return distill.train(distiller, student, teacher, data.make_iterator(run.data, tok, "train"),
-                       validation(cfg, run.student_config.vocab_size), run.loop, out,
-                       batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape), log=log,
-                       label=label)
+                                steps, skip_non_finite=run.loop.max_bad_steps > 0,
+                                offline_teacher=offline is not None)
+  if offline is not None:
+    train_batches, validation_batches = teacher_logits.retrain_inputs(
+        cfg, offline.directory, offline.teacher, teacher_config, run.data.batch_size, steps,
+        offline.distill_steps)
+  else:
+    tok = load_tokenizer(cfg, run.student_config.vocab_size)
+    train_batches = data.make_iterator(run.data, tok, "train")
+    validation_batches = validation(cfg, run.student_config.vocab_size)
+  return distill.train(distiller, student, teacher, train_batches, validation_batches, run.loop,
+                       out, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
+                       log=log, label=label)
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineTeacher:
+  """Where a compression stage's teacher store is, and which teacher it must hold."""
+
+  directory: pathlib.Path
+  teacher: ModelRef
+  distill_steps: int | None
+
+
+def _teacher(ctx: Context, mesh):
+  """(teacher config, params or None, OfflineTeacher or None): a stored teacher is never loaded."""
+  if teacher_logits.enabled(ctx.cfg):
+    return (teacher_logits.teacher_config(ctx.cfg, ctx.teacher), None,
+            OfflineTeacher(ctx.directory, ctx.teacher, ctx.distill_steps))
+  return (*load(ctx.cfg, ctx.teacher, mesh), None)
 
 
 def teacher_correction_section(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -346,13 +377,13 @@ def run_distill(ctx: Context) -> dict:
   section = cfg.distill
   steps = ctx.distill_steps or section.steps
   mesh = mesh_of(cfg)
-  teacher_config, teacher = load(cfg, ctx.teacher, mesh)
+  teacher_config, teacher, offline = _teacher(ctx, mesh)
   student_config, student = load(cfg, ModelRef(ctx.directory / "prune" / "model", "pruned"), mesh)
   ctx.log(f"[distill] {steps} steps of {section.batch_size}x{section.seq_len} tokens; student "
-          f"{student_config.num_params():,}, teacher ({ctx.teacher.label}) "
-          f"{teacher_config.num_params():,} parameters")
+          f"{student_config.num_params():,}, teacher ({ctx.teacher.label}"
+          f"{', stored top-k' if offline else ''}) {teacher_config.num_params():,} parameters")
   trained, final = _retrain(cfg, section, student_config, student, teacher_config, teacher, out,
-                            steps, ctx.log)
+                            steps, ctx.log, offline=offline)
   trained = distributed.to_host(trained)
   saved_config = student_config.replace(dtype="float32", remat="none")
   checkpoint.save_model(out / "model", saved_config, trained)
@@ -395,7 +426,7 @@ def run_search(ctx: Context) -> dict:
   section = cfg.search
   mesh = mesh_of(cfg)
   config, params = load(cfg, ctx.source, mesh)
-  teacher_config, teacher = load(cfg, ctx.teacher, mesh)
+  teacher_config, teacher, offline = _teacher(ctx, mesh)
   host_params = distributed.to_host(params)
   scores = importance.Scores.load(ctx.directory / "importance")
   candidates = search_candidates(cfg, config)
@@ -414,7 +445,8 @@ def run_search(ctx: Context) -> dict:
     run_dir = out / "candidates" / candidate.name
     _retrain(cfg, cfg.distill, pruned_config, pruned, teacher_config, teacher, run_dir,
              section.retrain_steps, ctx.log, eval_steps=section.eval_steps,
-             checkpoint_every=section.retrain_steps, label=f"search {candidate.name}")
+             checkpoint_every=section.retrain_steps, label=f"search {candidate.name}",
+             offline=offline)
     distributed.barrier(f"searched {candidate.name}")  # the primary wrote metrics.jsonl
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}

@@ -197,7 +197,8 @@ def write(directory: str | os.PathLike, meta: StoreMetadata, teacher_config: Mod
   digest = hashlib.sha256()
   rows = _rows(batches)
   process, processes = jax.process_index(), jax.process_count()
-  written, started, pending = 0, time.perf_counter(), []
+  written = rows_written = 0
+  started = time.perf_counter()
   for shard in range(meta.num_shards):
     count = min(meta.rows_per_shard, meta.num_rows - shard * meta.rows_per_shard)
     if shard < done:  # already on disk: read the stream past it, hashing its rows
@@ -213,10 +214,10 @@ def write(directory: str | os.PathLike, meta: StoreMetadata, teacher_config: Mod
     if shard % processes == process:
       _write_shard(shard_path(directory, shard), records)
     written += 1
+    rows_written += count
     elapsed = time.perf_counter() - started
-    tokens = written * meta.rows_per_shard * meta.seq_len
-    log(f"[teacher_logits] shard {shard + 1}/{meta.num_shards}: {tokens / elapsed:,.0f} "
-        f"tokens/s, {elapsed:.1f}s")
+    log(f"[teacher_logits] shard {shard + 1}/{meta.num_shards}: "
+        f"{rows_written * meta.seq_len / elapsed:,.0f} tokens/s, {elapsed:.1f}s")
     if stop_after_shards is not None and written >= stop_after_shards:
       return meta
   distributed.barrier(f"teacher store {directory}")

@@ -19,10 +19,11 @@ import jax
 import ml_collections
 
 from minitron_jax import (build, checkpoint, config as config_lib, data, evaluate, hf, importance,
-                          prune, report, search, sharding, stages)
+                          prune, report, search, sharding, stages, teacher_logits,
+                          teacher_store)
 from minitron_jax.config import ConfigError, ModelConfig
 
-_COMPRESSION_STAGES = ("importance", "search", "prune", "distill")
+_COMPRESSION_STAGES = ("teacher_logits", "importance", "search", "prune", "distill")
 
 
 def validate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[str]:
@@ -82,6 +83,8 @@ class _Validation:
     plan = self.attempt("compression", stages.compression_plan, self.cfg, self.workdir)
     if source is not None and plan and self.stages & set(_COMPRESSION_STAGES):
       self.compression(source, plan)
+    if plan and teacher_logits.enabled(self.cfg):
+      self.stored_teacher(plan[0])
     if "evaluate" in self.stages:
       for problem in report.check_tasks(self.cfg.evaluate):
         self.note(*problem.split(": ", 1))
@@ -124,6 +127,11 @@ class _Validation:
     if cfg.export_dtype not in config_lib.DTYPES:
       self.note("export_dtype", f"{cfg.export_dtype!r} is not supported; allowed: "
                 f"{config_lib.DTYPES}")
+    if teacher_logits.enabled(cfg):
+      self.attempt("teacher_logits", teacher_logits.check_section, cfg)
+      if not self.stages & {"distill", "search"}:
+        self.note("stages", "teacher_logits stores the teacher for distill and search, and "
+                  "neither runs; allowed: 'distill' or 'search' in stages with it")
     section = cfg.importance
     if "importance" in self.stages or cfg.prune.iterative_rounds > 1:
       if not isinstance(section.num_samples, int) or section.num_samples < 1:
@@ -163,7 +171,28 @@ class _Validation:
       self.attempt("distill", stages.data_config, cfg, batch_size=section.batch_size,
                    seq_len=section.seq_len)
       if source is not None:
-        self.attempt(name, stages.retrain_settings, cfg, section, source, source, steps, **loop)
+        offline = teacher_logits.enabled(cfg) and name != "teacher_correction"
+        self.attempt(name, stages.retrain_settings, cfg, section, source, source, steps, **loop,
+                     offline=offline)
+
+  def stored_teacher(self, step: dict) -> None:
+    """A first stage's teacher store written by an earlier run must suit this one (later stages'
+    teachers exist only once the run reaches them; they are checked there)."""
+    if step["teacher"] != "original":
+      return
+    ref = stages.original_ref(self.cfg, self.workdir)
+    if ref.path is not None and not checkpoint.is_saved_model(ref.path):
+      return
+    config = self.attempt("model", teacher_logits.teacher_config, self.cfg, ref)
+    for split in ("train", "validation"):
+      stored_path = step["directory"] / teacher_logits.STAGE / split
+      if config is None or not (stored_path / "metadata.json").is_file():
+        continue
+      expected = self.attempt("teacher_logits", teacher_logits.expected_metadata, self.cfg, ref,
+                              config, split, step["distill_steps"])
+      stored = self.attempt(str(stored_path), teacher_store.StoreMetadata.load, stored_path)
+      if expected is not None and stored is not None:
+        self.attempt(str(stored_path), stored.check_matches, expected, expected.num_rows)
 
   # --------------------------------------------------------------------------- the plan
 
@@ -182,7 +211,7 @@ class _Validation:
         for shape in produced:
           for teacher in teachers:
             self.attempt("distill", stages.retrain_settings, self.cfg, self.cfg.distill, shape,
-                         teacher, steps)
+                         teacher, steps, offline=teacher_logits.enabled(self.cfg))
       students = list(produced)
       if not students:
         return  # later stages' shapes are unknown; their problems show once this one is fixed
@@ -240,7 +269,8 @@ class _Validation:
       for teacher in teachers if shape is not None else ():
         self.attempt("search", stages.retrain_settings, self.cfg, self.cfg.distill, shape,
                      teacher, section.retrain_steps, eval_steps=section.eval_steps,
-                     checkpoint_every=section.retrain_steps)
+                     checkpoint_every=section.retrain_steps,
+                     offline=teacher_logits.enabled(self.cfg))
     return [candidate.target for candidate in candidates]
 
   def pruned_shape(self, where: str, source: ModelConfig, target: dict, *, iterative: bool

@@ -218,8 +218,8 @@ def test_unknown_stages_are_listed_with_the_other_problems(tmp_path):
   message = _refused(config, tmp_path)
   assert message.splitlines() == [
       "2 problems in the run's settings, nothing was run:",
-      "  stages ['distil'] are unknown; allowed: ['teacher_correction', 'check', 'importance', "
-      "'search', 'prune', 'distill', 'evaluate', 'report']",
+      "  stages ['distil'] are unknown; allowed: ['teacher_correction', 'check', "
+      "'teacher_logits', 'importance', 'search', 'prune', 'distill', 'evaluate', 'report']",
       "  eval_batches: 0 must be a positive integer"]
 
 
