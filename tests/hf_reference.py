@@ -57,3 +57,19 @@ def assert_close_relative(actual, expected, tolerance: float):
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
   error = np.max(np.abs(actual - expected)) / np.max(np.abs(expected))
   assert error <= tolerance, f"relative error {error:.3g} > {tolerance}"
+
+
+def assert_export_round_trip(directory, config, params, tokens: np.ndarray, logits: np.ndarray,
+                             tolerance: float = 1e-5):
+  """hf.save -> transformers computes our logits; hf.load of the export gives back our model."""
+  import jax.numpy as jnp
+
+  from minitron_jax import hf, model
+
+  hf.save(directory, config, params)
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+  assert_close_relative(hf_logits(reloaded, tokens), logits, tolerance)
+  again_config, again_params = hf.load(directory)
+  assert again_config == config
+  np.testing.assert_array_equal(
+      np.asarray(model.apply(again_config, again_params, jnp.asarray(tokens))), logits)

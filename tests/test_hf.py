@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import (FAMILIES, assert_close_relative, hf_config, hf_logits, hf_model,
-                          transformers)
+from hf_reference import (FAMILIES, assert_close_relative, assert_export_round_trip, hf_config,
+                          hf_logits, hf_model, transformers)
 from minitron_jax import hf, model
 from minitron_jax.config import ConfigError
 
@@ -32,13 +32,7 @@ def test_load_matches_transformers_and_export_reloads(tmp_path, family, kv_heads
   assert config.head_dim * config.num_attention_heads != config.hidden_size
   assert_close_relative(logits, hf_logits(reference, TOKENS), FP32_TOLERANCE)
 
-  hf.save(tmp_path / "export", config, params)
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-  assert_close_relative(hf_logits(reloaded, TOKENS), logits, FP32_TOLERANCE)
-  again_config, again_params = hf.load(tmp_path / "export")
-  assert again_config == config
-  np.testing.assert_array_equal(
-      np.asarray(model.apply(again_config, again_params, jnp.asarray(TOKENS))), logits)
+  assert_export_round_trip(tmp_path / "export", config, params, TOKENS, logits, FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize("family", ["llama", "nemotron"])

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hf_reference import (assert_close_relative, hf_config, hf_logits, hf_model, torch,
-                          transformers)
+from hf_reference import (assert_close_relative, assert_export_round_trip, hf_config, hf_logits,
+                          hf_model, torch, transformers)
 from minitron_jax import config as config_lib
 from minitron_jax import hf, model, moe
 from minitron_jax.config import ConfigError
@@ -50,13 +50,7 @@ def test_load_matches_transformers_and_export_reloads(tmp_path, family, override
   assert_close_relative(logits, hf_logits(reference, TOKENS), FP32_TOLERANCE)
   assert config.num_params() == sum(p.numel() for p in reference.parameters())
 
-  hf.save(tmp_path / "export", config, params)
-  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-  assert_close_relative(hf_logits(reloaded, TOKENS), logits, FP32_TOLERANCE)
-  again_config, again_params = hf.load(tmp_path / "export")
-  assert again_config == config
-  np.testing.assert_array_equal(
-      np.asarray(model.apply(again_config, again_params, jnp.asarray(TOKENS))), logits)
+  assert_export_round_trip(tmp_path / "export", config, params, TOKENS, logits, FP32_TOLERANCE)
 
 
 def test_padded_batch_matches_transformers(tmp_path):
