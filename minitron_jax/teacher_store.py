@@ -104,8 +104,8 @@ class StoreMetadata:
                           "(delete it to rewrite it)")
     if rows_needed > self.num_rows:
       raise ConfigError(f"teacher logits store holds {self.num_rows} rows; this run reads "
-                        f"{rows_needed}; allowed: a store with at least that many (raise "
-                        "teacher_logits.num_rows)")
+                        f"{rows_needed}; allowed: a store with at least that many (delete it to "
+                        "rewrite it for this run)")
 
 
 def _short(value: Any) -> str:
