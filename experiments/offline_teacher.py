@@ -5,7 +5,8 @@ Every run is the same main job (importance -> search -> prune -> distill) on the
 offline runs add the teacher_logits stage and train from its store.
 
   python experiments/offline_teacher.py --workdir=/tmp/offline --ks=32,128,256 --append
-  python experiments/offline_teacher.py --model=smollm2 --ks=32,128,512 --distill_steps=10
+  python experiments/offline_teacher.py --model=smollm2 --ks=32,128,512 --distill_steps=10 \
+    --nosearch
 
 `--model=shipped` is the embedded default (the 1M-parameter stdlib teacher, byte vocabulary of
 256: k=256 is the whole vocabulary); `--model=smollm2` is SmolLM2-135M (configs/smollm2_135m.py,
@@ -31,12 +32,15 @@ _DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 0, "Distillation steps (0
 _SEARCH_STEPS = flags.DEFINE_integer("search_steps", 0, "Retraining steps per candidate (0: the "
                                      "config's).")
 _CANDIDATES = flags.DEFINE_integer("candidates", 3, "Search candidates retrained.")
+_SEARCH = flags.DEFINE_bool("search", True, "Run the search stage (else prune to the config's "
+                            "target and distil).")
 _APPEND = flags.DEFINE_bool("append", False, "Append the table to BENCHMARKS.md.")
 
 
 def _config(k: int | None):
   config = default.get_config() if _MODEL.value == "shipped" else smollm2_135m.get_config()
-  stages = ["importance", "search", "prune", "distill"]
+  stages = ["importance", "search", "prune", "distill"] if _SEARCH.value else [
+      "importance", "prune", "distill"]
   if k is not None:
     stages.insert(0, "teacher_logits")
     config.teacher_logits.k = k
@@ -73,7 +77,8 @@ def main(argv):
     pipeline.run(_config(k), workdir)
     timings = json.loads((workdir / "timings.json").read_text())
     distill = json.loads((workdir / "distill" / "summary.json").read_text())
-    search = json.loads((workdir / "search" / "result.json").read_text())
+    search = (json.loads((workdir / "search" / "result.json").read_text())
+              if _SEARCH.value else {})
     stored = (json.loads((workdir / "teacher_logits" / "summary.json").read_text())
               if k is not None else None)
     results[name] = dict(timings=timings, val_ce=distill["val_ce"], steps=distill["steps"],
@@ -87,7 +92,7 @@ def main(argv):
         f"{stored['train']['bytes_per_token']}",
         f"{stored['train']['tokens'] / stored['train']['seconds']:,.0f}",
         f"{result['timings'].get('teacher_logits', 0):.1f}"])
-    rows.append([name, *store_cells, f"{result['timings']['search']:.1f}",
+    rows.append([name, *store_cells, f"{result['timings'].get('search', 0):.1f}",
                  f"{result['timings']['distill']:.1f}",
                  f"{result['timings']['distill'] / result['steps']:.3f}",
                  f"{result['val_ce']:.4f}", f"{result['val_ce'] - online['val_ce']:+.4f}"])
