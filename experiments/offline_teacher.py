@@ -74,6 +74,11 @@ def main(argv):
   results = {}
   for name, k in runs:
     workdir = pathlib.Path(_WORKDIR.value) / _MODEL.value / name.replace("=", "")
+    done = workdir / "offline_teacher_result.json"
+    if done.exists():  # a rerun after a preemption or a time limit skips the finished runs
+      results[name] = json.loads(done.read_text())
+      print(name, "(done earlier)", json.dumps(results[name]), flush=True)
+      continue
     pipeline.run(_config(k), workdir)
     timings = json.loads((workdir / "timings.json").read_text())
     distill = json.loads((workdir / "distill" / "summary.json").read_text())
@@ -83,6 +88,7 @@ def main(argv):
               if k is not None else None)
     results[name] = dict(timings=timings, val_ce=distill["val_ce"], steps=distill["steps"],
                          best=search["best"] if "best" in search else None, stored=stored)
+    done.write_text(json.dumps(results[name]))
     print(name, json.dumps(results[name]), flush=True)
   online = results["online"]
   rows = []
