@@ -97,8 +97,9 @@ class ModelConfig:
   # Qwen2-MoE: a dense expert every token passes through, scaled by sigmoid(x . gate); 0: none.
   shared_expert_intermediate_size: int = 0
   # Compute options; they never change what is saved.
-  # Expert dispatch (moe.py): None, the grouped matmul, drops nothing; a factor c gives each
-  # expert c x its even share of a batch's routed tokens in a batched matmul, dropping overflow.
+  # Expert dispatch (moe.py): None drops nothing (grouped matmul on TPU, every token's slot
+  # elsewhere); a factor c gives each expert c x its even share of a batch's routed tokens in a
+  # batched matmul, dropping overflow.
   moe_capacity_factor: float | None = None
   dtype: str = "float32"
   param_dtype: str = "float32"

@@ -6,15 +6,17 @@ Axis letters (as in model.py): B batch, T positions, D hidden, E experts, K expe
 
 Two dispatches, neither with a loop over experts; both sort the M pairs by expert first.
 - Grouped: each projection is one grouped matmul (`jax.lax.ragged_dot`); every token reaches
-  exactly its K experts and nothing is dropped. TPUs (and GPUs where XLA has a grouped-GEMM
-  kernel for it) do M x D x F work; XLA's generic lowering, CPU's included, pads every group to
-  M rows: E times that, and slower than the capacity path below at any E (BENCHMARKS.md).
+  exactly its K experts and nothing is dropped. TPUs do M x D x F work; XLA's lowering on CPU,
+  and on an H100 under jax 0.11.2, was slower than the capacity path below at every E measured
+  (6-8x at D=2048, F=768 on the H100; BENCHMARKS.md).
 - Capacity C per expert: pairs are packed into an [E,C,D] buffer and each projection is one
   batched matmul, E x C x D x F work on every backend, split over the `expert` mesh axis with
   the experts. Pairs beyond an expert's C (later tokens first) are dropped, as in Switch
   Transformer and GShard; C = B*T (every token, capacity factor E/K) never drops and equals the
   grouped path.
-Without a capacity factor the dispatch is exact: grouped on TPU and GPU, capacity B*T on CPU.
+Without a capacity factor the dispatch is exact: grouped on TPU, capacity B*T on CPU and GPU.
+Capacity B*T holds an [E,B*T,D] buffer, E/K times the routed pairs: at large E set a capacity
+factor (`moe_capacity_factor`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
   routed = jnp.take(x.reshape(b * t, d), order // k, axis=0)  # [M,D], sorted
   if implementation == "auto":
-    exact_grouped = jax.default_backend() in ("tpu", "gpu")
+    exact_grouped = jax.default_backend() == "tpu"
     implementation = "grouped" if capacity_factor is None and exact_grouped else "capacity"
   if implementation == "grouped":
     gate = jax.lax.ragged_dot(routed, gate_proj, group_sizes)  # [M,F]

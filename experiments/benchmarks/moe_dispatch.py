@@ -49,7 +49,7 @@ def main(argv):
     for factor, implementation in runs:
       seconds = benchmark.seconds_per_call(_step(factor, implementation), weights, x, logits,
                                            repeats=3)
-      row.append(f"{seconds * 1e3:.0f}")
+      row.append(f"{seconds * 1e3:.1f}")
     rows.append(row)
     print(row, flush=True)
   header = ["experts E", "top-k", "exact, grouped (ragged_dot) ms",
@@ -57,7 +57,7 @@ def main(argv):
                 f"capacity factor {c} (drops overflow) ms" for c in _FACTORS.value]
   notes = (f"One MoE layer, forward + backward, {tokens} tokens, D={d}, F={f}: the routed work "
            "is the same in every row. Without a capacity factor the model dispatches exactly: "
-           "grouped on TPU/GPU, capacity-every-token on CPU (the faster exact path here).")
+           "grouped on TPU, capacity-every-token on CPU and GPU.")
   if _APPEND.value:
     print(benchmark.append_to_log("MoE dispatch", header, rows, notes))
 
