@@ -11,23 +11,22 @@ which is the full-vocabulary forward KL when K is the whole vocabulary (p_tail =
 fewer tokens never asks the student to match a teacher detail that was not stored. Both use
 p = softmax(logits / temperature): the teacher's at the temperature it was stored with.
 
-`sparse_kld` walks the tokens in chunks like fused_kld.py: each chunk's student logits [C, V]
-are made, used for the loss and its gradient, and dropped; the gradients ([N, D] and [D, V]) are
-the custom-VJP residuals. With c = 1 - p_tail / q_tail per token, d KL / d z_v is c q_v for a
-token outside K and q_v - p_v inside it (z: the student's logits over temperature).
+`sparse_kld` walks the tokens in chunks (chunked_head_loss.py), like fused_kld.py: each chunk's
+student logits [C, V] are made, used for the loss and its gradient, and dropped. With
+c = 1 - p_tail / q_tail per token, d KL / d z_v is c q_v for a token outside K and q_v - p_v
+inside it (z: the student's logits over temperature).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 
 import jax
 import jax.numpy as jnp
 
+from minitron_jax.chunked_head_loss import chunked_head_loss, logsumexp, soft_cap, token_weights
 from minitron_jax.config import ConfigError
-from minitron_jax.fused_kld import _cap, _logsumexp, _token_weights
 
 
 def _log_mass_outside(z: jax.Array, indices: jax.Array) -> jax.Array:
@@ -46,7 +45,7 @@ def teacher_top_k(logits: jax.Array, k: int, temperature: float = 1.0
   """logits [..., V] -> (log-probabilities [..., k] float32, indices [..., k] int32, log tail
   mass [...] float32) of softmax(logits / temperature); the tail is -inf when k = V."""
   z = logits.astype(jnp.float32) / temperature
-  lse = _logsumexp(z)  # [...,1]
+  lse = logsumexp(z)  # [...,1]
   top, indices = jax.lax.top_k(z, k)
   flat_z, flat_indices = z.reshape(-1, z.shape[-1]), indices.reshape(-1, k)
   tail = _log_mass_outside(flat_z, flat_indices).reshape(lse.shape[:-1]) - lse[..., 0]
@@ -75,11 +74,12 @@ def _validate(student_hidden, student_head, log_probs, indices, tail, temperatur
                       f"{jnp.shape(student_head)[1]}")
 
 
-def _chunk_terms(hs_c, ws, a, idx, b, w_c, temperature, cap):
-  """One chunk: (Σ weighted KL, d loss / d student logits [C,V] float32, cap slope or None)."""
-  z, slope = _cap(jnp.einsum("CD,DV->CV", hs_c, ws, preferred_element_type=jnp.float32), cap)
+def _sparse_terms(temperature: float, z, per_token, constants, w_c):
+  """One chunk: (Σ weighted KL, d loss / d student logits [C,V] float32)."""
+  del constants
+  a, idx, b = per_token  # [C,k] teacher log-probabilities, [C,k] their indices, [C] log tail
   z = z / temperature
-  lse = _logsumexp(z)  # [C,1]
+  lse = logsumexp(z)  # [C,1]
   log_q = jnp.take_along_axis(z, idx, axis=1) - lse  # [C,k]
   p = jnp.exp(a)
   log_q_tail = _log_mass_outside(z, idx) - lse[:, 0]  # [C]
@@ -91,47 +91,7 @@ def _chunk_terms(hs_c, ws, a, idx, b, w_c, temperature, cap):
   rows = jnp.arange(z.shape[0])[:, None]
   g = (scale[:, None] * q).at[rows, idx].add(jnp.exp(log_q) * (1.0 - scale[:, None]) - p)
   g = g * (w_c / temperature)[:, None]
-  return jnp.sum(w_c * kl), g, slope
-
-
-def _chunked_loss_and_grads(hs, ws, a, idx, b, weights, temperature, chunk, cap):
-  num_chunks = hs.shape[0] // chunk
-  split = lambda x: x.reshape(num_chunks, chunk, *x.shape[1:])
-  xs = tuple(map(split, (hs, a, idx, b, weights)))
-
-  def step(carry, x):
-    loss, d_ws = carry
-    hs_c, a_c, idx_c, b_c, w_c = x
-    chunk_loss, g, slope = _chunk_terms(hs_c, ws, a_c, idx_c, b_c, w_c, temperature, cap)
-    if slope is not None:
-      g = g * slope
-    d_hs_c = jnp.einsum("CV,DV->CD", g, ws, preferred_element_type=jnp.float32)
-    d_ws = d_ws + jnp.einsum("CD,CV->DV", hs_c, g, preferred_element_type=jnp.float32)
-    return (loss + chunk_loss, d_ws), d_hs_c.astype(hs.dtype)
-
-  init = (jnp.zeros((), jnp.float32), jnp.zeros(ws.shape, jnp.float32))
-  (loss, d_ws), d_hs = jax.lax.scan(step, init, xs)
-  return loss, d_hs.reshape(hs.shape), d_ws.astype(ws.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _fused(hs, ws, a, idx, b, weights, temperature, chunk, cap):
-  return _chunked_loss_and_grads(hs, ws, a, idx, b, weights, temperature, chunk, cap)[0]
-
-
-def _fused_fwd(hs, ws, a, idx, b, weights, temperature, chunk, cap):
-  loss, d_hs, d_ws = _chunked_loss_and_grads(hs, ws, a, idx, b, weights, temperature, chunk, cap)
-  return loss, (d_hs, d_ws)
-
-
-def _fused_bwd(temperature, chunk, cap, residuals, cotangent):
-  del temperature, chunk, cap
-  d_hs, d_ws = residuals
-  return ((d_hs * cotangent).astype(d_hs.dtype), (d_ws * cotangent).astype(d_ws.dtype),
-          None, None, None, None)
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
+  return jnp.sum(w_c * kl), g
 
 
 def sparse_kld(student_hidden, student_head, teacher_log_probs, teacher_indices,
@@ -145,23 +105,11 @@ def sparse_kld(student_hidden, student_head, teacher_log_probs, teacher_indices,
   """
   _validate(student_hidden, student_head, teacher_log_probs, teacher_indices, teacher_tail,
             temperature, mask, chunk_size)
-  lead = student_hidden.shape[:-1]
-  num_tokens = math.prod(lead)
-  if num_tokens == 0:
-    return jnp.zeros((), jnp.float32)
-  chunk = min(int(chunk_size), num_tokens)
-  pad = -(-num_tokens // chunk) * chunk - num_tokens
-  flat = lambda x, fill=0: jnp.pad(x.reshape(num_tokens, *x.shape[len(lead):]),
-                                   ((0, pad),) + ((0, 0),) * (x.ndim - len(lead)),
-                                   constant_values=fill)
-  stop = jax.lax.stop_gradient
-  a = flat(stop(teacher_log_probs).astype(jnp.float32))
-  idx = flat(stop(teacher_indices).astype(jnp.int32))
-  b = flat(stop(teacher_tail).astype(jnp.float32), -jnp.inf)
-  weights = jnp.pad(_token_weights(mask, lead), (0, pad))
-  cap = None if student_softcap is None else float(student_softcap)
-  return _fused(flat(student_hidden), student_head, a, idx, b, weights, float(temperature),
-                chunk, cap)
+  per_token = ((teacher_log_probs.astype(jnp.float32), 0), (teacher_indices.astype(jnp.int32), 0),
+               (teacher_tail.astype(jnp.float32), -jnp.inf))
+  terms = functools.partial(_sparse_terms, float(temperature))
+  return chunked_head_loss(terms, student_hidden, student_head, per_token, (), mask, chunk_size,
+                           student_softcap)
 
 
 def naive_sparse_kld(student_hidden, student_head, teacher_log_probs, teacher_indices,
@@ -169,8 +117,8 @@ def naive_sparse_kld(student_hidden, student_head, teacher_log_probs, teacher_in
                      student_softcap: float | None = None) -> jax.Array:
   """Reference: the same loss from full [N, V] student log-probabilities, by plain autodiff."""
   lead = student_hidden.shape[:-1]
-  z = _cap(jnp.einsum("...D,DV->...V", student_hidden, student_head,
-                      preferred_element_type=jnp.float32), student_softcap)[0] / temperature
+  z = soft_cap(jnp.einsum("...D,DV->...V", student_hidden, student_head,
+                          preferred_element_type=jnp.float32), student_softcap)[0] / temperature
   log_q_all = jax.nn.log_softmax(z, axis=-1)
   a = jax.lax.stop_gradient(teacher_log_probs).astype(jnp.float32)
   b = jax.lax.stop_gradient(teacher_tail).astype(jnp.float32)
@@ -182,4 +130,4 @@ def naive_sparse_kld(student_hidden, student_head, teacher_log_probs, teacher_in
   safe_q_tail = jnp.where(p_tail > 0, q_tail, 1.0)
   tail = jnp.where(p_tail > 0, p_tail * (b - jnp.log(safe_q_tail)), 0.0)
   kl = jnp.sum(jnp.exp(a) * (a - log_q), axis=-1) + tail
-  return jnp.sum(kl.reshape(-1) * _token_weights(mask, lead))
+  return jnp.sum(kl.reshape(-1) * token_weights(mask, lead))
