@@ -86,9 +86,9 @@ def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax
     out_buffer = jnp.einsum("ECF,EFD->ECD", hidden, down_proj)
     out = out_buffer.at[expert, rank].get(mode="fill", fill_value=0)  # [M,D]
     act = hidden.at[expert, rank].get(mode="fill", fill_value=0)  # [M,F]
-  inverse = jnp.argsort(order)  # back to (token, k) order
-  out = jnp.take(out, inverse, axis=0).reshape(b, t, k, d)
-  act = jnp.take(act, inverse, axis=0).reshape(b, t, k, -1)
+  # Back to (token, k) order: a scatter by the sort's permutation, not a second sort.
+  out = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(b, t, k, d)
+  act = jnp.zeros_like(act).at[order].set(act, unique_indices=True).reshape(b, t, k, -1)
   return out, act
 
 
