@@ -28,12 +28,23 @@ OVERRIDES = {
 }
 
 
-def _config():
+# Only the offline teacher's store, and a distillation that reads it.
+OFFLINE_OVERRIDES = {
+    "stages": ("teacher_logits", "importance", "prune", "distill"),
+    "importance.drop_loss": False,
+    "distill.steps": 4,
+    "distill.eval_every": 4,
+    "distill.checkpoint_every": 4,
+    "teacher_logits.rows_per_shard": 3,  # several shards, split over the processes
+}
+
+
+def _config(overrides=OVERRIDES):
   sys.path.insert(0, str(ROOT))
   from configs import default
 
   config = default.get_config("runlocal")
-  for key, value in OVERRIDES.items():
+  for key, value in overrides.items():
     *parents, last = key.split(".")
     section = config
     for name in parents:
@@ -48,12 +59,13 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(workdir: pathlib.Path, num_processes: int, devices_per_process: int):
+def _launch(workdir: pathlib.Path, num_processes: int, devices_per_process: int,
+            overrides=OVERRIDES):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
   port = _free_port()
   command = [sys.executable, "-u", "-m", "minitron_jax.main", "--config=configs/default.py:runlocal",
-             f"--workdir={workdir}", *(f"--config.{k}={v!r}" for k, v in OVERRIDES.items())]
+             f"--workdir={workdir}", *(f"--config.{k}={v!r}" for k, v in overrides.items())]
   if num_processes > 1:
     command += [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}"]
   processes = [subprocess.Popen(command + ([f"--process_id={i}"] if num_processes > 1 else []),
@@ -121,6 +133,28 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
       evaluated[0]["distilled"]["val_loss"], rel=1e-5)
   assert (two / "report.md").is_file()
   assert not list(two.rglob(".*.tmp-*")), "a staging directory was left behind"
+
+
+def test_two_processes_write_the_teacher_store_one_process_writes(tmp_path):
+  from minitron_jax import pipeline
+
+  _launch(tmp_path / "two", num_processes=2, devices_per_process=4,
+          overrides=OFFLINE_OVERRIDES)
+  pipeline.run(_config(OFFLINE_OVERRIDES), tmp_path / "one", log=lambda line: None)
+
+  for split in ("train", "validation"):
+    one, two = (tmp_path / d / "teacher_logits" / split for d in ("one", "two"))
+    files = sorted(path.name for path in one.iterdir())
+    assert len([name for name in files if name.startswith("shard-")]) > 1
+    assert sorted(path.name for path in two.iterdir()) == files
+    for name in files:  # the shards, and metadata.json with the stream's hash
+      assert (two / name).read_bytes() == (one / name).read_bytes(), f"{split}/{name}"
+  curves = [[json.loads(l) for l in (tmp_path / d / "distill" / "metrics.jsonl").read_text()
+             .splitlines()] for d in ("one", "two")]
+  assert [r["step"] for r in curves[1]] == [r["step"] for r in curves[0]]
+  for a, b in zip(curves[0], curves[1]):
+    for key in a:
+      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
 def _flatten(tree, prefix=()):
