@@ -51,6 +51,20 @@ def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = Non
     return model(torch.tensor(tokens), attention_mask=mask).logits.float().numpy()
 
 
+def load_saved_reference(directory, hf_cfg, tokens: np.ndarray):
+  """A seeded transformers model of `hf_cfg`, saved under `directory` and loaded by hf.load:
+  (the reference model, our config, our params, our float32 logits of `tokens`)."""
+  import jax.numpy as jnp
+
+  from minitron_jax import hf, model
+
+  reference = hf_model(hf_cfg)
+  reference.save_pretrained(directory)
+  config, params = hf.load(directory)
+  logits = np.asarray(model.apply(config, params, jnp.asarray(tokens)))
+  return reference, config, params, logits
+
+
 def assert_close_relative(actual, expected, tolerance: float):
   """max |actual - expected| <= tolerance * max |expected| (elementwise rtol is meaningless near 0)."""
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hf_reference import (FAMILIES, assert_close_relative, assert_export_round_trip, hf_config,
-                          hf_logits, hf_model, transformers)
+                          hf_logits, load_saved_reference, transformers)
 from minitron_jax import hf, model
 from minitron_jax.config import ConfigError
 
@@ -16,11 +16,7 @@ FP32_TOLERANCE = 1e-5
 
 
 def _round_trip(tmp_path, config):
-  reference = hf_model(config)
-  reference.save_pretrained(tmp_path / "hf")
-  ours_config, params = hf.load(tmp_path / "hf")
-  logits = np.asarray(model.apply(ours_config, params, jnp.asarray(TOKENS)))
-  return reference, ours_config, params, logits
+  return load_saved_reference(tmp_path / "hf", config, TOKENS)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

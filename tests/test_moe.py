@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hf_reference import (assert_close_relative, assert_export_round_trip, hf_config, hf_logits,
-                          hf_model, torch, transformers)
+                          hf_model, load_saved_reference, torch, transformers)
 from minitron_jax import config as config_lib
 from minitron_jax import hf, model, moe
 from minitron_jax.config import ConfigError
@@ -30,11 +30,7 @@ def moe_hf_config(family: str, **overrides):
 
 
 def _round_trip(tmp_path, hf_cfg):
-  reference = hf_model(hf_cfg)
-  reference.save_pretrained(tmp_path / "hf")
-  config, params = hf.load(tmp_path / "hf")
-  logits = np.asarray(model.apply(config, params, jnp.asarray(TOKENS)))
-  return reference, config, params, logits
+  return load_saved_reference(tmp_path / "hf", hf_cfg, TOKENS)
 
 
 @pytest.mark.parametrize("family,overrides", [

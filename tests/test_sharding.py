@@ -25,19 +25,25 @@ def mesh():
   return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
 
 
-@pytest.mark.parametrize("family", config_lib.FAMILIES)
-def test_sharded_forward_matches_one_device(mesh, family):
+def _one_device_and_sharded(family, mesh):
+  """(config, params sharded over `mesh`, a function from params to logits of fixed tokens put
+  on the mesh's batch axes, the logits on one device)."""
   config = config_lib.tiny(family)
   params = model.init(config, 0)
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (4, 16)))
   expected = model.apply(config, params, tokens)
+  placed = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
+  forward = lambda sharded: model.apply(config, sharded, placed)
+  return config, sharding.shard_params(config, params, mesh), forward, expected
 
-  sharded = sharding.shard_params(config, params, mesh)
+
+@pytest.mark.parametrize("family", config_lib.FAMILIES)
+def test_sharded_forward_matches_one_device(mesh, family):
+  _, sharded, forward, expected = _one_device_and_sharded(family, mesh)
   q_proj = sharded["layers"]["attn"]["q_proj"]
   assert q_proj.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   assert len(q_proj.addressable_shards) == 8
-  logits = model.apply(config, sharded, jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape)))
-  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(forward(sharded), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_sharded_init_places_params_directly(mesh):
@@ -109,12 +115,7 @@ def _place_batch(mesh, batch):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])  # qwen2_moe: a shared expert
 def test_experts_are_split_over_the_expert_axis_and_match_one_device(expert_mesh, family):
-  config = config_lib.tiny(family)
-  params = model.init(config, 0)
-  tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (4, 16)))
-  expected = model.apply(config, params, tokens)
-
-  sharded = sharding.shard_params(config, params, expert_mesh)
+  config, sharded, forward, expected = _one_device_and_sharded(family, expert_mesh)
   experts = sharded["layers"]["moe"]
   spec = jax.sharding.PartitionSpec
   assert experts["gate_proj"].sharding.spec == spec(None, "expert", "fsdp", "tensor")
@@ -127,9 +128,7 @@ def test_experts_are_split_over_the_expert_axis_and_match_one_device(expert_mesh
       config.moe_intermediate_size // 2)
   if config.shared_expert_intermediate_size:
     assert experts["shared"]["up_proj"].sharding.spec == spec(None, "fsdp", "tensor")
-  tokens = jax.device_put(tokens, sharding.batch_sharding(expert_mesh, tokens.shape))
-  logits = model.apply(config, sharded, tokens)
-  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(forward(sharded), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_moe_distillation_step_on_the_expert_mesh_matches_one_device(expert_mesh):
