@@ -16,14 +16,25 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from minitron_jax.config import ConfigError
+
 # chunk_terms(z [C,V] float32 capped student logits, per-token inputs of the chunk, constants,
 # token weights [C]) -> (sum of the chunk's weighted loss [], d loss / d z [C,V] float32).
 ChunkTerms = Callable[..., tuple[jax.Array, jax.Array]]
+
+
+def validate_options(chunk_size, temperature) -> None:
+  """One-line ConfigError for a chunk size or temperature either loss would refuse."""
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+    raise ConfigError(f"chunk_size={chunk_size!r} is invalid; allowed: an integer >= 1")
+  if not temperature > 0:  # also rejects NaN
+    raise ConfigError(f"temperature={temperature!r} is invalid; allowed: a number > 0")
 
 
 def soft_cap(logits: jax.Array, cap: float | None) -> tuple[jax.Array, jax.Array | None]:

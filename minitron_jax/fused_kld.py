@@ -19,22 +19,19 @@ baseline.
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.chunked_head_loss import chunked_head_loss, logsumexp, soft_cap, token_weights
+from minitron_jax.chunked_head_loss import (chunked_head_loss, logsumexp, soft_cap, token_weights,
+                                            validate_options)
 from minitron_jax.config import ConfigError
 
 
 def _validate(student_hidden, student_head, teacher_hidden, teacher_head, temperature, mask,
               chunk_size) -> None:
   """One-line ConfigError for every argument mistake a caller can make."""
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-    raise ConfigError(f"chunk_size={chunk_size!r} is invalid; allowed: an integer >= 1")
-  if not temperature > 0:  # also rejects NaN
-    raise ConfigError(f"temperature={temperature!r} is invalid; allowed: a number > 0")
+  validate_options(chunk_size, temperature)
   for name, head in (("student_head", student_head), ("teacher_head", teacher_head)):
     if jnp.ndim(head) != 2:
       raise ConfigError(f"{name} shape {tuple(jnp.shape(head))} is invalid; allowed: [D, V]")

@@ -20,12 +20,12 @@ inside it (z: the student's logits over temperature).
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.chunked_head_loss import chunked_head_loss, logsumexp, soft_cap, token_weights
+from minitron_jax.chunked_head_loss import (chunked_head_loss, logsumexp, soft_cap, token_weights,
+                                            validate_options)
 from minitron_jax.config import ConfigError
 
 
@@ -54,10 +54,7 @@ def teacher_top_k(logits: jax.Array, k: int, temperature: float = 1.0
 
 def _validate(student_hidden, student_head, log_probs, indices, tail, temperature, mask,
               chunk_size) -> None:
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-    raise ConfigError(f"chunk_size={chunk_size!r} is invalid; allowed: an integer >= 1")
-  if not temperature > 0:
-    raise ConfigError(f"temperature={temperature!r} is invalid; allowed: a number > 0")
+  validate_options(chunk_size, temperature)
   if jnp.ndim(student_head) != 2 or jnp.shape(student_hidden)[-1] != jnp.shape(student_head)[0]:
     raise ConfigError(f"student_hidden {tuple(jnp.shape(student_hidden))} and student_head "
                       f"{tuple(jnp.shape(student_head))} do not match; allowed: [..., D], [D, V]")
