@@ -129,12 +129,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
                                  err_msg=f"{stage} {path}")
     assert hf.load(two / stage / "hf")[0] == config_two
 
-  curves = [[json.loads(l) for l in (d / "distill" / "metrics.jsonl").read_text().splitlines()]
-            for d in (one, two)]
-  assert [r["step"] for r in curves[1]] == [r["step"] for r in curves[0]]
-  for a, b in zip(curves[0], curves[1]):
-    for key in a:
-      assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+  _assert_same_distill_curves(one, two)
 
   evaluated = [json.loads((d / "evaluate" / "metrics.json").read_text()) for d in (one, two)]
   assert evaluated[1]["distilled"]["val_loss"] == pytest.approx(
@@ -158,8 +153,12 @@ def test_two_processes_write_the_teacher_store_one_process_writes(tmp_path):
     for name in files:  # the shards, and metadata.json with the stream's hash
       digests = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (one, two)]
       assert digests[1] == digests[0], f"{split}/{name} differs"
-  curves = [[json.loads(l) for l in (tmp_path / d / "distill" / "metrics.jsonl").read_text()
-             .splitlines()] for d in ("one", "two")]
+  _assert_same_distill_curves(tmp_path / "one", tmp_path / "two")
+
+
+def _assert_same_distill_curves(one: pathlib.Path, two: pathlib.Path) -> None:
+  curves = [[json.loads(l) for l in (d / "distill" / "metrics.jsonl").read_text().splitlines()]
+            for d in (one, two)]
   assert [r["step"] for r in curves[1]] == [r["step"] for r in curves[0]]
   for a, b in zip(curves[0], curves[1]):
     for key in a:
