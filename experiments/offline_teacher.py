@@ -47,11 +47,10 @@ def _config(k: int | None):
   config.stages = tuple(stages)
   config.search.max_candidates = _CANDIDATES.value
   if _MODEL.value == "smollm2":  # a search space around the config's target
-    target = dict(config.prune.target)
     config.search.space.update(
         num_layers=(), hidden_size=(), num_attention_heads=(), mlp_expansion=(),
-        intermediate_size=(448, 512, 576), budget=0, round_to=1, tolerance=0.2)
-    config.search.space.update(budget=_budget(config, target))
+        intermediate_size=(448, 512, 576), round_to=1, tolerance=0.2,
+        budget=_budget(config, dict(config.prune.target)))
   if _DISTILL_STEPS.value:
     config.distill.update(steps=_DISTILL_STEPS.value, eval_every=_DISTILL_STEPS.value,
                           checkpoint_every=_DISTILL_STEPS.value)
