@@ -78,21 +78,22 @@ def naive_kld(student_hidden, student_head, teacher_hidden, teacher_head, *,
   return jnp.sum(kl.reshape(-1) * token_weights(mask, lead))
 
 
-def _kld_terms(temperature: float, teacher_cap: float | None, zs, per_token, constants, w_c):
-  """One chunk of the forward KL: (its weighted sum, d loss / d student logits [C,V])."""
-  (ht_c,), (wt,) = per_token, constants  # [C,Dt], [Dt,V]
+def _kld_terms(temperature: float, teacher_cap: float | None, zs, per_token, constants, w_c,
+               vocab):
+  """One chunk of the forward KL: (its weighted sum, d loss / d student logits [C,V'])."""
+  (ht_c,), (wt,) = per_token, constants  # [C,Dt], [Dt,V'] (the device's vocabulary slice)
   zt = soft_cap(jnp.einsum("CD,DV->CV", ht_c, wt, preferred_element_type=jnp.float32),
                 teacher_cap)[0]
   zs, zt = zs / temperature, zt / temperature
   # Row log-normalisers [C,1] instead of log-probability blocks: the [C,V] expressions below are
   # elementwise in (zs, zt), so XLA fuses them into their consumers and keeps at most one more
   # [C,V] block (p_t or g) alive besides the two logit blocks.
-  lse_s, lse_t = logsumexp(zs), logsumexp(zt)  # [C,1]
+  lse_s, lse_t = logsumexp(zs, vocab), logsumexp(zt, vocab)  # [C,1]
   pt = jnp.exp(zt - lse_t)
   # sum_v p_t (log p_t - log p_s) = sum_v p_t (zt - zs) + lse_s - lse_t, since sum_v p_t = 1.
-  kl = jnp.sum(pt * (zt - zs), axis=-1) + (lse_s - lse_t)[:, 0]  # [C]
+  kl = vocab.sum(pt * (zt - zs)) + (lse_s - lse_t)[:, 0]  # [C]
   # d loss / d student logits: (p_s - p_t) / tau, weighted per token.
-  g = (jnp.exp(zs - lse_s) - pt) * (w_c / temperature)[:, None]  # [C,V] float32
+  g = (jnp.exp(zs - lse_s) - pt) * (w_c / temperature)[:, None]  # [C,V'] float32
   return jnp.sum(w_c * kl), g
 
 

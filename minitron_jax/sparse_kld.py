@@ -24,20 +24,23 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.chunked_head_loss import (chunked_head_loss, logsumexp, soft_cap, token_weights,
-                                            validate_options)
+from minitron_jax.chunked_head_loss import (WHOLE_VOCAB, chunked_head_loss, logsumexp, soft_cap,
+                                            token_weights, validate_options)
 from minitron_jax.config import ConfigError
 
 
-def _log_mass_outside(z: jax.Array, indices: jax.Array) -> jax.Array:
-  """z [C,V] log-probabilities (or logits), indices [C,k] -> [C] log-sum-exp over the entries
-  not indexed: the tail summed directly, where 1 - sum(top-k) would cancel to rounding noise
-  when the top-k hold nearly everything; -inf (exactly) when they are the whole vocabulary."""
+def _log_mass_outside(z: jax.Array, indices: jax.Array, vocab=None) -> jax.Array:
+  """z [C,V'] log-probabilities (or logits; V' the device's vocabulary slice), indices [C,k]
+  global -> [C] log-sum-exp over the entries not indexed (over every slice): the tail summed
+  directly, where 1 - sum(top-k) would cancel to rounding noise when the top-k hold nearly
+  everything; -inf (exactly) when they are the whole vocabulary."""
+  vocab = vocab or WHOLE_VOCAB(z.shape[-1])
+  local, _ = vocab.local_indices(indices, z.shape[-1])
   rows = jnp.arange(z.shape[0])[:, None]
-  rest = z.at[rows, indices].set(-jnp.inf)
-  peak = jnp.max(rest, axis=-1)
+  rest = z.at[rows, local].set(-jnp.inf, mode="drop")
+  peak = vocab.max(rest)
   safe_peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
-  return safe_peak + jnp.log(jnp.sum(jnp.exp(rest - safe_peak[:, None]), axis=-1))
+  return safe_peak + jnp.log(vocab.sum(jnp.exp(rest - safe_peak[:, None])))
 
 
 def teacher_top_k(logits: jax.Array, k: int, temperature: float = 1.0
@@ -71,22 +74,26 @@ def _validate(student_hidden, student_head, log_probs, indices, tail, temperatur
                       f"{jnp.shape(student_head)[1]}")
 
 
-def _sparse_terms(temperature: float, z, per_token, constants, w_c):
-  """One chunk: (Σ weighted KL, d loss / d student logits [C,V] float32)."""
+def _sparse_terms(temperature: float, z, per_token, constants, w_c, vocab):
+  """One chunk: (Σ weighted KL, d loss / d student logits [C,V'] float32)."""
   del constants
   a, idx, b = per_token  # [C,k] teacher log-probabilities, [C,k] their indices, [C] log tail
   z = z / temperature
-  lse = logsumexp(z)  # [C,1]
-  log_q = jnp.take_along_axis(z, idx, axis=1) - lse  # [C,k]
+  lse = logsumexp(z, vocab)  # [C,1]
+  local, inside = vocab.local_indices(idx, z.shape[-1])
+  # Each index lies in one vocabulary slice: the others add zero.
+  picked = jnp.where(inside, jnp.take_along_axis(z, local, axis=1, mode="clip"), 0.0)
+  log_q = vocab.across(picked) - lse  # [C,k]
   p = jnp.exp(a)
-  log_q_tail = _log_mass_outside(z, idx) - lse[:, 0]  # [C]
+  log_q_tail = _log_mass_outside(z, idx, vocab) - lse[:, 0]  # [C]
   p_tail = jnp.exp(b)
   tail_term = jnp.where(p_tail > 0, p_tail * (b - log_q_tail), 0.0)
   kl = jnp.sum(p * (a - log_q), axis=-1) + tail_term  # [C]
-  q = jnp.exp(z - lse)  # [C,V]
+  q = jnp.exp(z - lse)  # [C,V']
   scale = jnp.where(p_tail > 0, 1.0 - p_tail * jnp.exp(-log_q_tail), 1.0)  # c per token
   rows = jnp.arange(z.shape[0])[:, None]
-  g = (scale[:, None] * q).at[rows, idx].add(jnp.exp(log_q) * (1.0 - scale[:, None]) - p)
+  g = (scale[:, None] * q).at[rows, local].add(
+      jnp.exp(log_q) * (1.0 - scale[:, None]) - p, mode="drop")
   g = g * (w_c / temperature)[:, None]
   return jnp.sum(w_c * kl), g
 

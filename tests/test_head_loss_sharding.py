@@ -1,0 +1,122 @@
+"""The chunked head losses on a mesh: each device walks its own tokens (and its vocabulary slice
+under `tensor`), and the loss and gradients equal the one-device program's on every mesh.
+
+Also checks the compiled programs: no all-gather of the hidden states (the [tokens, D] inputs)
+on any mesh, which is what GSPMD did before the loss ran under shard_map.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from minitron_jax import sharding
+from minitron_jax.fused_kld import fused_kld
+from minitron_jax.sparse_kld import sparse_kld, teacher_top_k
+
+B, T, DS, DT, VOCAB = 8, 12, 16, 24, 64
+MESHES = {
+    "data8": dict(data=8),
+    "fsdp8": dict(data=1, fsdp=8),
+    "tensor8": dict(data=1, tensor=8),
+    "data4_tensor2": dict(data=4, tensor=2),
+    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2),
+    "data2_expert4": dict(data=2, expert=4),
+}
+
+
+def _inputs(seed=0):
+  rng = np.random.RandomState(seed)
+  hs = rng.randn(B, T, DS).astype(np.float32)
+  ws = (rng.randn(DS, VOCAB) / np.sqrt(DS)).astype(np.float32)
+  ht = rng.randn(B, T, DT).astype(np.float32)
+  wt = (1.5 * rng.randn(DT, VOCAB) / np.sqrt(DT)).astype(np.float32)
+  # Packed rows: two documents per row and trailing padding (segment 0), as batches carry them.
+  segment_ids = np.ones((B, T), np.int32)
+  segment_ids[:, T // 2:] = 2
+  for row in range(B):
+    segment_ids[row, T - row % 4:] = 0
+  return hs, ws, ht, wt, segment_ids != 0
+
+
+def _fused_loss(cap):
+  def loss(hs, ws, ht, wt, mask):
+    return fused_kld(hs, ws, ht, wt, temperature=1.7, mask=mask, chunk_size=5,
+                     student_softcap=cap, teacher_softcap=cap)
+  return loss
+
+
+def _sparse_loss(k, cap):
+  def loss(hs, ws, ht, wt, mask):
+    log_probs, indices, tail = teacher_top_k(jnp.einsum("btd,dv->btv", ht, wt), k, 1.7)
+    return sparse_kld(hs, ws, log_probs, indices, tail, temperature=1.7, mask=mask,
+                      chunk_size=5, student_softcap=cap)
+  return loss
+
+
+LOSSES = {
+    "fused": _fused_loss(None),
+    "fused_softcap": _fused_loss(3.0),
+    "sparse_top8": _sparse_loss(8, None),
+    "sparse_whole_vocab_softcap": _sparse_loss(VOCAB, 3.0),
+}
+
+
+def _place(mesh, hs, ws, ht, wt, mask):
+  """As training places them: weights by their logical axes, batches over the batch axes."""
+  head = NamedSharding(mesh, sharding.logical_to_spec(("embed", "vocab"), ws.shape, mesh))
+  rows = lambda x: sharding.batch_sharding(mesh, x.shape)  # noqa: E731
+  return (jax.device_put(hs, rows(hs)), jax.device_put(ws, head), jax.device_put(ht, rows(ht)),
+          jax.device_put(wt, NamedSharding(mesh, P())), jax.device_put(mask, rows(mask)))
+
+
+def _value_and_grads(loss, args, mesh=None):
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  if mesh is None:
+    return fn(*args)
+  with jax.set_mesh(mesh):
+    return fn(*_place(mesh, *args))
+
+
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_values_and_gradients_equal_one_device(loss_name, mesh_name):
+  args = _inputs()
+  loss = LOSSES[loss_name]
+  value, (d_hs, d_ws) = _value_and_grads(loss, args)
+  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES[mesh_name]))
+  mesh_value, (mesh_d_hs, mesh_d_ws) = _value_and_grads(loss, args, mesh)
+  np.testing.assert_allclose(mesh_value, value, rtol=2e-6)
+  # Partial sums add in another order across devices: float32 round-off only.
+  for got, want in ((mesh_d_hs, d_hs), (mesh_d_ws, d_ws)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-6 * float(np.max(np.abs(want))))
+
+
+def _collectives(hlo: str) -> dict[str, list[str]]:
+  """Collective op -> the result shapes of each in a compiled program's text."""
+  found: dict[str, list[str]] = {}
+  for match in re.finditer(r"= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                           r"collective-permute)(?:-start)?\(", hlo):
+    found.setdefault(match.group(2), []).append(match.group(1))
+  return found
+
+
+@pytest.mark.parametrize("mesh_name", ["data8", "fsdp8", "data4_tensor2"])
+def test_no_device_gathers_the_hidden_states(mesh_name):
+  hs, ws, ht, wt, mask = _inputs()
+  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES[mesh_name]))
+  fn = jax.jit(jax.value_and_grad(LOSSES["fused"], argnums=(0, 1)))
+  with jax.set_mesh(mesh):
+    hlo = fn.lower(*_place(mesh, hs, ws, ht, wt, mask)).compile().as_text()
+  collectives = _collectives(hlo)
+  # Only weights may be gathered (FSDP splits the head's D); GSPMD gathered every token's hidden
+  # states and token weights onto every device, and moved them around with collective-permutes.
+  weights = {f"f32[{a},{b}]" for a, b in (ws.shape, wt.shape)}
+  gathered = [s for s in collectives.get("all-gather", []) if s.split("{")[0] not in weights]
+  assert not gathered and "collective-permute" not in collectives, collectives
