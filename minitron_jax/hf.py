@@ -218,15 +218,28 @@ def _refuse_set(hf: Mapping[str, Any], family: str, *fields: str) -> None:
       raise ConfigError(f"{name}={hf[name]!r} is not supported for {family}; allowed: null")
 
 
+def _families() -> dict[str, str]:
+  """Hugging Face model_type -> our family, for every decoder we compute."""
+  return {_MODEL_TYPES.get(f, f): f for f in _ARCHITECTURES}
+
+
+def supported_model_types() -> list[str]:
+  """The `config.json` model_type values we load (`gemma3` through its text_config)."""
+  return sorted([*_families(), "gemma3"])
+
+
+def _check_model_type(hf: Mapping[str, Any], source: str = "") -> None:
+  model_type = hf.get("model_type")
+  if model_type not in _families():
+    raise ConfigError(f"{source}model_type={model_type!r} is not supported; allowed: "
+                      f"{supported_model_types()}")
+
+
 def config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
   """A ModelConfig from a Hugging Face `config.json` dict; refuses what we cannot compute exactly."""
   hf = text_config(hf)
-  model_type = hf.get("model_type")
-  families = {_MODEL_TYPES.get(f, f): f for f in _ARCHITECTURES}
-  if model_type not in families:
-    raise ConfigError(f"model_type={model_type!r} is not supported; allowed: "
-                      f"{sorted([*families, 'gemma3'])}")
-  family = families[model_type]
+  _check_model_type(hf)
+  family = _families()[hf["model_type"]]
   gemma = family in _GEMMA_FAMILIES
   if family in ("gemma2", "gemma3"):
     act_field, default_act = "hidden_activation", "gelu_pytorch_tanh"
@@ -623,6 +636,9 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
   if not isinstance(hf, dict):
     raise ConfigError(f"{config_file} holds a JSON {type(hf).__name__}, not an object; allowed: "
                       "a Hugging Face config.json")
+  # Another architecture names its fields differently (gpt2: n_layer, n_embd): say it is not one
+  # we compute rather than list the fields it lacks.
+  _check_model_type(text_config(hf), f"{config_file}: ")
   missing = [key for key in _REQUIRED_FIELDS if key not in text_config(hf)]
   if missing:
     raise ConfigError(f"{config_file} lacks {missing}; allowed: a config.json with "

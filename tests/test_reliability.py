@@ -150,6 +150,21 @@ def test_a_config_json_that_is_not_json_is_one_line_naming_it(tmp_path):
       f"model.hf_path: {teacher / 'config.json'} lacks ['vocab_size', 'hidden_size', ")
 
 
+def test_a_config_json_of_another_architecture_names_the_model_types_we_load(tmp_path):
+  """Issue 21: a gpt2 config.json was told it lacks vocab_size etc.; its fields are not the
+  problem, its architecture is."""
+  gpt2 = tmp_path / "gpt2"
+  gpt2.mkdir()
+  (gpt2 / "config.json").write_text(json.dumps(
+      {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 256}))
+  config = default.get_config()
+  config.model.hf_path = str(gpt2)
+  assert _refused(config, tmp_path) == (
+      f"model.hf_path: {gpt2 / 'config.json'}: model_type='gpt2' is not supported; allowed: "
+      f"{hf.supported_model_types()}")
+  assert {"llama", "qwen3_moe", "gemma3"} <= set(hf.supported_model_types())
+
+
 def test_missing_shards_and_a_bad_index_are_one_line_naming_the_file(tmp_path):
   config, params = hf.load(TEACHER)
   sharded = tmp_path / "sharded"
