@@ -24,8 +24,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.chunked_head_loss import (WHOLE_VOCAB, chunked_head_loss, logsumexp, soft_cap,
-                                            token_weights, validate_options)
+from jax.sharding import PartitionSpec as P
+
+from minitron_jax import head_loss_layout
+from minitron_jax.chunked_head_loss import (WHOLE_VOCAB, VocabShard, chunked_head_loss, logsumexp,
+                                            soft_cap, token_weights, validate_options)
 from minitron_jax.config import ConfigError
 
 
@@ -46,12 +49,38 @@ def _log_mass_outside(z: jax.Array, indices: jax.Array, vocab=None) -> jax.Array
 def teacher_top_k(logits: jax.Array, k: int, temperature: float = 1.0
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """logits [..., V] -> (log-probabilities [..., k] float32, indices [..., k] int32, log tail
-  mass [...] float32) of softmax(logits / temperature); the tail is -inf when k = V."""
+  mass [...] float32) of softmax(logits / temperature); the tail is -inf when k = V.
+
+  On a mesh in context each device ranks its own rows; with the vocabulary split, each its own
+  slice, and only the k best of every slice travel (a Megatron-style vocab-parallel top-k)."""
+  lead, vocab_size = logits.shape[:-1], logits.shape[-1]
+  layout = head_loss_layout.choose(lead, vocab_size)
+  if layout is None:
+    return _top_k_of_rows(logits, k, temperature, WHOLE_VOCAB(vocab_size))
+
+  def per_device(logits):
+    width = logits.shape[-1]
+    start = 0 if layout.vocab_axis is None else jax.lax.axis_index(layout.vocab_axis) * width
+    return _top_k_of_rows(logits, k, temperature, VocabShard(layout.vocab_axis, start, vocab_size))
+
+  rows = layout.rows(len(lead))
+  return jax.shard_map(per_device, mesh=layout.mesh, in_specs=P(*rows, layout.vocab_axis),
+                       out_specs=(layout.rows(len(lead) + 1),) * 2 + (rows,),
+                       check_vma=False)(logits)
+
+
+def _top_k_of_rows(logits, k, temperature, vocab: VocabShard):
+  """teacher_top_k over the rows and vocabulary slice this device holds."""
   z = logits.astype(jnp.float32) / temperature
-  lse = logsumexp(z)  # [...,1]
-  top, indices = jax.lax.top_k(z, k)
+  lse = logsumexp(z, vocab)  # [...,1]
+  top, indices = jax.lax.top_k(z, min(k, z.shape[-1]))
+  indices = indices + vocab.start
+  if vocab.axis is not None:  # the k best of the slices' k best
+    gather = lambda x: jax.lax.all_gather(x, vocab.axis, axis=x.ndim - 1, tiled=True)  # noqa: E731
+    top, chosen = jax.lax.top_k(gather(top), k)
+    indices = jnp.take_along_axis(gather(indices), chosen, axis=-1)
   flat_z, flat_indices = z.reshape(-1, z.shape[-1]), indices.reshape(-1, k)
-  tail = _log_mass_outside(flat_z, flat_indices).reshape(lse.shape[:-1]) - lse[..., 0]
+  tail = _log_mass_outside(flat_z, flat_indices, vocab).reshape(lse.shape[:-1]) - lse[..., 0]
   return top - lse, indices.astype(jnp.int32), tail
 
 

@@ -120,3 +120,19 @@ def test_no_device_gathers_the_hidden_states(mesh_name):
   weights = {f"f32[{a},{b}]" for a, b in (ws.shape, wt.shape)}
   gathered = [s for s in collectives.get("all-gather", []) if s.split("{")[0] not in weights]
   assert not gathered and "collective-permute" not in collectives, collectives
+
+
+@pytest.mark.parametrize("k", [8, VOCAB])
+@pytest.mark.parametrize("mesh_name", ["data8", "tensor8", "data4_tensor2", "data2_fsdp2_tensor2"])
+def test_teacher_top_k_equals_one_device(mesh_name, k):
+  _, _, ht, wt, _ = _inputs()
+  logits = np.einsum("btd,dv->btv", ht, wt)
+  fn = jax.jit(lambda z: teacher_top_k(z, k, 1.7))
+  want = fn(logits)
+  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES[mesh_name]))
+  with jax.set_mesh(mesh):
+    spec = sharding.logical_to_spec(("batch", "length", "vocab"), logits.shape, mesh)
+    got = fn(jax.device_put(logits, NamedSharding(mesh, spec)))
+  np.testing.assert_array_equal(got[1], want[1])
+  for got_part, want_part in ((got[0], want[0]), (got[2], want[2])):
+    np.testing.assert_allclose(got_part, want_part, rtol=1e-6, atol=1e-6)
