@@ -16,7 +16,7 @@ Targets are not shifted here: the loss predicts token t+1 from tokens <= t insid
 Sources (`DataConfig.source`):
   stdlib  the embedded corpus, prepared locally as a TFDS array_record dataset (`stdlib_dataset`)
   tfds    any TFDS dataset already prepared as array_record under data_dir; never downloaded
-  text    local files (globs), each file one document
+  text    local files (globs), each file one document (`text_source`)
   jsonl   local JSON-lines files (globs), each line one document, text under `text_field`
 """
 
@@ -24,13 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import itertools
-import json
 import os
-import pathlib
-import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -39,6 +35,8 @@ import tensorflow_datasets as tfds
 
 from minitron_jax import stdlib_dataset
 from minitron_jax.config import ConfigError
+# nested_field stays reachable as data.nested_field: evaluation tasks read records with it.
+from minitron_jax.text_source import LocalTextSource, as_text, expand_globs, nested_field
 from minitron_jax.tokenizer import Tokenizer
 
 SOURCES = ("stdlib", "tfds", "text", "jsonl")
@@ -130,100 +128,11 @@ def _as_tuple(paths: str | Sequence[str]) -> tuple[str, ...]:
 # Document sources: random-access sequences of str.
 
 
-def _split_of_key(key: str, validation_percent: int) -> str:
-  """The same rule as corpus.split_of, on any string key."""
-  return "validation" if zlib.crc32(key.encode()) % 100 < validation_percent else "train"
-
-
-def nested_field(record: Any, field: str, where: str, what: str | None = None) -> Any:
-  """record[a][b] for field "a/b", with a one-line error naming `what` (default: the field) and
-  the fields there are."""
-  value = record
-  for part in field.split("/"):
-    if not isinstance(value, Mapping) or part not in value:
-      keys = sorted(value) if isinstance(value, Mapping) else type(value).__name__
-      raise ConfigError(f"{what or f'field {field!r}'} is not in {where}; fields there: {keys}")
-    value = value[part]
-  return value
-
-
-def _as_text(value: Any) -> str:
-  if isinstance(value, np.ndarray) and value.ndim == 0:
-    value = value.item()
-  if isinstance(value, (bytes, np.bytes_)):
-    return bytes(value).decode("utf-8", errors="replace")
-  if isinstance(value, str):
-    return value
-  raise ConfigError(f"the text field holds {type(value).__name__}, not text")
-
-
-class LocalTextSource:
-  """Documents from local files: a text file per document, or a JSON-lines line per document.
-
-  The index (file, byte offset) is built once; documents are read on access, so a large corpus
-  never sits in memory. Implements grain's RandomAccessDataSource protocol (__len__, __getitem__).
-  """
-
-  def __init__(self, files: Sequence[str], kind: str, text_field: str = "text",
-               split: str | None = None, validation_percent: int = 5):
-    self._files = [str(f) for f in files]
-    self._kind = kind
-    self._text_field = text_field
-    file_index, offsets = [], []
-    for i, path in enumerate(self._files):
-      name = pathlib.Path(path).name
-      if kind == "text":
-        if split is None or _split_of_key(name, validation_percent) == split:
-          file_index.append(i)
-          offsets.append(-1)
-        continue
-      with open(path, "rb") as f:
-        offset = 0
-        for line_number, line in enumerate(f, 1):
-          if line.strip() and (split is None or _split_of_key(
-              f"{name}:{line_number}", validation_percent) == split):
-            file_index.append(i)
-            offsets.append(offset)
-          offset += len(line)
-    self._file_index = np.asarray(file_index, dtype=np.int32)
-    self._offsets = np.asarray(offsets, dtype=np.int64)
-
-  def __len__(self) -> int:
-    return len(self._offsets)
-
-  def __getitem__(self, index: int) -> str:
-    path = self._files[self._file_index[index]]
-    offset = int(self._offsets[index])
-    if offset < 0:
-      return pathlib.Path(path).read_bytes().decode("utf-8", errors="replace")
-    with open(path, "rb") as f:
-      f.seek(offset)
-      line = f.readline()
-    where = f"{path} at byte {offset}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{where} is not a JSON line: {e.msg}") from None
-    return _as_text(nested_field(record, self._text_field, where,
-                                       f"text_field={self._text_field!r}"))
-
-  def __repr__(self) -> str:
-    return f"LocalTextSource({len(self._files)} {self._kind} files, {len(self)} documents)"
-
-
-def _expand_globs(patterns: Sequence[str], what: str) -> list[str]:
-  files = sorted({f for p in patterns for f in glob.glob(os.path.expanduser(p), recursive=True)
-                  if os.path.isfile(f)})
-  if not files:
-    raise ConfigError(f"data {what}={tuple(patterns)} matched no files")
-  return files
-
-
 def _local_source(config: DataConfig, split: str) -> LocalTextSource:
   if split == "validation" and config.validation_paths:
-    files = _expand_globs(config.validation_paths, "validation_paths")
+    files = expand_globs(config.validation_paths, "validation_paths")
     return LocalTextSource(files, config.source, config.text_field)
-  files = _expand_globs(config.paths, "paths")
+  files = expand_globs(config.paths, "paths")
   if config.validation_paths:  # train: every document of `paths`
     return LocalTextSource(files, config.source, config.text_field)
   return LocalTextSource(files, config.source, config.text_field, split=split,
@@ -255,16 +164,16 @@ def _tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[Any]:
 
 
 def _extract_text(record: Any, field: str, name: str) -> str:
-  return _as_text(nested_field(record, field, f"records of {name!r}", f"text_field={field!r}"))
+  return as_text(nested_field(record, field, f"records of {name!r}", f"text_field={field!r}"))
 
 
 def check_source(config: DataConfig) -> None:
   """What `documents` would refuse before reading any document: globs that match no file, a TFDS
   dataset or split that is not prepared locally. (The stdlib corpus is built on first use.)"""
   if config.source in ("text", "jsonl"):
-    _expand_globs(config.paths, "paths")
+    expand_globs(config.paths, "paths")
     if config.validation_paths:
-      _expand_globs(config.validation_paths, "validation_paths")
+      expand_globs(config.validation_paths, "validation_paths")
   elif config.source == "tfds":
     for split in (config.train_split, config.validation_split):
       _tfds_source(config.tfds_name, split, config.data_dir)
