@@ -305,7 +305,8 @@ class Decoder(nnx.Module):
     """tokens [B,T] -> (final normed hidden [B,T,D], per-layer intermediates_fn outputs or None)."""
     cfg = self.config
     dt = jnp.dtype(cfg.dtype)
-    x = shard_batch_axis(jnp.take(self.embed[...], tokens, axis=0).astype(dt))
+    x = shard_batch_axis(jnp.take(_whole_rows(self.embed[...]), shard_batch_axis(tokens),
+                                  axis=0).astype(dt))
     if cfg.embedding_scale is not None:
       # transformers rounds the scale to the compute dtype first (sqrt(3072) is 55.5 in bf16).
       x = x * jnp.asarray(cfg.embedding_scale, jnp.float32).astype(dt)
@@ -354,6 +355,21 @@ def shard_batch_axis(x: jax.Array) -> jax.Array:
 
   spec = sharding.logical_to_spec(("batch",) + ("length",) * (x.ndim - 1), x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _whole_rows(table: jax.Array) -> jax.Array:
+  """An embedding table [V,D] with D whole on every device (FSDP splits it), for a lookup.
+
+  Gathering the table's columns costs a weight all-gather, as every FSDP matmul does; without it
+  GSPMD gathers every device's token ids instead, and each device looks up the whole batch.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return table
+  from minitron_jax import sharding  # it imports this module for the weights' logical axes
+
+  return jax.lax.with_sharding_constraint(
+      table, sharding.logical_to_spec(("vocab", "length"), table.shape, mesh))
 
 
 @functools.lru_cache(maxsize=64)
