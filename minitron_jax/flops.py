@@ -1,7 +1,7 @@
 """Model FLOPs per token, for MFU: matmuls only (norms, softmax and activations are noise).
 
-Forward, per token: 2 x every matmul weight the token passes through (Q/K/V/O, the MLP, the LM
-head), plus attention's score and value products, 2 x 2 x seq_len x heads x head_dim per layer
+Forward, per token: 2 x every weight the token passes through (Q/K/V/O, the MLP or the experts it
+is routed to, the LM head), plus attention's score and value products, 2 x 2 x seq_len x heads x head_dim per layer
 counted over the full (not causally halved) sequence, as PaLM's MFU accounting does. A backward
 pass costs twice the forward.
 """
@@ -12,13 +12,11 @@ from minitron_jax.config import ModelConfig
 
 
 def matmul_params(config: ModelConfig) -> int:
-  """Weights multiplied per token: every layer's projections plus the LM head (not the
-  embedding lookup)."""
-  d, h, f = config.hidden_size, config.head_dim, config.intermediate_size
-  n, k = config.num_attention_heads, config.num_key_value_heads
-  attention = d * h * (n + 2 * k) + n * h * d
-  mlp = d * f * (3 if config.gated_mlp else 2)
-  return config.num_layers * (attention + mlp) + d * config.vocab_size
+  """Weights multiplied per token: the parameters one token computes with
+  (`ModelConfig.num_active_params`: a mixture's routed experts only), less an untied embedding
+  table, which is looked up, not multiplied. Norm scales and biases stay in (under 0.1%)."""
+  lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+  return config.num_active_params() - lookup
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> int:

@@ -142,10 +142,23 @@ def test_flops_count_llama_1b_by_hand():
 
   config = config_lib.llama3_2_1b()
   # Per layer: q 2048x2048, k and v 2048x512, o 2048x2048, MLP 3 x 2048x8192; head 2048x128256.
-  per_layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192
-  assert flops.matmul_params(config) == 16 * per_layer + 2048 * 128256
+  # Norm scales (2 per layer, 1 final) count too; the tied embedding is the head.
+  per_layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192 + 2 * 2048
+  assert flops.matmul_params(config) == 16 * per_layer + 2048 + 2048 * 128256
   attention = 4 * 16 * 1024 * 32 * 64
   assert flops.forward_flops_per_token(config, 1024) == 2 * flops.matmul_params(config) + attention
   student = config.replace(num_layers=8)
   assert flops.distillation_flops_per_token(student, config, 1024) == (
       flops.forward_flops_per_token(config, 1024) + 3 * flops.forward_flops_per_token(student, 1024))
+
+
+def test_flops_of_a_mixture_count_its_routed_experts_only():
+  from minitron_jax import flops
+
+  config = config_lib.PRESETS["qwen3_30b_a3b"]()
+  # Per layer: q and o 2048 x 32 x 128, k and v 2048 x 4 x 128, q/k norms 2 x 128, 2 norms of
+  # 2048, then 8 of the 128 experts (3 x 2048 x 768 each) and the router 2048 x 128.
+  per_layer = (2 * 2048 * 32 * 128 + 2 * 2048 * 4 * 128 + 2 * 128 + 2 * 2048
+               + 8 * 3 * 2048 * 768 + 2048 * 128)
+  assert flops.matmul_params(config) == 48 * per_layer + 2048 + 2048 * 151936  # untied head
+  assert flops.forward_flops_per_token(config, 1) < 0.2 * 2 * config.num_params()
