@@ -14,10 +14,17 @@ Batch format (all int32 numpy, [batch_size, seq_len]):
 Targets are not shifted here: the loss predicts token t+1 from tokens <= t inside one segment.
 
 Sources (`DataConfig.source`):
-  stdlib  the embedded corpus, prepared locally as a TFDS array_record dataset (`stdlib_dataset`)
-  tfds    any TFDS dataset already prepared as array_record under data_dir; never downloaded
-  text    local files (globs), each file one document (`text_source`)
-  jsonl   local JSON-lines files (globs), each line one document, text under `text_field`
+  stdlib   the embedded corpus, prepared locally as a TFDS array_record dataset (`stdlib_dataset`)
+  tfds     any TFDS dataset already prepared as array_record under data_dir; never downloaded
+  text     local files (globs), each file one document (`text_source`)
+  jsonl    local JSON-lines files (globs), each line one document, text under `text_field`
+  parquet  parquet files (globs, directories), each row one document: the `text_field` column,
+           text or token ids (`columnar_source`)
+  arrow    Arrow IPC files and streams, `save_to_disk` directories: as parquet
+or a weighted mixture of them, "parquet:/data/web/*.parquet@0.7,arrow:/data/code@0.3"
+(`source_spec`): each component is packed on its own and the rows are mixed by weight.
+Parquet and Arrow documents are shuffled by blocks of row groups / record batches, the rest
+globally. Pre-tokenized documents (a column of integer lists) are used as given: no eos is added.
 """
 
 from __future__ import annotations
@@ -33,13 +40,14 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from minitron_jax import stdlib_dataset
+from minitron_jax import columnar_source, source_spec, stdlib_dataset
 from minitron_jax.config import ConfigError
 # nested_field stays reachable as data.nested_field: evaluation tasks read records with it.
 from minitron_jax.text_source import LocalTextSource, as_text, expand_globs, nested_field
 from minitron_jax.tokenizer import Tokenizer
 
-SOURCES = ("stdlib", "tfds", "text", "jsonl")
+SOURCES = ("stdlib", "tfds", "text", "jsonl", "parquet", "arrow")
+PATH_SOURCES = ("text", "jsonl", "parquet", "arrow")
 SPLITS = ("train", "validation")
 BATCH_KEYS = ("tokens", "segment_ids", "positions")
 
@@ -48,32 +56,37 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions")
 class DataConfig:
   """Where documents come from and how they become batches. See the module docstring."""
 
+  # A kind from SOURCES, or components "KIND:WHERE#COLUMN@WEIGHT,..." (minitron_jax.source_spec).
   source: str = "stdlib"
   seq_len: int = 256
   batch_size: int = 8
   seed: int = 0
   # Shuffle training documents (a fresh seeded permutation each epoch); validation never shuffles.
   shuffle: bool = True
-  # Passes over the training documents; None repeats forever. Validation is always one pass.
+  # Passes over the training documents; None repeats forever. Validation is always one pass. A
+  # mixture ends when its first component has made them.
   num_epochs: int | None = None
   # TFDS data dir. None: TFDS's own default for `tfds`, stdlib_dataset.default_data_dir() for
   # `stdlib`.
   data_dir: str | None = None
   # `tfds`: the dataset, e.g. "wikipedia/20230601.en" or "c4/en:3.1.0".
   tfds_name: str = ""
-  # `stdlib` and `tfds`: TFDS split strings (slices like "train[:95%]" work).
+  # `stdlib` and `tfds`: TFDS split strings (slices like "train[:95%]" work). `arrow`: the splits
+  # of a save_to_disk DatasetDict.
   train_split: str = "train"
   validation_split: str = "validation"
   # `tfds` and `jsonl`: the feature holding the text; "a/b" reaches into nested features.
+  # `parquet` and `arrow`: the column, of text or of token ids (lists of integers).
   text_field: str = "text"
-  # `text` and `jsonl`: file globs for training and for validation.
+  # `text`, `jsonl`, `parquet` and `arrow`: file globs for training and for validation.
   paths: tuple[str, ...] = ()
   validation_paths: tuple[str, ...] = ()
-  # `text` and `jsonl` without validation_paths: this percentage of documents, chosen by a hash of
-  # "file name" (text) or "file name:line number" (jsonl), is validation; the rest is training.
+  # Without validation_paths (or a DatasetDict's validation split): this percentage of documents,
+  # chosen by a hash of "file name" (text), "file name:line number" (jsonl) or file name and row
+  # (parquet, arrow), is validation; the rest is training.
   validation_percent: int = 5
   # Threads that read and tokenise documents ahead of packing (0: in the caller's thread), and how
-  # many documents they may run ahead.
+  # many documents they may run ahead (per mixture component).
   read_threads: int = 2
   read_buffer: int = 16
 
@@ -85,8 +98,7 @@ class DataConfig:
       if not condition:
         raise ConfigError(message)
 
-    need(self.source in SOURCES,
-         f"data source={self.source!r} is not supported; allowed: {SOURCES}")
+    parts = source_spec.parse(self.source, SOURCES)
     for name in ("seq_len", "batch_size"):
       value = getattr(self, name)
       need(isinstance(value, int) and value > 0,
@@ -99,10 +111,36 @@ class DataConfig:
          f"data validation_percent={self.validation_percent!r} must be in [0, 100]")
     need(self.read_threads >= 0, f"data read_threads={self.read_threads!r} must be >= 0")
     need(self.read_buffer >= 0, f"data read_buffer={self.read_buffer!r} must be >= 0")
-    if self.source == "tfds":
-      need(bool(self.tfds_name), "data source='tfds' needs tfds_name (e.g. 'c4/en:3.1.0')")
-    if self.source in ("text", "jsonl"):
-      need(bool(self.paths), f"data source={self.source!r} needs paths (file globs)")
+    if source_spec.is_plain(self.source):
+      if self.source == "tfds":
+        need(bool(self.tfds_name), "data source='tfds' needs tfds_name (e.g. 'c4/en:3.1.0')")
+      if self.source in PATH_SOURCES:
+        need(bool(self.paths), f"data source={self.source!r} needs paths (file globs)")
+      return
+    need(len(parts) == 1 or not self.validation_paths,
+         f"data validation_paths={self.validation_paths} serve one source; source="
+         f"{self.source!r} mixes {len(parts)}: leave them empty (each component then draws "
+         "validation_percent of its documents)")
+    need(not self.paths or any(p.kind in PATH_SOURCES and not p.where for p in parts),
+         f"data paths={self.paths} are not used: every component of source={self.source!r} "
+         "names its own")
+    self.components()  # each component's own settings are checked here, naming it
+
+  def components(self) -> tuple[tuple[DataConfig, float], ...]:
+    """(settings of one plain source, weight) per component of `source`. Components other than
+    the first shuffle with seeds of their own."""
+    if source_spec.is_plain(self.source):
+      return ((self, 1.0),)
+    out = []
+    for i, part in enumerate(source_spec.parse(self.source, SOURCES)):
+      changes: dict[str, Any] = dict(source=part.kind, seed=(self.seed + 7919 * i) % 2**32)
+      if part.where:
+        changes["tfds_name" if part.kind == "tfds" else "paths"] = (
+            part.where if part.kind == "tfds" else (part.where,))
+      if part.column:
+        changes["text_field"] = part.column
+      out.append((self.replace(**changes), part.weight or 1.0))
+    return tuple(out)
 
   def replace(self, **changes) -> DataConfig:
     return dataclasses.replace(self, **changes)
@@ -125,7 +163,7 @@ def _as_tuple(paths: str | Sequence[str]) -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Document sources: random-access sequences of str.
+# Document sources: random-access sequences of str (or of token ids, from parquet and arrow).
 
 
 def _local_source(config: DataConfig, split: str) -> LocalTextSource:
@@ -137,6 +175,15 @@ def _local_source(config: DataConfig, split: str) -> LocalTextSource:
     return LocalTextSource(files, config.source, config.text_field)
   return LocalTextSource(files, config.source, config.text_field, split=split,
                          validation_percent=config.validation_percent)
+
+
+def _columnar_files(config: DataConfig, split: str) -> list[tuple[str, bool]]:
+  splits = dict(train_split=config.train_split, validation_split=config.validation_split)
+  if split == "validation" and config.validation_paths:
+    return columnar_source.resolve(config.source, config.validation_paths, "validation_paths",
+                                   split, dedicated=True, **splits)
+  return columnar_source.resolve(config.source, config.paths, "paths", split,
+                                 dedicated=bool(config.validation_paths), **splits)
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[Any]:
@@ -169,22 +216,38 @@ def _extract_text(record: Any, field: str, name: str) -> str:
 
 def check_source(config: DataConfig) -> None:
   """What `documents` would refuse before reading any document: globs that match no file, a TFDS
-  dataset or split that is not prepared locally. (The stdlib corpus is built on first use.)"""
-  if config.source in ("text", "jsonl"):
-    expand_globs(config.paths, "paths")
-    if config.validation_paths:
-      expand_globs(config.validation_paths, "validation_paths")
-  elif config.source == "tfds":
-    for split in (config.train_split, config.validation_split):
-      _tfds_source(config.tfds_name, split, config.data_dir)
+  dataset or split that is not prepared locally, parquet / Arrow files that are not, or lack the
+  column, for every component. (The stdlib corpus is built on first use.)"""
+  for part, _ in config.components():
+    if part.source in ("text", "jsonl"):
+      expand_globs(part.paths, "paths")
+      if part.validation_paths:
+        expand_globs(part.validation_paths, "validation_paths")
+    elif part.source in columnar_source.KINDS:
+      files = {f for split in SPLITS for f, _ in _columnar_files(part, split)}
+      columnar_source.check(part.source, sorted(files), part.text_field)
+    elif part.source == "tfds":
+      for split in (part.train_split, part.validation_split):
+        _tfds_source(part.tfds_name, split, part.data_dir)
 
 
-def documents(config: DataConfig, split: str = "train") -> grain.MapDataset:
-  """The split's documents as a grain MapDataset of str, in a stable order."""
+def _documents(config: DataConfig, split: str) -> tuple[grain.MapDataset, int]:
+  """(documents, shuffle block): a block > 1 is what a reader of whole units shuffles by."""
   if split not in SPLITS:
     raise ConfigError(f"split={split!r} is not supported; allowed: {SPLITS}")
+  parts = config.components()
+  if len(parts) > 1:
+    raise ConfigError(f"data source={config.source!r} mixes {len(parts)} sources; read each of "
+                      "DataConfig.components() on its own")
+  config = parts[0][0]
+  block = 1
   if config.source in ("text", "jsonl"):
     docs = grain.MapDataset.source(_local_source(config, split))
+  elif config.source in columnar_source.KINDS:
+    source = columnar_source.ColumnarSource(
+        config.source, _columnar_files(config, split), config.text_field, split,
+        config.validation_percent)
+    docs, block = grain.MapDataset.source(source), source.block_size
   else:
     tfds_split = config.train_split if split == "train" else config.validation_split
     if config.source == "stdlib":
@@ -200,7 +263,13 @@ def documents(config: DataConfig, split: str = "train") -> grain.MapDataset:
         functools.partial(_extract_text, field=field, name=name))
   if not len(docs):
     raise ConfigError(f"the {split} split of data source={config.source!r} has no documents")
-  return docs
+  return docs, block
+
+
+def documents(config: DataConfig, split: str = "train") -> grain.MapDataset:
+  """The split's documents as a grain MapDataset of str (or of int32 token ids, from a parquet /
+  Arrow column of integer lists), in a stable order. One source, not a mixture."""
+  return _documents(config, split)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,13 +277,22 @@ def documents(config: DataConfig, split: str = "train") -> grain.MapDataset:
 
 
 class _Tokenize:
-  """str -> {'tokens': int32 ids}, eos appended when the tokenizer has one."""
+  """str -> {'tokens': int32 ids}, eos appended when the tokenizer has one. Token ids (from a
+  pre-tokenized column) pass as given, once checked against the tokenizer's vocabulary."""
 
   def __init__(self, tokenizer: Tokenizer):
     self.tokenizer = tokenizer
 
-  def __call__(self, text: str) -> dict[str, np.ndarray]:
-    ids = self.tokenizer.encode(text)
+  def __call__(self, document: str | np.ndarray) -> dict[str, np.ndarray]:
+    if isinstance(document, np.ndarray):
+      vocab = self.tokenizer.vocab_size
+      if document.size and (document.min() < 0 or document.max() >= vocab):
+        bad = document.min() if document.min() < 0 else document.max()
+        raise ConfigError(f"a pre-tokenized document holds token id {int(bad)}; tokenizer "
+                          f"{self.tokenizer.name!r} allows [0, {vocab}): set config.tokenizer "
+                          "to the tokenizer that made them")
+      return {"tokens": document.astype(np.int32)}
+    ids = self.tokenizer.encode(document)
     if self.tokenizer.eos_id is not None:
       ids = [*ids, self.tokenizer.eos_id]
     return {"tokens": np.asarray(ids, dtype=np.int32)}
@@ -263,6 +341,24 @@ def pack(examples: grain.IterDataset, seq_len: int) -> grain.IterDataset:
   return _JsonSafePacker(packed).map(_rename)
 
 
+def _rows(config: DataConfig, tokenizer: Tokenizer, split: str, training: bool,
+          shard_index: int, shard_count: int) -> grain.IterDataset:
+  """One plain source's packed rows."""
+  docs, block = _documents(config, split)
+  if shard_count > 1:
+    docs = docs[shard_index::shard_count]
+  if training:
+    if config.shuffle and block > 1:
+      docs = columnar_source.BlockShuffleMapDataset(docs, block_size=block // shard_count,
+                                                    seed=config.seed)
+    elif config.shuffle:
+      docs = docs.shuffle(seed=config.seed)
+    docs = docs.repeat(config.num_epochs)
+  examples = docs.map(_Tokenize(tokenizer)).filter(_not_empty).to_iter_dataset(
+      grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer))
+  return pack(examples, config.seq_len)
+
+
 def make_dataset(config: DataConfig, tokenizer: Tokenizer, split: str = "train", *,
                  training: bool | None = None, shard_index: int = 0,
                  shard_count: int = 1) -> grain.IterDataset:
@@ -272,21 +368,17 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer, split: str = "train",
   config.num_epochs times (None: forever), the last incomplete batch dropped. Otherwise: one pass
   in order, the last batch padded with all-padding rows (segment_ids 0). shard_index/shard_count
   give each host its own documents (e.g. jax.process_index(), jax.process_count()); batch_size is
-  then per host.
+  then per host. A mixture packs each component on its own and interleaves their rows in
+  proportion to the weights (a fixed pattern: deterministic, and a row's share is a token share).
   """
   if not 0 <= shard_index < shard_count:
     raise ConfigError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
-  docs = documents(config, split)
-  if shard_count > 1:
-    docs = docs[shard_index::shard_count]
   training = split == "train" if training is None else training
-  if training:
-    if config.shuffle:
-      docs = docs.shuffle(seed=config.seed)
-    docs = docs.repeat(config.num_epochs)
-  examples = docs.map(_Tokenize(tokenizer)).filter(_not_empty).to_iter_dataset(
-      grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer))
-  rows = pack(examples, config.seq_len)
+  parts = config.components()
+  streams = [_rows(part, tokenizer, split, training, shard_index, shard_count)
+             for part, _ in parts]
+  rows = streams[0] if len(streams) == 1 else grain.IterDataset.mix(
+      streams, [weight for _, weight in parts])
   if training:
     return rows.batch(config.batch_size, drop_remainder=True)
   return rows.batch(config.batch_size, batch_fn=functools.partial(
