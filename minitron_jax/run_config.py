@@ -67,7 +67,9 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
 
-  # minitron_jax.data.DataConfig fields.
+  # minitron_jax.data.DataConfig fields. source: stdlib, tfds, text, jsonl, parquet or arrow
+  # (files from paths), or a weighted mixture naming its own files, e.g.
+  # "parquet:/data/web/*.parquet@0.7,arrow:/data/code#content@0.3" (minitron_jax/source_spec.py).
   config.data = ml_collections.ConfigDict(dict(
       source="stdlib", seq_len=128, batch_size=16, seed=0, tfds_name="", data_dir=None,
       paths=(), validation_paths=(), text_field="text"))
