@@ -10,7 +10,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax import atomic, distributed, hf, importance, model, sharding, stages
@@ -42,11 +41,13 @@ def _run(ctx: stages.Context, staging) -> dict:
   host_params = distributed.to_host(params)
   hf.save(staging / "hf", config, host_params, dtype=cfg.export_dtype)
   reloaded_config, reloaded = hf.load(staging / "hf", param_dtype=config.param_dtype)
-  probe = jnp.asarray(batches[0]["tokens"])
-  original_logits = distributed.to_host(model.apply(config, host_params, probe))
-  reloaded_logits = distributed.to_host(model.apply(reloaded_config.replace(dtype=config.dtype,
-                                                                   remat=config.remat),
-                                           reloaded, probe))
+  reloaded_config = reloaded_config.replace(dtype=config.dtype, remat=config.remat)
+  # Both models on the mesh, as training places them; only the probe's logits come back.
+  probe_tokens = batches[0]["tokens"]
+  probe = distributed.put(probe_tokens, sharding.batch_sharding(mesh, probe_tokens.shape))
+  original_logits = distributed.to_host(model.apply(config, params, probe))
+  reloaded_logits = distributed.to_host(model.apply(
+      reloaded_config, sharding.shard_params(reloaded_config, reloaded, mesh), probe))
   round_trip_error = float(np.max(np.abs(original_logits - reloaded_logits)) /
                            np.max(np.abs(original_logits)))
   if cfg.export_dtype == "float32" and round_trip_error > 1e-6:

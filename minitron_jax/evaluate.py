@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax import data, importance, model
+from minitron_jax import data, distributed, importance, model
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.tokenizer import Tokenizer
 
@@ -372,10 +372,17 @@ def check_scoring(*, batch_size: int = 16, max_length: int = 512, pad_to_multipl
       raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
+# Host batch array -> the array the model runs on: jnp.asarray (one device) by default; on a
+# mesh, split over the batch axes (sharding.batch_sharding via distributed.put), so each device
+# scores its rows with the params where training placed them.
+Place = Callable[[np.ndarray], jax.Array]
+
+
 def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
                           examples: Sequence[MultipleChoiceExample], *, batch_size: int = 16,
                           max_length: int = 512, pad_to_multiple: int = 64,
-                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                          log: Callable[[str], None] | None = None,
+                          place: Place = jnp.asarray) -> dict[str, Any]:
   """Zero-shot log-likelihood accuracy on a multiple-choice task, as lm-evaluation-harness does.
 
   For every choice, LL = Σ log p(token | everything before it) over the tokens of the scored text
@@ -404,7 +411,7 @@ def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
   for index, start in enumerate(range(0, len(requests), batch_size)):
     chunk = requests[start:start + batch_size]
     arrays = _pack_rows(chunk, batch_size, pad_to_multiple)
-    sums = np.asarray(_scored_loglikelihoods(config, params, *map(jnp.asarray, arrays)))
+    sums = distributed.to_host(_scored_loglikelihoods(config, params, *map(place, arrays)))
     for row, request in enumerate(chunk):
       loglikelihoods[request.example][request.choice] = float(sums[row])
       num_tokens[request.example][request.choice] = request.num_scored
@@ -425,7 +432,8 @@ def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
 # ----------------------------------------------------------------------------- perplexity
 
 
-def perplexity(config: ModelConfig, params, batches: Iterable) -> dict[str, float]:
+def perplexity(config: ModelConfig, params, batches: Iterable, place: Place = jnp.asarray
+               ) -> dict[str, float]:
   """Token-weighted next-token cross-entropy over every batch, and its exponential.
 
   batches: [B,T] token arrays or packed dicts (tokens, segment_ids with 0 = padding, positions),
@@ -436,7 +444,7 @@ def perplexity(config: ModelConfig, params, batches: Iterable) -> dict[str, floa
   for batch in batches:
     # importance's loss sums are the one definition of the next-token loss in this package.
     loss_sum, n = importance._lm_loss_sums_jit(
-        config, params, *map(jnp.asarray, importance.as_batch(batch)))
+        config, params, *map(place, importance.as_batch(batch)))
     total, count = total + float(loss_sum), count + int(n)
   if count == 0:
     raise ConfigError("the perplexity batches hold no predicted tokens; allowed: batches with "
@@ -452,21 +460,23 @@ def evaluate_model(config: ModelConfig, params, tokenizer: Tokenizer, *,
                    tasks: Mapping[str, Sequence[MultipleChoiceExample]],
                    perplexity_batches: Iterable | None = None, batch_size: int = 16,
                    max_length: int = 512, pad_to_multiple: int = 64,
-                   log: Callable[[str], None] | None = None) -> dict[str, float]:
+                   log: Callable[[str], None] | None = None, place: Place = jnp.asarray
+                   ) -> dict[str, float]:
   """One flat dict of metrics: `<task>/acc`, `<task>/acc_norm`, `<task>/num_examples` for every
   task, and `val_loss`, `perplexity`, `val_tokens` when perplexity_batches are given."""
   log = log or (lambda message: None)
   metrics: dict[str, float] = {}
   for name, examples in tasks.items():
     result = score_multiple_choice(config, params, tokenizer, examples, batch_size=batch_size,
-                                   max_length=max_length, pad_to_multiple=pad_to_multiple, log=log)
+                                   max_length=max_length, pad_to_multiple=pad_to_multiple, log=log,
+                                   place=place)
     metrics[f"{name}/acc"] = result["accuracy"]
     metrics[f"{name}/acc_norm"] = result["accuracy_norm"]
     metrics[f"{name}/num_examples"] = result["num_examples"]
     log(f"[evaluate] {name}: acc {result['accuracy']:.4f}, acc_norm "
         f"{result['accuracy_norm']:.4f} over {result['num_examples']} examples")
   if perplexity_batches is not None:
-    result = perplexity(config, params, perplexity_batches)
+    result = perplexity(config, params, perplexity_batches, place)
     metrics.update(val_loss=result["loss"], perplexity=result["perplexity"],
                    val_tokens=result["tokens"])
     log(f"[evaluate] validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f} "

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
-from minitron_jax import atomic, checkpoint, distributed, evaluate, stdlib_tasks, stages
+from minitron_jax import atomic, checkpoint, distributed, evaluate, sharding, stdlib_tasks, stages
 from minitron_jax.config import ConfigError
 from minitron_jax.stages import Context
 
@@ -79,12 +79,12 @@ def run_evaluate(ctx: Context) -> dict:
       continue
     config, params = stages.load(cfg, ref, mesh)
     tok = stages.load_tokenizer(cfg, config.vocab_size)
-    host_params = distributed.to_host(params)
-    with jax.set_mesh(None):  # every process scores on its own device with the whole model
-      metrics = evaluate.evaluate_model(
-          config, host_params, tok, tasks=tasks,
-          perplexity_batches=stages.validation(cfg, config.vocab_size),
-          batch_size=cfg.evaluate.batch_size, max_length=cfg.evaluate.max_length)
+    # On the mesh, params where training put them: no device holds the whole model.
+    metrics = evaluate.evaluate_model(
+        config, params, tok, tasks=tasks,
+        perplexity_batches=stages.validation(cfg, config.vocab_size),
+        batch_size=cfg.evaluate.batch_size, max_length=cfg.evaluate.max_length,
+        place=lambda x: distributed.put(x, sharding.batch_sharding(mesh, x.shape)))
     results[label] = {"params": config.num_params(), **metrics}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     ctx.log(f"[evaluate] {label}: {shown}")

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from minitron_jax import config as config_lib
-from minitron_jax import evaluate, hf, importance, model, stdlib_tasks
+from minitron_jax import evaluate, hf, importance, model, sharding, stdlib_tasks
 from minitron_jax.config import ConfigError
 from minitron_jax.evaluate import MultipleChoiceExample
 from minitron_jax.tokenizer import ByteTokenizer
@@ -358,6 +358,25 @@ def test_evaluate_model_and_markdown_table(tiny):
       "| student \\| pruned | 0.5000 |  |  |",
   ]
   assert evaluate.markdown_table({"m": metrics}).splitlines()[0].count("|") == len(metrics) + 2
+
+
+@pytest.mark.parametrize("mesh_sizes", [dict(data=8), dict(data=4, tensor=2)])
+def test_scoring_on_the_mesh_equals_one_device(tiny, mesh_sizes):
+  """Params stay where training places them and each device scores its rows of the batch."""
+  config, params = tiny
+  tasks = {"toy": MIXED_EXAMPLES}
+  batches = [np.random.RandomState(1).randint(0, 256, (8, 16))]
+  options = dict(tasks=tasks, perplexity_batches=batches, batch_size=8, max_length=48,
+                 pad_to_multiple=16)
+  want = evaluate.evaluate_model(config, params, BYTES, **options)
+  mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_sizes))
+  with jax.set_mesh(mesh):
+    got = evaluate.evaluate_model(
+        config, sharding.shard_params(config, params, mesh), BYTES,
+        place=lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape)), **options)
+  assert got.keys() == want.keys()
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, rel=1e-5), key
 
 
 # ----------------------------------------------------------------------------- stdlib task
