@@ -277,8 +277,8 @@ def test_local_text_and_jsonl_sources(tmp_path):
 
 
 def test_config_and_source_errors(tmp_path):
-  with pytest.raises(ConfigError, match="source='parquet'"):
-    data.DataConfig(source="parquet")
+  with pytest.raises(ConfigError, match="source='csv' is not supported"):
+    data.DataConfig(source="csv")
   with pytest.raises(ConfigError, match="seq_len=0"):
     data.DataConfig(seq_len=0)
   with pytest.raises(ConfigError, match="needs tfds_name"):
