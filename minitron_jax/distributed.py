@@ -76,6 +76,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def primary_says(flag: bool) -> bool:
+  """The primary process's `flag`, on every process (a collective: all must call it), so that
+  all act on one process's decision."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def _leaf_to_host(leaf: Any) -> Any:
   if not isinstance(leaf, jax.Array):
     return leaf

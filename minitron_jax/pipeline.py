@@ -9,8 +9,9 @@ stage k-1's distilled student; its teacher is the original model or that previou
 
 Nothing runs, and nothing is written, until `validate` finds every setting sound. Each stage's
 output appears whole or not at all (`atomic`), so a run killed at any moment reruns from the
-stage it was in. With several processes (see `distributed`) every process runs this same loop
-on a shared work directory; the primary one writes the files.
+stage it was in. One run at a time holds the workdir (`workdir_lock`). With several processes
+(see `distributed`) every process runs this same loop on a shared work directory; the primary
+one writes the files.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Callable
 import jax
 import ml_collections
 
-from minitron_jax import atomic, check, distributed, report, stages, teacher_logits, validate
+from minitron_jax import (atomic, check, distributed, report, stages, teacher_logits, validate,
+                          workdir_lock)
 from minitron_jax.stages import Context, ModelRef
 
 # stage name -> (function(Context) -> summary, file whose presence marks it done)
@@ -48,7 +50,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) 
   problems += validate.validate(cfg, workdir)
   if problems:
     raise validate.error(problems)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Creates the workdir; a second run on it (a requeued job while this one runs) is refused here.
+  with workdir_lock.held(workdir):
+    _run_holding(cfg, workdir, log)
+
+
+def _run_holding(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log) -> None:
   timings_path = workdir / "timings.json"
   try:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
