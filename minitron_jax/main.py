@@ -5,17 +5,22 @@ Multi-process (one process per host): add `--coordinator_address=HOST:PORT --num
 reads them from the environment. Every process takes the same flags otherwise; `--workdir` must be
 on a file system they all see.
 
-Exit codes: 0 done; 2 a setting or an input is wrong (one line per problem, nothing run or
-written for a setting); 3 training diverged (the last good checkpoint is named); 143 stopped by
-SIGTERM after saving (rerun the same command to resume).
+Exit codes: 0 done; 2 a setting, a flag or an input is wrong (one line per problem, nothing run
+or written for a setting; a `--config.PATH` naming no setting is one too); 3 training diverged
+(the last good checkpoint is named); 143 stopped by SIGTERM after saving (rerun the same command
+to resume).
 """
 
+import os
+import re
 import sys
+from typing import NoReturn
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from minitron_jax import distributed, pipeline, preemption
+from minitron_jax import distributed, pipeline, preemption, run_config, validate
 from minitron_jax.config import ConfigError
 from minitron_jax.distill import Diverged
 
@@ -29,6 +34,55 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, from 0.")
 flags.mark_flags_as_required(["config", "workdir"])
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+_CONFIG_FILE = re.compile(r"^--?config(?:=(.*))?$")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistake on the command line answered in one line and exit 2."""
+  try:
+    parsed = flags.FLAGS(argv)
+  except flags.Error as error:  # a value of the wrong type, an unknown or a missing flag
+    _exit(EXIT_CONFIG, f"error: {error}")
+  except (KeyError, AttributeError, OSError):
+    # ml_collections raises these, with a traceback, for a --config.PATH naming no setting and
+    # for a config file that does not exist (without overrides, at the config's first use).
+    _refuse(argv)
+    raise
+  if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+    _refuse(argv)
+  return parsed
+
+
+def _refuse(argv: list[str]) -> None:
+  problems = command_line_problems(argv)
+  if problems:
+    _exit(EXIT_CONFIG, f"error: {validate.error(problems)}")
+
+
+def command_line_problems(argv: list[str]) -> list[str]:
+  """A --config file that does not exist, or the --config.PATH overrides that name no setting
+  of the config file's config (one line each)."""
+  argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+  for i, arg in enumerate(argv):
+    match = _CONFIG_FILE.match(arg)
+    if match and (match[1] is not None or i + 1 < len(argv)):
+      argument = match[1] if match[1] is not None else argv[i + 1]
+      break
+  else:
+    return []
+  path = argument.split(":", 1)[0]
+  if not os.path.isfile(path):
+    return [f"--config={argument}: {path} is not a file; allowed: a config file such as "
+            "configs/default.py"]
+  config = flags.FLAGS["config"].parser.parse(argument)
+  paths = dict.fromkeys(match[1] for match in map(_OVERRIDE.match, argv) if match)
+  return run_config.unknown_settings(config, paths)
+
+
+def _exit(code: int, line: str) -> NoReturn:
+  print(line, file=sys.stderr)
+  sys.exit(code)
 
 
 def main(argv):
@@ -41,15 +95,12 @@ def main(argv):
     log = print if distributed.is_primary() else (lambda line: None)
     pipeline.run(_CONFIG.value, _WORKDIR.value, log=log)
   except ConfigError as error:  # a user mistake or a bad input file: no traceback
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(EXIT_CONFIG)
+    _exit(EXIT_CONFIG, f"error: {error}")
   except Diverged as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(EXIT_DIVERGED)
+    _exit(EXIT_DIVERGED, f"error: {error}")
   except preemption.Preempted as stopped:
-    print(f"preempted: {stopped}", file=sys.stderr)
-    sys.exit(preemption.EXIT_CODE)
+    _exit(preemption.EXIT_CODE, f"preempted: {stopped}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

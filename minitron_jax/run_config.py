@@ -6,7 +6,9 @@ shrinks any of them to a CPU smoke test (`--config=configs/NAME.py:runlocal`).
 
 from __future__ import annotations
 
+import difflib
 import pathlib
+from typing import Iterable
 
 import ml_collections
 
@@ -32,6 +34,32 @@ FULL_STEPS = 20_000
 def parse_arg(arg: str) -> dict[str, str]:
   """'a=1,runlocal' -> {'a': '1', 'runlocal': 'True'} (big_vision-style config arguments)."""
   return dict(kv.split("=", 1) if "=" in kv else (kv, "True") for kv in arg.split(",") if kv)
+
+
+def unknown_settings(config: ml_collections.ConfigDict, paths: Iterable[str]) -> list[str]:
+  """One line per override path (`distill.steps` of `--config.distill.steps=5`) that names no
+  setting of `config`, with the nearest one that exists."""
+  problems = []
+  for path in paths:
+    names = path.split(".")
+    section = config
+    for i, name in enumerate(names):
+      key = name.split("[", 1)[0]  # `compression[0]`: what lies inside a tuple is not a setting
+      walked = ".".join(["config", *names[:i]])
+      if not isinstance(section, ml_collections.ConfigDict):
+        problems.append(f"--config.{path}: {walked} is a value ({section!r}), not a section of "
+                        "settings")
+        break
+      if key not in section:
+        nearest = difflib.get_close_matches(key, list(section.keys()), n=1)
+        fix = (f"did you mean --config.{'.'.join([*names[:i], nearest[0], *names[i + 1:]])}?"
+               if nearest else f"allowed: {', '.join(sorted(section.keys()))}")
+        problems.append(f"--config.{path}: {walked} has no setting {key!r}; {fix}")
+        break
+      if key != name:
+        break
+      section = section[key]
+  return problems
 
 
 def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigDict:

@@ -53,6 +53,42 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
   assert "Traceback" not in result.stderr
 
 
+def test_cli_setting_typo_is_one_line_naming_the_nearest_setting(tmp_path):
+  """Issue 21: ml_collections ended this in a KeyError traceback, exit 1."""
+  result = subprocess.run(
+      [sys.executable, "-m", "minitron_jax.main", "--config=configs/default.py",
+       "--config.distil.steps=5", f"--workdir={tmp_path / 'run'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      "error: --config.distil.steps: config has no setting 'distil'; did you mean "
+      "--config.distill.steps?"]
+  assert not (tmp_path / "run").exists()
+
+
+def test_command_line_settings_must_name_settings_of_the_config_file():
+  from minitron_jax import main
+
+  config = REPO / "configs" / "default.py"
+  assert main.command_line_problems(
+      ["main", "--config", f"{config}:runlocal", "--config.distill.stepz=5", "--noconfig.nosuch",
+       "--config.distill.steps.x=1", "--config.distill.loss.temperature=2",
+       "--config.distill.stepz=6"]) == [
+      "--config.distill.stepz: config.distill has no setting 'stepz'; did you mean "
+      "--config.distill.steps?",
+      "--config.nosuch: config has no setting 'nosuch'; allowed: compression, data, distill, "
+      "eval_batches, evaluate, export_dtype, importance, mesh, model, prune, search, seed, "
+      "stages, teacher_correction, teacher_logits, tokenizer",
+      "--config.distill.steps.x: config.distill.steps is a value (6), not a section of settings"]
+  # Settings a config file adds are settings too.
+  assert main.command_line_problems(
+      ["main", f"--config={REPO / 'experiments' / 'sweeps' / 'aggregation.py'}",
+       "--config.replicate_seeds=(1,)"]) == []
+  assert main.command_line_problems(["main", "--config=configs/nope.py:runlocal"]) == [
+      "--config=configs/nope.py:runlocal: configs/nope.py is not a file; allowed: a config file "
+      "such as configs/default.py"]
+
+
 def test_importance_and_prune_stages_write_scores_checkpoint_and_export(tmp_path):
   from minitron_jax import checkpoint, hf, importance, model
   import jax.numpy as jnp
