@@ -147,14 +147,16 @@ def build(program: str, setup: Setup, mesh) -> Program:
 
 
 def measure(program: str, setup: Setup, mesh, repeats: int = 3) -> Measurement:
-  """One program on one mesh (set as the mesh in context, as the pipeline runs it)."""
+  """One program on one mesh (set as the mesh in context, as the pipeline runs it); repeats=0
+  compiles only (seconds is then nan)."""
   with jax.set_mesh(mesh):
     built = build(program, setup, mesh)
     compiled = built.lower().compile()
     hlo = compiled.as_text()
     memory = compiled.memory_analysis()
-    jax.block_until_ready(built.call())  # the first call compiles
     times = []
+    if repeats:
+      jax.block_until_ready(built.call())  # the first call compiles
     for _ in range(repeats):
       started = time.perf_counter()
       jax.block_until_ready(built.call())
@@ -162,8 +164,9 @@ def measure(program: str, setup: Setup, mesh, repeats: int = 3) -> Measurement:
   counts: dict[str, int] = {}
   for op, _ in collectives(hlo):
     counts[op] = counts.get(op, 0) + 1
-  return Measurement(float(np.median(times)), int(getattr(memory, "temp_size_in_bytes", 0)),
-                     counts, activation_gathers(hlo, weight_shapes(*built.weights)))
+  return Measurement(float(np.median(times)) if times else float("nan"),
+                     int(getattr(memory, "temp_size_in_bytes", 0)), counts,
+                     activation_gathers(hlo, weight_shapes(*built.weights)))
 
 
 def mesh_of(sizes: dict[str, int], devices=None):
