@@ -65,6 +65,22 @@ def load_saved_reference(directory, hf_cfg, tokens: np.ndarray):
   return reference, config, params, logits
 
 
+def fp32_tolerance(num_layers: int, width: int) -> float:
+  """The relative tolerance of float32 logits against transformers' for a model `num_layers`
+  deep whose longest sum runs over `width` terms (the MLP's down projection).
+
+  Both compute in float32 (eps 1.2e-7) but sum in different orders (XLA fuses, tiles and
+  vectorises by its optimisation level and the CPU; torch by its kernels): a sum of n terms
+  differs by ~ sqrt(n) eps, and the residual stream adds each layer's difference like a random
+  walk, so logits differ by ~ sqrt(num_layers x width) eps. Measured at 0.3-0.5 of that: random
+  3-layer width-96 models 0.7-1.2e-6; SmolLM2-135M (30 layers, width 1536; estimate 2.6e-5)
+  3.6e-6 to 1.0e-5 by XLA's optimisation level and machine, which failed a fixed 1e-5 once.
+  1e-5 stays the floor for the tiny test models: a real mistake (a wrong scale, a missing term)
+  moves logits by 1e-3 or more.
+  """
+  return max(1e-5, float(np.finfo(np.float32).eps) * (num_layers * width) ** 0.5)
+
+
 def assert_close_relative(actual, expected, tolerance: float):
   """max |actual - expected| <= tolerance * max |expected| (elementwise rtol is meaningless near 0)."""
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
