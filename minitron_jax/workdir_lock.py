@@ -185,11 +185,15 @@ def _read(path: pathlib.Path, waits: int = 10) -> tuple[Holder | None, str | Non
     except FileNotFoundError:
       return None, None
     try:
-      return Holder(**json.loads(text)), text
+      holder = Holder(**json.loads(text))
     except (ValueError, TypeError):
       if text.strip() or attempt == waits:
         return None, text
       time.sleep(0.1)
+      continue
+    # A hand-edited file may hold other types; its pid must not reach os.kill.
+    named = isinstance(holder.host, str) and type(holder.pid) is int
+    return (holder if named else None), text
   return None, text
 
 

@@ -97,6 +97,20 @@ def test_locks_we_cannot_judge_are_refused_naming_the_file(tmp_path):
     workdir_lock.acquire(tmp_path)
 
 
+def test_a_take_over_removes_only_the_stale_lock(tmp_path):
+  stale = json.dumps(dict(host=socket.gethostname(), pid=1, started="then"))
+  fresh = json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), started="now"))
+  _lock(tmp_path).write_text(fresh)  # another run took the stale lock over before this one
+  workdir_lock._remove_if_unchanged(_lock(tmp_path), stale)
+  assert _lock(tmp_path).read_text() == fresh
+  _lock(tmp_path).write_text(stale)
+  workdir_lock._remove_if_unchanged(_lock(tmp_path), stale)
+  assert list(tmp_path.iterdir()) == []
+  _lock(tmp_path).write_text(json.dumps(dict(host=socket.gethostname(), pid="1", started="")))
+  with pytest.raises(ConfigError, match="which names no run"):
+    workdir_lock.acquire(tmp_path)
+
+
 def test_one_process_of_a_multi_process_run_holds_the_lock(tmp_path, monkeypatch):
   monkeypatch.setattr(distributed, "is_primary", lambda: False)
   monkeypatch.setattr(distributed, "primary_says", lambda flag: True)  # process 0 took it
