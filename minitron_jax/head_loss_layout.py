@@ -1,6 +1,6 @@
 """How a chunked LM-head loss splits over the mesh in context: tokens over the batch axes, the
 vocabulary over the axis the head's vocabulary is split over, both read from the one table of
-logical-axis rules (sharding.LOGICAL_RULES), so the loss runs where the activations already are.
+logical-axis rules (partitioning.LOGICAL_RULES), so the loss runs where the activations already are.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import dataclasses
 import jax
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from minitron_jax import sharding
+from minitron_jax import partitioning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,9 @@ def choose(lead: tuple[int, ...], vocab_size: int) -> Layout | None:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1 or mesh.manual_axes:
     return None
-  token_spec = sharding.logical_to_spec(("batch",) + ("length",) * (len(lead) - 1), lead, mesh)
+  token_spec = partitioning.logical_to_spec(("batch",) + ("length",) * (len(lead) - 1), lead, mesh)
   token_axes = tuple(a for entry in token_spec for a in _axes(entry, mesh))
-  vocab_axes = _axes(sharding.logical_to_spec(("vocab",), (vocab_size,), mesh)[0], mesh)
+  vocab_axes = _axes(partitioning.logical_to_spec(("vocab",), (vocab_size,), mesh)[0], mesh)
   if len(vocab_axes) > 1:
     raise NotImplementedError(f"the vocabulary split over several mesh axes {vocab_axes}")
   vocab_axis = vocab_axes[0] if vocab_axes else None

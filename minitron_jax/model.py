@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minitron_jax import attention, moe
+from minitron_jax import attention, moe, partitioning
 from minitron_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -351,9 +351,7 @@ def shard_batch_axis(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  from minitron_jax import sharding  # it imports this module for the weights' logical axes
-
-  spec = sharding.logical_to_spec(("batch",) + ("length",) * (x.ndim - 1), x.shape, mesh)
+  spec = partitioning.logical_to_spec(("batch",) + ("length",) * (x.ndim - 1), x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, spec)
 
 
@@ -366,10 +364,8 @@ def _whole_rows(table: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return table
-  from minitron_jax import sharding  # it imports this module for the weights' logical axes
-
   return jax.lax.with_sharding_constraint(
-      table, sharding.logical_to_spec(("vocab", "length"), table.shape, mesh))
+      table, partitioning.logical_to_spec(("vocab", "length"), table.shape, mesh))
 
 
 @functools.lru_cache(maxsize=64)
