@@ -37,16 +37,24 @@ _SPLASH_TILE = 128
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
            window: int | jax.Array = NO_WINDOW, scale: float, implementation: str = "auto",
-           block_size: int = 512, softcap: float | None = None) -> jax.Array:
+           block_size: int = 512, softcap: float | None = None,
+           key_segment_ids: jax.Array | None = None, query_start: int | jax.Array = 0
+           ) -> jax.Array:
   """q [B,T,K,G,H], k and v [B,S,K,H], segment_ids [B,T] -> [B,T,K,G,H] in q's dtype.
 
   `window` is a Python int or a traced int32 scalar (a per-layer value from a scan); keys with
   query_pos - key_pos >= window are masked, NO_WINDOW masks none. cudnn and splash need a Python
   int and fall back to blockwise for a traced one, as for masks they cannot express.
+
+  `key_segment_ids` [B,S]: the keys are a KV cache's S slots with their own segment ids and the
+  queries sit at slots query_start.. (a traced int32 is fine); naive computes it, whatever
+  `implementation` says (one decoded token per row makes a [B,K,G,1,S] score tensor).
   """
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ConfigError(f"attention={implementation!r} is not supported; allowed: "
                       f"{ATTENTION_IMPLEMENTATIONS}")
+  if key_segment_ids is not None:
+    return _naive(q, k, v, segment_ids, window, scale, softcap, key_segment_ids, query_start)
   if k.shape[1] != q.shape[1]:
     raise ValueError(f"self-attention only: {q.shape[1]} queries but {k.shape[1]} keys")
   platform = jax.default_backend()
@@ -103,8 +111,10 @@ def _capped(scores, softcap) -> tuple[jax.Array, jax.Array | None]:
 # ----------------------------------------------------------------------------- naive
 
 
-def _naive(q, k, v, segment_ids, window, scale, softcap=None):
-  mask = _visible(segment_ids, segment_ids, 0, 0, window)
+def _naive(q, k, v, segment_ids, window, scale, softcap=None, key_segment_ids=None,
+           query_start=0):
+  key_segment_ids = segment_ids if key_segment_ids is None else key_segment_ids
+  mask = _visible(segment_ids, key_segment_ids, query_start, 0, window)
   scores = jnp.where(mask[:, None, None], _capped(_scores(q, k, scale), softcap)[0], _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
   return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)

@@ -28,6 +28,7 @@ Params = dict[str, Any]
 #   expert_weight [B,T,K] (the K experts each token is routed to and their weights),
 #   expert_act [B,T,K,F] and expert_output [B,T,K,D] (each routed expert's down_proj input and
 #   unweighted output), and with a shared expert shared_act [B,T,Fs].
+# Generation (`decode`) adds kv_cache: the layer's kv_cache.KVCache holding the new tokens too.
 Intermediates = dict[str, jax.Array]
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -139,9 +140,12 @@ class Attention(nnx.Module):
       self.q_norm = Norm(h, kind, config.norm_eps, dtype, rngs, axis="head_dim")
       self.k_norm = Norm(h, kind, config.norm_eps, dtype, rngs, axis="head_dim")
 
-  def __call__(self, x, cos, sin, segment_ids, window) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x, cos, sin, segment_ids, window, cache=None):
     """x [B,T,D], segment_ids [B,T], window (int or traced int32) -> (output [B,T,D],
-    per-head output [B,T,N,H])."""
+    per-head output [B,T,N,H], updated cache).
+
+    `cache`: this layer's kv_cache.KVCache (None: none, and None comes back). x's keys and
+    values are written into it, and its queries attend to whatever it says they see."""
     cfg = self.config
     dt = x.dtype
 
@@ -155,17 +159,21 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    key_segment_ids, query_start = None, 0
+    if cache is not None:
+      cache, (k, v, key_segment_ids, query_start) = cache.update(k, v, segment_ids)
     b, t, _, h = q.shape
     q = q.reshape(b, t, cfg.num_key_value_heads, cfg.queries_per_group, h)
     scale = (cfg.query_pre_attn_scalar or h) ** -0.5
     heads = attention.attend(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
                              implementation=cfg.attention, block_size=cfg.attention_block_size,
-                             softcap=cfg.attn_logit_softcap)
+                             softcap=cfg.attn_logit_softcap, key_segment_ids=key_segment_ids,
+                             query_start=query_start)
     heads = heads.reshape(b, t, cfg.num_attention_heads, h)
     out = jnp.einsum("BTNH,NHD->BTD", heads, self.o_proj[...].astype(dt))
     if cfg.o_bias:
       out = out + self.o_bias[...].astype(dt)
-    return out, heads
+    return out, heads, cache
 
 
 class MLP(nnx.Module):
@@ -262,9 +270,11 @@ class DecoderLayer(nnx.Module):
       self.attn_post_norm = norm()
       self.mlp_post_norm = norm()
 
-  def __call__(self, x, cos, sin, segment_ids, window) -> tuple[jax.Array, Intermediates]:
+  def __call__(self, x, cos, sin, segment_ids, window,
+               cache=None) -> tuple[jax.Array, Intermediates]:
+    """With a `cache` (see Attention), its update comes back as intermediates["kv_cache"]."""
     attn_in = self.attn_norm(x)
-    attn_out, heads = self.attn(attn_in, cos, sin, segment_ids, window)
+    attn_out, heads, cache = self.attn(attn_in, cos, sin, segment_ids, window, cache)
     post = {}
     if self.post_norms:
       attn_out = post["attn_post_norm"] = self.attn_post_norm(attn_out)
@@ -279,7 +289,8 @@ class DecoderLayer(nnx.Module):
       mlp_out = post["mlp_post_norm"] = self.mlp_post_norm(mlp_out)
     y = h + mlp_out
     return y, dict(layer_input=x, attn_norm=attn_in, attn_heads=heads, mlp_norm=mlp_in,
-                   layer_output=y, **mlp_inter, **post)
+                   layer_output=y, **mlp_inter, **post,
+                   **({} if cache is None else dict(kv_cache=cache)))
 
 
 class Decoder(nnx.Module):
@@ -301,8 +312,10 @@ class Decoder(nnx.Module):
       self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
                             dtype)
 
-  def __call__(self, tokens, segment_ids, positions, intermediates_fn=None):
-    """tokens [B,T] -> (final normed hidden [B,T,D], per-layer intermediates_fn outputs or None)."""
+  def __call__(self, tokens, segment_ids, positions, intermediates_fn=None, cache=None):
+    """tokens [B,T] -> (final normed hidden [B,T,D], per-layer intermediates_fn outputs or None).
+
+    `cache`: a kv_cache.KVCache stacked over layers, scanned with them (see `decode`)."""
     cfg = self.config
     dt = jnp.dtype(cfg.dtype)
     x = shard_batch_axis(jnp.take(_whole_rows(self.embed[...]), shard_batch_axis(tokens),
@@ -322,13 +335,13 @@ class Decoder(nnx.Module):
     graphdef, layer_state = nnx.split(self.layers)
 
     def body(carry, xs):
-      state, window, local = xs
+      state, window, local, layer_cache = xs
       layer = nnx.merge(graphdef, state)
       window = shared_window if shared_window is not None else window
       cos, sin = tables
       if any(local_layers):
         cos, sin = jax.tree.map(lambda a, b: jnp.where(local, a, b), local_tables, tables)
-      y, inter = layer(shard_batch_axis(carry), cos, sin, segment_ids, window)
+      y, inter = layer(shard_batch_axis(carry), cos, sin, segment_ids, window, layer_cache)
       y = shard_batch_axis(y)
       return y, (intermediates_fn(inter) if intermediates_fn is not None else None)
 
@@ -337,7 +350,7 @@ class Decoder(nnx.Module):
     elif cfg.remat == "dots":
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     x, stacked = jax.lax.scan(body, x, (layer_state, jnp.asarray(windows, jnp.int32),
-                                        jnp.asarray(local_layers, bool)))
+                                        jnp.asarray(local_layers, bool), cache))
     return self.final_norm(x), stacked
 
 
@@ -439,6 +452,20 @@ def hidden_states(config: ModelConfig, params: Params, tokens: jax.Array, *,
   """
   segment_ids, positions = _defaults(tokens, segment_ids, positions)
   return _bind(config, params)(tokens, segment_ids, positions, intermediates_fn)
+
+
+def _kv_cache(intermediates: Intermediates):
+  return intermediates["kv_cache"]
+
+
+def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache, *,
+           segment_ids: jax.Array, positions: jax.Array):
+  """`hidden_states` for generation: tokens [B,T] continue the sequences that `cache` (a
+  kv_cache.KVCache) holds -> (final normed hidden [B,T,D], the cache holding them too).
+
+  `segment_ids` [B,T]: 1 for a token, 0 for left padding; `positions` [B,T]: their RoPE positions.
+  """
+  return _bind(config, params)(tokens, segment_ids, positions, _kv_cache, cache)
 
 
 def soft_cap(logits: jax.Array, cap: float | None) -> jax.Array:
