@@ -15,6 +15,8 @@ Two dispatches, neither with a loop over experts; both sort the M pairs by exper
   Transformer and GShard; C = B*T (every token, capacity factor E/K) never drops and equals the
   grouped path.
 Without a capacity factor the dispatch is exact: grouped on TPU, capacity B*T on CPU and GPU.
+On a mesh the capacity dispatch runs per device, with an all-to-all over the `expert` axis
+(moe_parallel.py); its capacity then counts the device's own tokens.
 Capacity B*T holds an [E,B*T,D] buffer, E/K times the routed pairs: at large E set a capacity
 factor (`moe_capacity_factor`).
 """
@@ -27,12 +29,24 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from minitron_jax import moe_parallel
+
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
-  """router_logits [...,E] -> (weights [...,K] float32, expert indices [...,K] int32).
+  """router_logits [B,T,E] (or [...,E]) -> (weights [...,K] float32, expert indices [...,K] int32).
 
   Softmax over every expert in float32, then the K largest; `normalize` rescales those K to sum
-  to one (Mixtral, Qwen3-MoE's norm_topk_prob)."""
+  to one (Mixtral, Qwen3-MoE's norm_topk_prob). On a mesh each device routes its own tokens
+  (GSPMD gathered the whole batch's probabilities for top-k's gradient)."""
+  rows = moe_parallel.token_rows(router_logits.shape[:-1])
+  if rows is None:
+    return _route(router_logits, top_k, normalize)
+  mesh, spec = rows
+  return jax.shard_map(lambda z: _route(z, top_k, normalize), mesh=mesh, in_specs=spec,
+                       out_specs=(spec, spec), check_vma=False)(router_logits)
+
+
+def _route(router_logits, top_k, normalize):
   probs = jax.nn.softmax(router_logits.astype(jnp.float32), axis=-1)
   weights, indices = jax.lax.top_k(probs, top_k)
   if normalize:
@@ -61,6 +75,12 @@ def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax
   b, t, d = x.shape
   k = indices.shape[-1]
   num_experts = gate_proj.shape[0]
+  layout = moe_parallel.choose((b, t), gate_proj.shape)
+  if layout is not None and implementation in ("auto", "capacity"):
+    slots = lambda n: n if capacity_factor is None else capacity(n, k, num_experts,  # noqa: E731
+                                                                 capacity_factor)
+    return moe_parallel.experts(layout, x, indices, gate_proj, up_proj, down_proj, activation,
+                                slots)
   flat = indices.reshape(-1)  # [M]
   order = jnp.argsort(flat, stable=True)  # pairs grouped by expert, in token order within one
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]

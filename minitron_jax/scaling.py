@@ -65,13 +65,18 @@ def weight_shapes(*param_trees) -> set[tuple[int, ...]]:
 
 
 def activation_gathers(hlo: str, weights: set[tuple[int, ...]]) -> tuple[str, ...]:
-  """All-gathers in the program whose every result is not a weight's shape."""
+  """All-gathers in the program with a result that is no weight's shape nor a slice of one (a
+  mesh axis that does not take part in a gather may still split a weight's other dims)."""
+  def weight_like(shape):
+    return any(len(w) == len(shape) and all(n and m % n == 0 for n, m in zip(shape, w))
+               for w in weights)
+
   found = []
   for op, text in collectives(hlo):
     if op != "all-gather":
       continue
     shapes = [tuple(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(text)]
-    if any(shape not in weights for shape in shapes):
+    if not all(weight_like(shape) for shape in shapes):
       found.append(text)
   return tuple(found)
 
