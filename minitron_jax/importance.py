@@ -34,9 +34,8 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from minitron_jax import distributed, losses, model
+from minitron_jax import chunked_ce, distributed, losses, model
 from minitron_jax.config import ConfigError, ModelConfig
 
 AGGREGATIONS = ("mean", "l2", "var")
@@ -165,12 +164,15 @@ def _batch_statistics(config: ModelConfig, params, tokens, segment_ids, position
 
 
 def _lm_loss_sums(config: ModelConfig, params, tokens, segment_ids, positions):
-  """(Σ next-token CE, number of predicted tokens) over pairs inside one segment."""
-  logits = model.apply(config, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1],
-                       positions=positions[:, :-1])
+  """(Σ next-token CE, number of predicted tokens) over pairs inside one segment; the CE is
+  chunked over tokens (chunked_ce.py), per device on a mesh, never [tokens x vocab]."""
+  hidden, _ = model.hidden_states(config, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1],
+                                  positions=positions[:, :-1])
   target_valid = losses.next_token_mask(segment_ids)
-  per_token = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-  return jnp.sum(per_token * target_valid), jnp.sum(target_valid)
+  count = jnp.sum(target_valid)
+  mean = chunked_ce.cross_entropy(hidden, model.lm_head_kernel(config, params), tokens[:, 1:],
+                                  target_valid, softcap=config.final_logit_softcap)
+  return mean * count, count
 
 
 _lm_loss_sums_jit = jax.jit(_lm_loss_sums, static_argnames=("config",))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minitron_jax import sharding
+from minitron_jax import chunked_ce, sharding
 from minitron_jax.fused_kld import fused_kld
 from minitron_jax.sparse_kld import sparse_kld, teacher_top_k
 
@@ -59,7 +59,17 @@ def _sparse_loss(k, cap):
   return loss
 
 
+def _ce_loss(cap):
+  targets = np.random.RandomState(3).randint(0, VOCAB, (B, T))
+
+  def loss(hs, ws, ht, wt, mask):
+    del ht, wt
+    return chunked_ce.cross_entropy(hs, ws, targets, mask, chunk_size=5, softcap=cap)
+  return loss
+
+
 LOSSES = {
+    "ce_softcap": _ce_loss(3.0),
     "fused": _fused_loss(None),
     "fused_softcap": _fused_loss(3.0),
     "sparse_top8": _sparse_loss(8, None),
@@ -136,3 +146,24 @@ def test_teacher_top_k_equals_one_device(mesh_name, k):
   np.testing.assert_array_equal(got[1], want[1])
   for got_part, want_part in ((got[0], want[0]), (got[2], want[2])):
     np.testing.assert_allclose(got_part, want_part, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_chunked_cross_entropy_equals_optax_values_and_gradients(cap):
+  import optax
+
+  hs, ws, _, _, mask = _inputs()
+  targets = np.random.RandomState(3).randint(0, VOCAB, (B, T))
+
+  def reference(hs, ws):
+    logits = jnp.einsum("btd,dv->btv", hs, ws)
+    logits = logits if cap is None else cap * jnp.tanh(logits / cap)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(per_token * mask) / jnp.sum(mask)
+
+  want = jax.value_and_grad(reference, argnums=(0, 1))(hs, ws)
+  got = jax.value_and_grad(lambda hs, ws: chunked_ce.cross_entropy(
+      hs, ws, targets, mask, chunk_size=7, softcap=cap), argnums=(0, 1))(hs, ws)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
