@@ -22,18 +22,23 @@ from typing import Any, Iterator
 from minitron_jax import distributed
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes `text` atomically (on the primary process; the others write nothing)."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` atomically (on the primary process; the others write nothing)."""
   if not distributed.is_primary():
     return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
+  with open(tmp, "wb") as f:
+    f.write(data)
     f.flush()
     os.fsync(f.fileno())  # the rename must never land before the data it names
   os.replace(tmp, path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes `text` atomically (on the primary process; the others write nothing)."""
+  write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:

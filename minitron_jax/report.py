@@ -12,7 +12,8 @@ from typing import Any, Mapping
 import jax
 import ml_collections
 
-from minitron_jax import atomic, checkpoint, distributed, evaluate, sharding, stdlib_tasks, stages
+from minitron_jax import (atomic, checkpoint, distributed, evaluate, report_curves, sharding,
+                          stdlib_tasks, stages)
 from minitron_jax.config import ConfigError
 from minitron_jax.stages import Context
 
@@ -107,7 +108,8 @@ def _read(path: pathlib.Path) -> dict | None:
 
 
 def run_report(ctx: Context) -> str:
-  """workdir/report.md: losses and sizes of every model, search ranking, time per stage."""
+  """workdir/report.md: losses and sizes of every model, curves of every training run (PNGs in
+  workdir/curves), search ranking, time per stage."""
   cfg, workdir = ctx.cfg, ctx.directory
   lines = ["# Compression report", ""]
   plan = stages.compression_plan(cfg, workdir)
@@ -134,6 +136,7 @@ def run_report(ctx: Context) -> str:
     for label, params, loss in rows:
       lines.append(f"| {label} | {params:,} | {loss:.4f} | {loss - teacher_loss:+.4f} |")
     lines.append("")
+  lines += report_curves.write(cfg, workdir)
   evaluation = workdir / "evaluate" / "table.md"
   if evaluation.exists():
     lines += ["## Evaluation", "", evaluation.read_text().strip(), ""]

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
-from minitron_jax import importance, search, stages
+from minitron_jax import importance, plots, search, stages
 from minitron_jax.config import ConfigError
 
 
@@ -186,36 +186,14 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return "\n".join(lines)
 
 
-def _pyplot():
-  import matplotlib  # noqa: PLC0415  (only the results page needs it)
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  return plt
-
-
-def _ticker():
-  import matplotlib.ticker  # noqa: PLC0415
-
-  return matplotlib.ticker
-
-
 def plot_lines(path: pathlib.Path, series: Mapping[str, tuple[Sequence, Sequence]], *, title: str,
                xlabel: str, ylabel: str, hlines: Mapping[str, float] | None = None,
                ylim: tuple[float, float] | None = None, invert_y: bool = False,
                markers: bool = True, legend_outside: bool = False) -> str:
   """One line per series; dashed horizontal references (e.g. the teacher's loss)."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   figure, axes = plt.subplots(figsize=(8.6 if legend_outside else 6.4, 4.0), dpi=110)
-  for label, (x, y) in series.items():
-    axes.plot(x, y, marker="o" if markers else None, markersize=3, label=label)
-  for label, value in (hlines or {}).items():
-    axes.axhline(value, linestyle="--", color="gray", linewidth=1)
-    axes.annotate(label, (axes.get_xlim()[0], value), fontsize=8, color="gray",
-                  xytext=(4, 3), textcoords="offset points")
-  if all(isinstance(v, int) for x, _ in series.values() for v in x):
-    axes.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
+  plots.draw_lines(axes, series, hlines=hlines, markers=markers)
   if ylim:
     axes.set_ylim(*ylim)
   if invert_y:
@@ -227,16 +205,14 @@ def plot_lines(path: pathlib.Path, series: Mapping[str, tuple[Sequence, Sequence
   else:
     axes.legend(fontsize=8)
   figure.tight_layout()
-  figure.savefig(path)
-  plt.close(figure)
-  return path.name
+  return plots.save(figure, path)
 
 
 def plot_bars(path: pathlib.Path, groups: Mapping[str, Mapping[str, float]], *, title: str,
               ylabel: str, hline: tuple[str, float] | None = None,
               ylim: tuple[float, float] | None = None) -> str:
   """Grouped bars: groups[x label][series] = value."""
-  plt = _pyplot()
+  plt = plots.pyplot()
   labels = list(groups)
   series = list(dict.fromkeys(s for values in groups.values() for s in values))
   width = 0.8 / max(len(series), 1)
@@ -254,9 +230,7 @@ def plot_bars(path: pathlib.Path, groups: Mapping[str, Mapping[str, float]], *, 
   if len(series) > 1 or hline:
     axes.legend(fontsize=8, loc="upper left")
   figure.tight_layout()
-  figure.savefig(path)
-  plt.close(figure)
-  return path.name
+  return plots.save(figure, path)
 
 
 # ----------------------------------------------------------------------------- the page

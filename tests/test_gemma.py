@@ -301,6 +301,8 @@ def test_runlocal_smoke_runs_every_stage(tmp_path):
   pipeline.run(config, tmp_path, log=lambda _: None)
   metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
   assert "teacher" in metrics and any("distilled" in label for label in metrics)
+  assert "![distillation curves](curves/distill.png)" in (tmp_path / "report.md").read_text()
+  assert (tmp_path / "curves" / "distill.png").read_bytes()[:4] == b"\x89PNG"
   exported, _ = hf.load(next(p.parent for p in tmp_path.rglob("config.json")
                             if "distill" in str(p)))
   assert exported.family == "gemma2"

@@ -153,11 +153,13 @@ def test_runlocal_smoke_runs_every_stage(tmp_path, name):
   pipeline.run(config, tmp_path, log=lines.append)
   report = (tmp_path / "report.md").read_text()
   assert "| teacher |" in report and "distilled" in report
+  assert "![distillation curves](curves/distill.png)" in report
   metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
   assert "teacher" in metrics and any("distilled" in label for label in metrics)
   if "search" in config.stages:
     result = search.SearchResult.from_json((tmp_path / "search" / "result.json").read_text())
     assert len(result.candidates) >= 2 and "Architecture search" in report
+    assert "![search candidate curves](curves/search.png)" in report
   if config.compression:
     assert (tmp_path / "2_4b" / "distill" / "model").is_dir()
     assert any("teacher (original)" in line for line in lines if "[distill]" in line)
