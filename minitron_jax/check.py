@@ -38,8 +38,7 @@ def _run(ctx: stages.Context, staging) -> dict:
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
 
   log(f"[check] exporting to {out / 'hf'}")
-  host_params = distributed.to_host(params)
-  hf.save(staging / "hf", config, host_params, dtype=cfg.export_dtype)
+  hf.save(staging / "hf", config, params, dtype=cfg.export_dtype)  # gathered weight by weight
   reloaded_config, reloaded = hf.load(staging / "hf", param_dtype=config.param_dtype)
   reloaded_config = reloaded_config.replace(dtype=config.dtype, remat=config.remat)
   # Both models on the mesh, as training places them; only the probe's logits come back.

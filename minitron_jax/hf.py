@@ -518,8 +518,9 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> mo
   return params
 
 
-def _fold_embedding_scale(config: ModelConfig, params: model_lib.Params) -> model_lib.Params:
-  """Params for which transformers' own scale, sqrt(hidden_size), computes what ours does.
+def _fold_embedding_scale(config: ModelConfig, path: tuple[str, ...], value: np.ndarray
+                          ) -> np.ndarray:
+  """One weight as transformers' own scale, sqrt(hidden_size), needs it to compute what ours does.
 
   A Gemma model pruned in width keeps the unpruned scale (see prune.py); transformers multiplies
   by sqrt of the new width. The embedding absorbs the ratio k, and with tied embeddings the LM
@@ -527,35 +528,38 @@ def _fold_embedding_scale(config: ModelConfig, params: model_lib.Params) -> mode
   were: exact up to float rounding.
   """
   if config.embedding_scale is None or config.embedding_scale == config.hidden_size ** 0.5:
-    return params
+    return value
   k = np.float64(config.embedding_scale) / np.float64(config.hidden_size ** 0.5)
-  params = {**params, "embed": (np.asarray(params["embed"], np.float64) * k).astype(np.float32)}
-  if config.tie_word_embeddings:
-    scale = np.asarray(params["final_norm"]["scale"], np.float64)
-    params["final_norm"] = {**params["final_norm"],
-                            "scale": ((1.0 + scale) / k - 1.0).astype(np.float32)}
-  return params
+  if path == ("embed",):
+    return (np.asarray(value, np.float64) * k).astype(np.float32)
+  if config.tie_word_embeddings and path == ("final_norm", "scale"):
+    return ((1.0 + np.asarray(value, np.float64)) / k - 1.0).astype(np.float32)
+  return value
 
 
-def params_to_hf(config: ModelConfig, params: model_lib.Params) -> dict[str, np.ndarray]:
-  """HF tensors (float32 where a weight had to be rescaled, else the params' dtype)."""
-  params = _fold_embedding_scale(config, params)
-  tensors = {}
+def iter_params_to_hf(config: ModelConfig, params: model_lib.Params):
+  """(HF name, host tensor) one weight at a time: a model sharded over devices (or processes) is
+  gathered to the host leaf by leaf, never whole. Every process must iterate it (the gathers are
+  collective)."""
   for path, _, name, layout in _tensor_map(config):
     value = params
     for key in path:
       value = value[key]
-    value = np.asarray(value)
+    value = _fold_embedding_scale(config, path, np.asarray(distributed.to_host(value)))
     if _per_expert(layout):
       for i in range(config.num_layers):
         for e in range(config.num_experts):
-          tensors[name.format(i, e=e)] = _to_hf(value[i, e], layout[1])
+          yield name.format(i, e=e), _to_hf(value[i, e], layout[1])
     elif path[0] == "layers":
       for i in range(config.num_layers):
-        tensors[name.format(i)] = _to_hf(value[i], layout)
+        yield name.format(i), _to_hf(value[i], layout)
     else:
-      tensors[name] = _to_hf(value, layout)
-  return tensors
+      yield name, _to_hf(value, layout)
+
+
+def params_to_hf(config: ModelConfig, params: model_lib.Params) -> dict[str, np.ndarray]:
+  """HF tensors (float32 where a weight had to be rescaled, else the params' dtype)."""
+  return dict(iter_params_to_hf(config, params))
 
 
 # ----------------------------------------------------------------------------- files
@@ -695,40 +699,53 @@ def gemma3_text_tensors(tensors: Mapping[str, np.ndarray], source="the checkpoin
 
 def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params, *,
          dtype: str = "float32", max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> None:
-  """Writes config.json and safetensors shards that `transformers` loads; atomic per directory."""
+  """Writes config.json and safetensors shards that `transformers` loads; atomic per directory.
+
+  Streams: weights are gathered to the host one at a time and each shard is written as soon as
+  it is full, so a sharded model never sits whole on one device or host. Every process calls
+  it; the primary one writes."""
   if dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"dtype={dtype!r} is not supported; allowed: float32, bfloat16")
   np_dtype = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
   hf_config = config_to_hf(config, dtype)
-  tensors = {k: v.astype(np_dtype) for k, v in params_to_hf(config, params).items()}
-
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name, tensor in tensors.items():
-    if shards[-1] and size + tensor.nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = tensor
-    size += tensor.nbytes
-
+  tensors = ((name, tensor.astype(np_dtype)) for name, tensor in iter_params_to_hf(config, params))
   if distributed.is_primary():
-    _write(path, shards, tensors, hf_config)
+    _write(path, tensors, hf_config, max_shard_bytes)
+  else:
+    for _ in tensors:  # the gathers are collective: take part, write nothing
+      pass
   distributed.barrier(f"exported {path}")
 
 
-def _write(path, shards, tensors, hf_config) -> None:
+def _write(path, tensors, hf_config, max_shard_bytes) -> None:
   with atomic.directory(path, collective=False) as staging:
-    if len(shards) == 1:
-      safetensors.numpy.save_file(shards[0], str(staging / "model.safetensors"),
+    shards: list[list[str]] = []  # tensor names per written shard
+    shard: dict[str, np.ndarray] = {}
+    total, size = 0, 0
+
+    def flush():
+      safetensors.numpy.save_file(shard, str(staging / f"part-{len(shards)}.safetensors"),
                                   metadata={"format": "pt"})
+      shards.append(list(shard))
+      shard.clear()
+
+    for name, tensor in tensors:
+      if shard and size + tensor.nbytes > max_shard_bytes:
+        flush()
+        size = 0
+      shard[name] = tensor
+      size += tensor.nbytes
+      total += tensor.nbytes
+    flush()
+    if len(shards) == 1:
+      (staging / "part-0.safetensors").rename(staging / "model.safetensors")
     else:
       weight_map = {}
-      for i, shard in enumerate(shards):
+      for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors.numpy.save_file(shard, str(staging / file), metadata={"format": "pt"})
-        weight_map.update({name: file for name in shard})
-      index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-               "weight_map": weight_map}
+        (staging / f"part-{i}.safetensors").rename(staging / file)
+        weight_map.update({name: file for name in names})
+      index = {"metadata": {"total_size": total}, "weight_map": weight_map}
       (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
     for file in staging.iterdir():

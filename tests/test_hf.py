@@ -169,3 +169,31 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path):
   _, config, params, _ = _round_trip(tmp_path, hf_config("mistral"))
   with pytest.raises(ConfigError, match="cannot be expressed as a Hugging Face mistral config"):
     hf.save(tmp_path / "bad", config.replace(qk_norm=True), params)
+
+
+def test_export_of_sharded_params_streams_and_equals_the_host_export(tmp_path):
+  """Params split over 8 devices are gathered weight by weight into the same shards."""
+  import jax
+  import safetensors.numpy
+
+  from minitron_jax import config as config_lib
+  from minitron_jax import sharding
+
+  config = config_lib.tiny("llama")
+  params = model.init(config, 0)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
+  hf.save(tmp_path / "host", config, jax.tree.map(np.asarray, params), max_shard_bytes=20_000)
+  hf.save(tmp_path / "mesh", config, sharding.shard_params(config, params, mesh),
+          max_shard_bytes=20_000)
+  files = sorted(p.name for p in (tmp_path / "host").iterdir())
+  assert files == sorted(p.name for p in (tmp_path / "mesh").iterdir())
+  assert sum(name.endswith(".safetensors") for name in files) > 1
+  for name in files:
+    if name.endswith(".safetensors"):
+      want = safetensors.numpy.load_file(tmp_path / "host" / name)
+      got = safetensors.numpy.load_file(tmp_path / "mesh" / name)
+      assert got.keys() == want.keys()
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    else:
+      assert (tmp_path / "mesh" / name).read_text() == (tmp_path / "host" / name).read_text()
