@@ -303,10 +303,29 @@ class _Request:
   num_scored: int  # the last `num_scored` tokens of `sequence` are scored
 
 
+def encode_pair(tokenizer: Tokenizer, context: str, text: str, max_length: int,
+                where: str = "a pair") -> tuple[np.ndarray, int]:
+  """(sequence, num_scored) as the harness tokenises a pair: conditioning ids = encode(context),
+  scored ids = encode(context + text)[len(conditioning):], an empty context conditioned on the
+  eos; then the last max_length + 1 tokens are kept (the scored ones always whole)."""
+  context_ids = list(tokenizer.encode(context))
+  scored = list(tokenizer.encode(context + text))[len(context_ids):]
+  if not context_ids:
+    if tokenizer.eos_id is None:
+      raise ConfigError(f"{where} has an empty context and the tokenizer has no eos to "
+                        "condition on; allowed: a non-empty context")
+    context_ids = [tokenizer.eos_id]
+  if not scored:
+    raise ConfigError(f"{where} ({text!r}) adds no tokens to its context")
+  if len(scored) > max_length:
+    raise ConfigError(f"{where} has {len(scored)} scored tokens, more than "
+                      f"max_length={max_length}; raise max_length")
+  return np.asarray((context_ids + scored)[-(max_length + 1):], np.int32), len(scored)
+
+
 def _requests(tokenizer: Tokenizer, examples: Sequence[MultipleChoiceExample],
               max_length: int) -> list[_Request]:
-  """Tokenised pairs, as the harness forms them: conditioning ids = encode(context), scored ids =
-  encode(context + text)[len(conditioning):]; then the last max_length + 1 tokens are kept.
+  """Every (example, choice) pair tokenised by `encode_pair`.
 
   Unlike the harness, trailing whitespace of the context is not moved onto the scored text: the
   text is scored as given, so delimiters belong at the start of the choice (as the loaders do).
@@ -314,20 +333,9 @@ def _requests(tokenizer: Tokenizer, examples: Sequence[MultipleChoiceExample],
   requests = []
   for i, example in enumerate(examples):
     for j, (context, text) in enumerate(example.pairs()):
-      context_ids = list(tokenizer.encode(context))
-      scored = list(tokenizer.encode(context + text))[len(context_ids):]
-      if not context_ids:
-        if tokenizer.eos_id is None:
-          raise ConfigError(f"example {i} choice {j} has an empty context and the tokenizer has "
-                            "no eos to condition on; allowed: a non-empty context")
-        context_ids = [tokenizer.eos_id]
-      if not scored:
-        raise ConfigError(f"example {i} choice {j} ({text!r}) adds no tokens to its context")
-      if len(scored) > max_length:
-        raise ConfigError(f"example {i} choice {j} has {len(scored)} scored tokens, more than "
-                          f"max_length={max_length}; raise max_length")
-      sequence = np.asarray((context_ids + scored)[-(max_length + 1):], np.int32)
-      requests.append(_Request(i, j, sequence, len(scored)))
+      sequence, num_scored = encode_pair(tokenizer, context, text, max_length,
+                                         f"example {i} choice {j}")
+      requests.append(_Request(i, j, sequence, num_scored))
   return requests
 
 
@@ -356,12 +364,15 @@ def _pack_rows(requests: Sequence[_Request], batch_size: int, pad_to_multiple: i
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _scored_loglikelihoods(config: ModelConfig, params, tokens, segment_ids, positions, targets,
-                           scored) -> jax.Array:
-  """Σ over scored positions of log p(target) per row: [B] float32."""
+                           scored) -> tuple[jax.Array, jax.Array]:
+  """Per row: Σ over scored positions of log p(target) [B] float32, and whether every scored
+  target is the argmax [B] bool (the harness's `is_greedy`)."""
   logits = model.apply(config, params, tokens, segment_ids=segment_ids, positions=positions)
   logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B,T,V]
   picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]  # [B,T]
-  return jnp.sum(jnp.where(scored, picked, 0.0), axis=-1)
+  greedy = jnp.argmax(logits, axis=-1) == targets
+  return (jnp.sum(jnp.where(scored, picked, 0.0), axis=-1),
+          jnp.all(jnp.where(scored, greedy, True), axis=-1))
 
 
 def check_scoring(*, batch_size: int = 16, max_length: int = 512, pad_to_multiple: int = 64
@@ -401,23 +412,15 @@ def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
   check_scoring(batch_size=batch_size, max_length=max_length, pad_to_multiple=pad_to_multiple)
   if not examples:
     raise ConfigError("no examples to score; allowed: a non-empty list of MultipleChoiceExample")
-  log = log or (lambda message: None)
-  started = time.perf_counter()
   requests = _requests(tokenizer, examples, max_length)
-  requests.sort(key=lambda r: -len(r.sequence))  # stable: ties keep task order
+  sums, _ = score_sequences(config, params, [(r.sequence, r.num_scored) for r in requests],
+                            batch_size=batch_size, pad_to_multiple=pad_to_multiple, log=log,
+                            place=place)
   loglikelihoods = [np.zeros(len(e.choices)) for e in examples]
   num_tokens = [np.zeros(len(e.choices), int) for e in examples]
-  num_batches = -(-len(requests) // batch_size)
-  for index, start in enumerate(range(0, len(requests), batch_size)):
-    chunk = requests[start:start + batch_size]
-    arrays = _pack_rows(chunk, batch_size, pad_to_multiple)
-    sums = distributed.to_host(_scored_loglikelihoods(config, params, *map(place, arrays)))
-    for row, request in enumerate(chunk):
-      loglikelihoods[request.example][request.choice] = float(sums[row])
-      num_tokens[request.example][request.choice] = request.num_scored
-    if (index + 1) % 10 == 0 or index + 1 == num_batches:
-      log(f"[evaluate] batch {index + 1}/{num_batches} (T={arrays[0].shape[1]}), "
-          f"{time.perf_counter() - started:.1f}s")
+  for request, total in zip(requests, sums):
+    loglikelihoods[request.example][request.choice] = total
+    num_tokens[request.example][request.choice] = request.num_scored
   per_example = [
       ExampleScore(loglikelihoods=tuple(float(v) for v in ll),
                    num_bytes=tuple(len(text.encode("utf-8")) for _, text in example.pairs()),
@@ -427,6 +430,41 @@ def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
       accuracy=float(np.mean([s.prediction == s.gold for s in per_example])),
       accuracy_norm=float(np.mean([s.prediction_norm == s.gold for s in per_example])),
       num_examples=len(per_example), per_example=per_example)
+
+
+def score_sequences(config: ModelConfig, params, sequences: Sequence[tuple[Sequence[int], int]],
+                    *, batch_size: int = 16, pad_to_multiple: int = 64,
+                    log: Callable[[str], None] | None = None, place: Place = jnp.asarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Log-likelihoods of token sequences: for each (sequence, num_scored), Σ log p(token | the
+  tokens before it) over its last num_scored tokens [N] float64, and whether each of those is
+  the argmax [N] bool, in the order given. Rows run `batch_size` at a time, longest first, padded
+  to a multiple of `pad_to_multiple` tokens (one compilation per length bucket); sequences must
+  already fit the model (`encode_pair` cuts them)."""
+  check_scoring(batch_size=batch_size, pad_to_multiple=pad_to_multiple)
+  log = log or (lambda message: None)
+  requests = []
+  for index, (sequence, num_scored) in enumerate(sequences):
+    sequence = np.asarray(sequence, np.int32)
+    if not 1 <= num_scored < len(sequence):
+      raise ConfigError(f"sequence {index} scores {num_scored} of its {len(sequence)} tokens; "
+                        "allowed: at least one, and at least one token before them")
+    requests.append(_Request(index, 0, sequence, int(num_scored)))
+  started = time.perf_counter()
+  order = sorted(requests, key=lambda r: -len(r.sequence))  # stable: ties keep the given order
+  sums, greedy = np.zeros(len(requests)), np.zeros(len(requests), bool)
+  num_batches = -(-len(order) // batch_size)
+  for index, start in enumerate(range(0, len(order), batch_size)):
+    chunk = order[start:start + batch_size]
+    arrays = _pack_rows(chunk, batch_size, pad_to_multiple)
+    chunk_sums, chunk_greedy = distributed.to_host(
+        _scored_loglikelihoods(config, params, *map(place, arrays)))
+    for row, request in enumerate(chunk):
+      sums[request.example], greedy[request.example] = chunk_sums[row], chunk_greedy[row]
+    if (index + 1) % 10 == 0 or index + 1 == num_batches:
+      log(f"[evaluate] batch {index + 1}/{num_batches} (T={arrays[0].shape[1]}), "
+          f"{time.perf_counter() - started:.1f}s")
+  return sums, greedy
 
 
 # ----------------------------------------------------------------------------- perplexity

@@ -80,9 +80,11 @@ def generate(config: ModelConfig, params: model_lib.Params, prompts: Sequence[Se
 def generate_text(config: ModelConfig, params: model_lib.Params, tokenizer, prompts: Sequence[str],
                   *, max_new_tokens: int, stop_strings: Sequence[str] = (),
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  key: jax.Array | None = None) -> list[str]:
+                  key: jax.Array | None = None, max_prompt_tokens: int | None = None) -> list[str]:
   """Each prompt's completion as text, ended by the tokenizer's eos or cut before the first stop
-  string (neither is part of it). `tokenizer` encodes and decodes (tokenizer.py's do)."""
+  string (neither is part of it). `tokenizer` encodes and decodes (tokenizer.py's do).
+  max_prompt_tokens keeps only each prompt's last that many tokens, as lm-evaluation-harness cuts
+  a context so that it and the generation fit the model."""
   for text in stop_strings:
     if not isinstance(text, str) or not text:
       raise ConfigError(f"stop string {text!r} must be a non-empty string")
@@ -91,7 +93,12 @@ def generate_text(config: ModelConfig, params: model_lib.Params, tokenizer, prom
   eos = getattr(tokenizer, "eos_id", None)
   stops = [_plain_ids(tokenizer, text) for text in stop_strings]
   stops = [s for s in stops if s] + ([[eos]] if eos is not None else [])
-  generated = generate(config, params, [tokenizer.encode(p) for p in prompts],
+  encoded = [tokenizer.encode(p) for p in prompts]
+  if max_prompt_tokens is not None:
+    if not (isinstance(max_prompt_tokens, int) and max_prompt_tokens >= 1):
+      raise ConfigError(f"max_prompt_tokens={max_prompt_tokens!r} must be a positive integer")
+    encoded = [ids[-max_prompt_tokens:] for ids in encoded]
+  generated = generate(config, params, encoded,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, stop_sequences=stops, key=key)
   texts = []
