@@ -246,3 +246,19 @@ def test_bad_arguments_are_one_line(setup, ours, tmp_path):
   with pytest.raises(ConfigError, match="num_beams"):
     ours.generate_until([Instance(request_type="generate_until", doc={}, idx=0,
                                   arguments=("The", dict(until=["."], num_beams=2)))])
+
+
+def test_a_gguf_file_scores_as_its_hugging_face_directory(setup, ours, tmp_path):
+  import transformers
+  from gguf_reference import bpe_tokenizer_fields, write_gguf
+
+  source = transformers.AutoModelForCausalLM.from_pretrained(setup[0]).eval()
+  fields = bpe_tokenizer_fields(json.loads(ours.tokenizer.path.read_text()), pre="gpt-2", eos=EOS)
+  write_gguf(tmp_path / "m.gguf", source, "llama", tokenizer=fields)
+  from_gguf = MinitronLM(tmp_path / "m.gguf", batch_size=4)
+  pairs = [Instance(request_type="loglikelihood", doc={}, arguments=(d["prompt"], " the"), idx=i)
+           for i, d in enumerate(GEN)]
+  assert [from_gguf.tokenizer.encode(d["prompt"]) for d in GEN] == [
+      ours.tokenizer.encode(d["prompt"]) for d in GEN]
+  np.testing.assert_allclose([s for s, _ in from_gguf.loglikelihood(pairs)],
+                             [s for s, _ in ours.loglikelihood(pairs)], rtol=1e-5)
