@@ -15,6 +15,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 
+from test_data import _assert_same
 from minitron_jax import columnar_source, data, distill, model, run_config, stages, validate
 from minitron_jax import config as config_lib
 from minitron_jax.config import ConfigError
@@ -67,13 +68,6 @@ def _write(layout: str, directory, table: pa.Table) -> str:
 def _batches(config, n=None, **kwargs):
   iterator = data.make_iterator(config, ByteTokenizer(), **kwargs)
   return list(iterator if n is None else itertools.islice(iterator, n))
-
-
-def _assert_same(batches_a, batches_b):
-  assert len(batches_a) == len(batches_b)
-  for a, b in zip(batches_a, batches_b):
-    for key in data.BATCH_KEYS:
-      np.testing.assert_array_equal(a[key], b[key])
 
 
 def _tokens(batches):

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from hf_reference import hf_config, hf_model, torch
+from test_gemma import OPTIONS as GEMMA_OPTIONS
 from minitron_jax import generate, hf, model, sharding, tokenizer
 from minitron_jax.config import ConfigError
 
 PROMPTS = [[5, 9, 100, 3, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [42, 1]]
 NEW = 8
-_GEMMA_LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
 # What each family's reference sets beyond hf_config's defaults.
 FAMILIES = {
     "llama": {},
@@ -28,14 +28,7 @@ FAMILIES = {
     "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "qwen3": {},
     "nemotron": {},
-    "gemma": {},
-    "gemma2": dict(attn_logit_softcapping=2.0, final_logit_softcapping=3.0, sliding_window=4,
-                   query_pre_attn_scalar=24, layer_types=_GEMMA_LAYERS),
-    "gemma3": dict(final_logit_softcapping=3.0, sliding_window=4, query_pre_attn_scalar=24,
-                   layer_types=_GEMMA_LAYERS, rope_parameters={
-                       "full_attention": {"rope_type": "linear", "factor": 8.0,
-                                          "rope_theta": 1e6},
-                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    **GEMMA_OPTIONS,  # windows, soft caps, query scaling, local RoPE (test_gemma.py)
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=24,
                     sliding_window=5),
 }
