@@ -6,6 +6,8 @@ sequences, and the time of a training step at the sequence lengths CPU runs use.
 Memory: value_and_grad of a 2-layer, 8-head model (hidden 64, head_dim 16, vocab 256) compiled
 from shapes alone; "scores" is one layer's naive float32 [B,N,T,T] tensor. Time: a 4-layer,
 8-head model (hidden 128, the default run's shape) with `tokens_per_batch` tokens per step.
+`packed_segments` and `kernel_step` (one attention call, forward + backward, any kernel) are what
+gpu_suite.py imports.
 """
 
 import jax
@@ -13,19 +15,62 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from minitron_jax import benchmark, model
+from minitron_jax import attention, benchmark, model
 from minitron_jax import config as config_lib
 
-_MEMORY_SEQ = flags.DEFINE_integer("memory_seq", 8192, "Sequence length for the memory estimate.")
-_TIME_SEQS = flags.DEFINE_list("time_seqs", ["256", "2048"], "Sequence lengths to time.")
-_TOKENS = flags.DEFINE_integer("tokens_per_batch", 2048, "Tokens per timed step (batch x seq).")
-_BLOCKS = flags.DEFINE_list("block_sizes", ["128", "512"], "Blockwise block sizes to time.")
+# Flags only when run as a script: gpu_suite.py imports this module beside others whose flag
+# names overlap.
+if __name__ == "__main__":
+  _MEMORY_SEQ = flags.DEFINE_integer("memory_seq", 8192,
+                                     "Sequence length for the memory estimate.")
+  _TIME_SEQS = flags.DEFINE_list("time_seqs", ["256", "2048"], "Sequence lengths to time.")
+  _TOKENS = flags.DEFINE_integer("tokens_per_batch", 2048,
+                                 "Tokens per timed step (batch x seq).")
+  _BLOCKS = flags.DEFINE_list("block_sizes", ["128", "512"], "Blockwise block sizes to time.")
 
 
 def _loss(config):
   def loss(params, tokens):
     return jnp.mean(jax.nn.logsumexp(model.apply(config, params, tokens), axis=-1))
   return jax.jit(jax.value_and_grad(loss))
+
+
+def packed_segments(batch: int, seq: int, seed: int = 0) -> np.ndarray:
+  """[batch, seq] int32 segment ids of packed rows: documents of random lengths (mean seq / 4)
+  numbered 1, 2, ... and a padded tail (0) in the last ~5% of each row, as the data pipeline
+  packs them."""
+  rng = np.random.default_rng(seed)
+  rows = np.zeros((batch, seq), np.int32)
+  for row in rows:
+    end, doc = int(seq * 0.95), 1
+    start = 0
+    while start < end:
+      length = int(rng.integers(1, max(2, seq // 2)))
+      row[start:min(start + length, end)] = doc
+      start, doc = start + length, doc + 1
+  return rows
+
+
+def kernel_step(implementation: str, segment_ids: np.ndarray, kv_heads: int, groups: int,
+                head_dim: int, dtype, block_size: int = 512):
+  """(jitted forward + backward of one `attention.attend` call, its inputs q, k, v): gradients
+  w.r.t. q, k and v of a random linear function of the output at the non-padding positions
+  (kernels differ only on padding, where no loss is taken)."""
+  b, t = segment_ids.shape
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (b, t, kv_heads, groups, head_dim), dtype)
+  k = jax.random.normal(keys[1], (b, t, kv_heads, head_dim), dtype)
+  v = jax.random.normal(keys[2], (b, t, kv_heads, head_dim), dtype)
+  segments = jnp.asarray(segment_ids)
+  valid = (segments != 0)[:, :, None, None, None]
+  cotangent = jnp.where(valid, jax.random.normal(keys[3], q.shape, jnp.float32), 0.0)
+
+  def loss(q, k, v):
+    out = attention.attend(q, k, v, segment_ids=segments, scale=head_dim ** -0.5,
+                           implementation=implementation, block_size=block_size)
+    return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), (q, k, v)
 
 
 def main(argv):
