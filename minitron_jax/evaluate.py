@@ -305,9 +305,15 @@ class _Request:
 
 def encode_pair(tokenizer: Tokenizer, context: str, text: str, max_length: int,
                 where: str = "a pair") -> tuple[np.ndarray, int]:
-  """(sequence, num_scored) as the harness tokenises a pair: conditioning ids = encode(context),
-  scored ids = encode(context + text)[len(conditioning):], an empty context conditioned on the
-  eos; then the last max_length + 1 tokens are kept (the scored ones always whole)."""
+  """(sequence, num_scored) as lm-evaluation-harness tokenises a pair: the context's trailing
+  whitespace moves to the front of the scored text (so "Answer: " + "Paris" scores " Paris"),
+  conditioning ids = encode(context), scored ids = encode(context + text)[len(conditioning):], an
+  empty context conditioned on the eos; then the last max_length + 1 tokens are kept (the scored
+  ones always whole). Following the harness here makes our accuracies equal its own on the same
+  task (tests/test_lm_eval.py)."""
+  spaces = len(context) - len(context.rstrip())
+  if spaces:
+    context, text = context[:-spaces], context[-spaces:] + text
   context_ids = list(tokenizer.encode(context))
   scored = list(tokenizer.encode(context + text))[len(context_ids):]
   if not context_ids:
@@ -325,11 +331,7 @@ def encode_pair(tokenizer: Tokenizer, context: str, text: str, max_length: int,
 
 def _requests(tokenizer: Tokenizer, examples: Sequence[MultipleChoiceExample],
               max_length: int) -> list[_Request]:
-  """Every (example, choice) pair tokenised by `encode_pair`.
-
-  Unlike the harness, trailing whitespace of the context is not moved onto the scored text: the
-  text is scored as given, so delimiters belong at the start of the choice (as the loaders do).
-  """
+  """Every (example, choice) pair tokenised by `encode_pair` (the harness's whitespace rule)."""
   requests = []
   for i, example in enumerate(examples):
     for j, (context, text) in enumerate(example.pairs()):
@@ -401,9 +403,10 @@ def score_multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer,
   `max_length` tokens in all are cut from the left (the scored tokens are always kept whole).
     accuracy       fraction of examples whose argmax_j LL_j is the gold choice.
     accuracy_norm  the same with LL_j / bytes_j, bytes_j being the number of UTF-8 bytes of the
-                   scored text exactly as given (a leading delimiter space counts). The harness
-                   divides by characters; bytes make the measure independent of the tokenizer
-                   and the same as characters for ASCII text.
+                   scored text as given (a leading delimiter space counts; whitespace moved from
+                   the context does not). The harness's acc_norm divides by characters and its
+                   acc_bytes by bytes, which this equals; bytes make the measure independent of
+                   the tokenizer and the same as characters for ASCII text.
   Ties go to the first choice. Returns accuracy, accuracy_norm, num_examples, and per_example:
   an ExampleScore per example (its log-likelihoods, lengths and predictions).
   Pairs are scored in batches of `batch_size` rows, longest first, each padded to a multiple of
@@ -523,11 +526,13 @@ def evaluate_model(config: ModelConfig, params, tokenizer: Tokenizer, *,
 
 
 def markdown_table(results: Mapping[str, Mapping[str, Any]], columns: Sequence[str] | None = None,
-                   digits: int = 4) -> str:
-  """Rows = models, columns = metrics (default: every metric, in order of first appearance).
+                   digits: int = 4, header_names: Mapping[str, str] | None = None) -> str:
+  """Rows = models, columns = metrics (default: every metric, in order of first appearance),
+  headed by `header_names[column]` where given.
 
   A metric a model lacks is an empty cell; floats get `digits` decimals, ints are exact.
   """
+  header_names = header_names or {}
   if columns is None:
     columns = list(dict.fromkeys(key for metrics in results.values() for key in metrics))
 
@@ -540,7 +545,7 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]], columns: Sequence[s
       return f"{float(value):.{digits}f}"
     return str(value).replace("|", "\\|")
 
-  lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+  lines = ["| model | " + " | ".join(header_names.get(c, c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
   for name, metrics in results.items():
     cells = [cell(name)] + [cell(metrics.get(column)) for column in columns]
     lines.append("| " + " | ".join(cells) + " |")

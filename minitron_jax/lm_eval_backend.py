@@ -216,10 +216,6 @@ class MinitronLM(LM):
   # ------------------------------------------------------------------- the work
 
   def _pair(self, context: str, continuation: str, where: str) -> tuple[np.ndarray, int]:
-    # The harness's convention: a context's trailing whitespace belongs to the continuation.
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-      context, continuation = context[:-spaces], context[-spaces:] + continuation
     return evaluate.encode_pair(self.tokenizer, context, continuation, self.max_length, where)
 
   def _place(self, array: np.ndarray) -> jax.Array:

@@ -24,8 +24,8 @@ from typing import Callable
 import jax
 import ml_collections
 
-from minitron_jax import (atomic, check, distributed, report, stages, teacher_logits, validate,
-                          workdir_lock)
+from minitron_jax import (atomic, check, distributed, evaluate_stage, report, stages,
+                          teacher_logits, validate, workdir_lock)
 from minitron_jax.stages import Context, ModelRef
 
 # stage name -> (function(Context) -> summary, file whose presence marks it done)
@@ -37,7 +37,7 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "search": (stages.run_search, "search/result.json"),
     "prune": (stages.run_prune, "prune/summary.json"),
     "distill": (stages.run_distill, "distill/summary.json"),
-    "evaluate": (report.run_evaluate, "evaluate/metrics.json"),
+    "evaluate": (evaluate_stage.run_evaluate, "evaluate/metrics.json"),
     "report": (report.run_report, "report.md"),
 }
 PER_COMPRESSION = ("teacher_logits", "importance", "search", "prune", "distill")

@@ -179,6 +179,10 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   config.search.retrain_steps = 60
   config.search.max_candidates = 0  # 0: every feasible candidate, as in the paper
   config.search.eval_steps = (20, 40, 60)
+  # "": rank by validation loss; "lm_eval:TASK[/METRIC]": by a harness score (search_score.py),
+  # after retraining (score_at="retrained") or on the pruned candidates alone ("pruned").
+  config.search.score = ""
+  config.search.score_at = "retrained"
 
   # Teacher correction (2408.11796); runs when "teacher_correction" is in stages.
   config.teacher_correction = ml_collections.ConfigDict()
@@ -194,6 +198,18 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
                      mode="context")))
   config.evaluate.batch_size = 32
   config.evaluate.max_length = 128  # the shipped teacher was trained on 128-byte windows
+  # lm-evaluation-harness (evaluate_stage.py): its tasks, and ours run through it (own_tasks: the
+  # harness's accuracy then equals our evaluator's, shown side by side in the report).
+  config.evaluate.lm_eval = ml_collections.ConfigDict(dict(
+      tasks="",  # comma-separated harness tasks or groups: "hellaswag,arc_easy"
+      own_tasks="next_line",  # comma-separated evaluate.tasks names
+      include_path="",  # a directory of extra task YAMLs
+      num_fewshot=ml_collections.config_dict.placeholder(int),  # None: each task's own
+      limit=0.0))  # examples per task: 0 every one, a count, or a fraction below 1
+  # Completed greedily by every model, side by side in the report.
+  config.evaluate.prompts = ("def read_config(path):\n", "class LRUCache:\n    def __init__(self",
+                             "    for key, value in ")
+  config.evaluate.max_new_tokens = 64
 
   config.export_dtype = "float32"
   return config
@@ -218,6 +234,9 @@ def sweep_config(arg: str, stages: tuple[str, ...], *, target: dict | None = Non
   if width_only:  # every layer is kept, so no layer ranking is needed
     config.importance.update(drop_loss=False, block_sizes=(1,))
   config.distill.update(distill)
+  # A sweep compares our evaluator's numbers across runs; the harness and completions add nothing.
+  config.evaluate.lm_eval.own_tasks = ""
+  config.evaluate.prompts = ()
   config.replicate_seeds = tuple(replicate_seeds)
   if "runlocal" in parse_arg(arg):
     runlocal(config)
@@ -268,6 +287,8 @@ def use_real_model(config: ml_collections.ConfigDict, preset: str) -> None:
                         eval_every=500, checkpoint_every=500)
   config.distill.optimizer.update(peak_lr=2e-4, end_lr=4.5e-7, warmup_steps=100)
   config.evaluate.tasks = ml_collections.ConfigDict()
+  config.evaluate.lm_eval.own_tasks = ""
+  config.evaluate.prompts = ("The three primary colors are", "def fibonacci(n):\n")
 
 
 def runlocal(config: ml_collections.ConfigDict) -> None:
@@ -319,6 +340,7 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
     config.evaluate.tasks = ml_collections.ConfigDict(dict(
         next_line=dict(source="stdlib_next_line", num_examples=16, num_choices=4, seed=0,
                        mode="context")))
+    config.evaluate.lm_eval.own_tasks = "next_line"
   config.eval_batches = 2
   config.data.batch_size, config.data.seq_len = 4, 64
   config.importance.update(num_samples=8, batch_size=4, seq_len=64, drop_loss_batches=1)
@@ -328,5 +350,6 @@ def runlocal(config: ml_collections.ConfigDict) -> None:
   config.teacher_correction.steps = 4
   config.evaluate.tasks.next_line.num_examples = 16
   config.evaluate.batch_size = 16
+  config.evaluate.max_new_tokens = 16
   for stage in config.compression:
     stage["distill_steps"] = min(stage.get("distill_steps") or 6, 6)

@@ -435,13 +435,14 @@ def kendall(order: Sequence[str], reference: Sequence[str]) -> float:
   return concordant / (n * (n - 1) / 2)
 
 
-def check_eval_steps(eval_steps: Iterable[int]) -> tuple[int, ...]:
-  """The step counts candidates are ranked at, sorted; one line for an empty or bad list."""
+def check_eval_steps(eval_steps: Iterable[int], allow_zero: bool = False) -> tuple[int, ...]:
+  """The step counts candidates are ranked at, sorted; one line for an empty or bad list.
+  allow_zero: step 0 (the pruned model before any retraining) is a valid step."""
   steps = tuple(eval_steps)
   if not steps:
     raise ConfigError("search eval_steps is empty; allowed: one or more positive step counts")
   for step in steps:
-    if not _is_int(step) or step < 1:
+    if not _is_int(step) or step < (0 if allow_zero else 1):
       raise ConfigError(f"search eval step {step!r} is invalid; allowed: positive integers")
   if len(set(steps)) != len(steps):
     raise ConfigError(f"search eval_steps={list(steps)} repeats a step")
@@ -463,12 +464,17 @@ class SearchResult:
   """Validation losses of every candidate at every step count, and what they imply.
 
   Rankings are strict: lower loss first, NaN last, ties by name. Correlations compare each step's
-  ranking with the final step's (so the final step's are 1.0).
+  ranking with the final step's (so the final step's are 1.0). Step 0 is the pruned model before
+  retraining. With `scores` (a task score per candidate after its last step, higher is better,
+  named `score_name`, e.g. an lm-evaluation-harness accuracy) the best candidate is the one
+  with the highest score instead of the lowest final loss.
   """
 
   candidates: tuple[Candidate, ...]
   eval_steps: tuple[int, ...]
   losses: dict[str, dict[int, float]]
+  scores: dict[str, float] | None = None
+  score_name: str = ""
 
   def __post_init__(self):
     candidates = tuple(self.candidates)
@@ -478,7 +484,12 @@ class SearchResult:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
       raise ConfigError(f"search candidates {repeated} appear more than once")
-    steps = check_eval_steps(self.eval_steps)
+    steps = check_eval_steps(self.eval_steps, allow_zero=True)
+    if self.scores is not None:
+      unscored = [n for n in names if n not in self.scores]
+      if unscored:
+        raise ConfigError(f"search scores are missing for candidates {unscored}")
+      object.__setattr__(self, "scores", {n: float(self.scores[n]) for n in names})
     unknown = sorted(set(self.losses) - set(names))
     if unknown:
       raise ConfigError(f"search losses name unknown candidates {unknown}")
@@ -517,10 +528,20 @@ class SearchResult:
         ranks[name][step] = i + 1
     return ranks
 
+  @functools.cached_property
+  def score_ranking(self) -> tuple[str, ...] | None:
+    """Candidate names by score, best (highest) first, NaN last, ties by final loss then name."""
+    if self.scores is None:
+      return None
+    final = self.final_step
+    return tuple(sorted(self.scores, key=lambda n: (math.isnan(self.scores[n]), -self.scores[n],
+                                                    self.losses[n][final], n)))
+
   @property
   def best(self) -> Candidate:
-    """Lowest validation loss at the last step."""
-    return self.candidate(self.rankings[self.final_step][0])
+    """Highest score when scored, else lowest validation loss at the last step."""
+    order = self.score_ranking or self.rankings[self.final_step]
+    return self.candidate(order[0])
 
   @functools.cached_property
   def spearman(self) -> dict[int, float]:
@@ -537,19 +558,25 @@ class SearchResult:
     steps = self.eval_steps
     header = (["name", "layers", "hidden", "heads", "groups", "MLP", "params", "active",
                "memory"] + [f"loss@{s}" for s in steps] + [f"rank@{s}" for s in steps])
+    if self.scores is not None:
+      header.append(self.score_name or "score")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in self.rankings[self.final_step]:
+    for name in self.score_ranking or self.rankings[self.final_step]:
       candidate, target = self.candidate(name), self.candidate(name).target
       cells = [name, target["num_layers"], target["hidden_size"], target["num_attention_heads"],
                target["num_key_value_heads"], _mlp_cell(target, ratio=True)]
       cells += _size_cells(candidate)
       cells += [f"{self.losses[name][s]:.4f}" for s in steps]
       cells += [self.ranks[name][s] for s in steps]
+      if self.scores is not None:
+        cells.append(f"{self.scores[name]:.4f}")
       lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
     best = self.best
-    lines.append(f"Best: {best.name} ({best.num_params:,} parameters), validation loss "
-                 f"{self.losses[best.name][self.final_step]:.4f} at step {self.final_step}.")
+    by_score = "" if self.scores is None else (
+        f"{self.score_name or 'score'} {self.scores[best.name]:.4f} (ranked by it), ")
+    lines.append(f"Best: {best.name} ({best.num_params:,} parameters), {by_score}validation "
+                 f"loss {self.losses[best.name][self.final_step]:.4f} at step {self.final_step}.")
     lines.append("")
     lines.append(f"Rank correlation with the final ranking (step {self.final_step}):")
     lines.append("")
@@ -564,6 +591,7 @@ class SearchResult:
         eval_steps=list(self.eval_steps),
         candidates=[c.to_dict() for c in self.candidates],
         losses={n: {str(s): v for s, v in losses.items()} for n, losses in self.losses.items()},
+        scores=self.scores, score_name=self.score_name,
         best=self.best.name,
         rankings={str(s): list(order) for s, order in self.rankings.items()},
         spearman={str(s): v for s, v in self.spearman.items()},
@@ -576,7 +604,8 @@ class SearchResult:
       fields = json.loads(text)
       return cls(candidates=tuple(Candidate.from_dict(c) for c in fields["candidates"]),
                  eval_steps=tuple(int(s) for s in fields["eval_steps"]),
-                 losses=fields["losses"])
+                 losses=fields["losses"], scores=fields.get("scores"),
+                 score_name=fields.get("score_name", ""))
     except (ValueError, KeyError, TypeError) as error:
       if isinstance(error, ConfigError):
         raise
@@ -584,41 +613,59 @@ class SearchResult:
 
 
 def run_search(candidates: Sequence[Candidate],
-               evaluate_fn: Callable[[Candidate], Mapping[int, float]],
+               evaluate_fn: Callable[[Candidate], Mapping[int, float] | tuple],
                eval_steps: Iterable[int], *,
-               done: Mapping[str, Mapping[int, float]] | None = None,
-               on_result: Callable[[Candidate, dict[int, float]], None] | None = None,
-               log: Callable[[str], None] | None = None) -> SearchResult:
-  """Calls `evaluate_fn(candidate) -> {step: validation loss}` for each candidate not in `done`.
+               done: Mapping[str, Mapping] | None = None,
+               on_result: Callable[[Candidate, dict], None] | None = None,
+               log: Callable[[str], None] | None = None,
+               score_name: str | None = None) -> SearchResult:
+  """Calls `evaluate_fn(candidate)` for each candidate not in `done`: it returns {step: validation
+  loss}, or with `score_name` ({step: loss}, score) (higher is better; the ranking follows it).
 
-  `done` holds finished evaluations by candidate name (e.g. `SearchResult.losses` of an earlier,
-  interrupted run); entries lacking a step of `eval_steps` are evaluated again and entries for
-  names not among `candidates` are ignored. `on_result` sees each new evaluation (to save
-  progress).
+  `done` holds finished evaluations by candidate name, as `on_result` saw them ({step: loss}, or
+  {"losses": ..., "score": ...} when scored); entries lacking a step of `eval_steps` or a score
+  are evaluated again and entries for names not among `candidates` are ignored. `on_result` sees
+  each new evaluation (to save progress).
   """
-  steps = check_eval_steps(eval_steps)
+  steps = check_eval_steps(eval_steps, allow_zero=True)
   candidates = tuple(candidates)
   log = log or (lambda message: None)
   names = {c.name for c in candidates}
   losses: dict[str, dict[int, float]] = {}
+  scores: dict[str, float] = {}
   for name, previous in (done or {}).items():
     if name not in names:
       log(f"[search] ignoring saved losses of {name}: not a candidate of this search")
       continue
     try:
-      losses[name] = _losses_at(name, previous, steps)
+      scored = "losses" in previous
+      if score_name is not None and not scored:
+        raise ConfigError(f"no {score_name} saved")
+      losses[name] = _losses_at(name, previous["losses"] if scored else previous, steps)
+      if score_name is not None:
+        scores[name] = float(previous["score"])
     except ConfigError as error:
+      losses.pop(name, None)
       log(f"[search] evaluating {name} again: {error}")
   todo = [c for c in candidates if c.name not in losses]
   if len(todo) < len(candidates):
     log(f"[search] {len(candidates) - len(todo)} of {len(candidates)} candidates already done")
   for index, candidate in enumerate(todo):
-    losses[candidate.name] = _losses_at(candidate.name, evaluate_fn(candidate), steps)
-    log(f"[search] {index + 1}/{len(todo)} {candidate.name}: loss "
-        f"{losses[candidate.name][steps[-1]]:.4f} at step {steps[-1]}")
+    outcome = evaluate_fn(candidate)
+    name = candidate.name
+    if score_name is not None:
+      outcome, scores[name] = outcome[0], float(outcome[1])
+    losses[name] = _losses_at(name, outcome, steps)
+    scored = "" if score_name is None else f", {score_name} {scores[name]:.4f}"
+    log(f"[search] {index + 1}/{len(todo)} {name}: loss {losses[name][steps[-1]]:.4f} at step "
+        f"{steps[-1]}{scored}")
     if on_result is not None:
-      on_result(candidate, dict(losses[candidate.name]))
-  return SearchResult(candidates=candidates, eval_steps=steps, losses=losses)
+      record = dict(losses[name])
+      on_result(candidate, record if score_name is None
+                else dict(losses=record, score=scores[name]))
+  return SearchResult(candidates=candidates, eval_steps=steps, losses=losses,
+                      scores=None if score_name is None else scores,
+                      score_name=score_name or "")
 
 
 def _mlp_cell(target: Mapping[str, int], ratio: bool = False) -> str:

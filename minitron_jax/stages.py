@@ -19,7 +19,8 @@ import jax
 import ml_collections
 
 from minitron_jax import (atomic, build, checkpoint, data, distill, distributed, hf, importance,
-                          model, preemption, prune, search, sharding, teacher_logits, tokenizer)
+                          model, preemption, prune, search, search_score, sharding,
+                          teacher_logits, tokenizer)
 from minitron_jax.atomic import write_json  # noqa: F401  (stages.write_json: sweeps use it)
 from minitron_jax.config import ConfigError, ModelConfig
 from minitron_jax.losses import LossConfig
@@ -430,27 +431,42 @@ def run_search(ctx: Context) -> dict:
   host_params = distributed.to_host(params)
   scores = importance.Scores.load(ctx.directory / "importance")
   candidates = search_candidates(cfg, config)
+  score = search_score.parse(section)
+  before = score is not None and score.before_retraining
+  eval_steps = (0,) if before else tuple(section.eval_steps)
   ctx.log(f"[search] {len(candidates)} candidates within {section.space.tolerance:.0%} of "
-          f"{search_space(cfg).describe()}; {section.retrain_steps} steps each")
-  progress = out / "progress.json"
+          f"{search_space(cfg).describe()}; "
+          f"{'no retraining' if before else f'{section.retrain_steps} steps each'}"
+          f"{'' if score is None else f', ranked by {score.name}'}")
+  # Saved evaluations of another ranking are not reused: each score has its own progress file.
+  progress = out / ("progress.json" if score is None else f"progress.{score.slug}.json")
   done = json.loads(progress.read_text()) if progress.exists() else {}
-  done = {name: {int(k): v for k, v in losses.items()} for name, losses in done.items()}
   out.mkdir(parents=True, exist_ok=True)
+  score_of = None if score is None else search_score.scorer(cfg, out, mesh)
+  tok = load_tokenizer(cfg, config.vocab_size)
 
   def evaluate(candidate) -> dict[int, float]:
     ctx.log(f"[search] candidate {candidate.name}: {candidate.num_params:,} parameters")
     pruned_config, pruned = prune.prune(config, host_params, scores, candidate.target,
                                         **prune_options(cfg))
     pruned = sharding.shard_params(pruned_config, pruned, mesh)
+    if before:  # Model Optimizer's way: score the pruned candidate as it is
+      loss = importance.lm_loss(pruned_config, pruned, validation(cfg, config.vocab_size))
+      return {0: loss}, score_of(pruned_config, pruned, tok)
     run_dir = out / "candidates" / candidate.name
-    _retrain(cfg, cfg.distill, pruned_config, pruned, teacher_config, teacher, run_dir,
-             section.retrain_steps, ctx.log, eval_steps=section.eval_steps,
-             checkpoint_every=section.retrain_steps, label=f"search {candidate.name}",
-             offline=offline)
+    trained, _ = _retrain(cfg, cfg.distill, pruned_config, pruned, teacher_config, teacher,
+                          run_dir, section.retrain_steps, ctx.log, eval_steps=section.eval_steps,
+                          checkpoint_every=section.retrain_steps,
+                          label=f"search {candidate.name}", offline=offline)
     distributed.barrier(f"searched {candidate.name}")  # the primary wrote metrics.jsonl
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}
-    return {s: losses[s] for s in section.eval_steps}
+    losses = {s: losses[s] for s in section.eval_steps}
+    if score_of is None:
+      return losses
+    student_config = retrain_settings(cfg, cfg.distill, pruned_config, teacher_config,
+                                      section.retrain_steps).student_config
+    return losses, score_of(student_config, trained, tok)
 
   def save_progress(candidate, losses) -> None:  # a killed search resumes after this candidate
     done[candidate.name] = losses
@@ -461,8 +477,9 @@ def run_search(ctx: Context) -> dict:
                                  "resume")
 
   with preemption.watch():
-    result = search.run_search(candidates, evaluate, tuple(section.eval_steps), done=dict(done),
-                               on_result=save_progress)
+    result = search.run_search(candidates, evaluate, eval_steps, done=dict(done),
+                               on_result=save_progress,
+                               score_name=None if score is None else score.name, log=ctx.log)
   atomic.write_text(out / "report.md", result.to_markdown())
   atomic.write_text(out / "result.json", result.to_json())
   ctx.log(f"[search] best {result.best.name} ({result.best.num_params:,} parameters) in "

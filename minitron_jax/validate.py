@@ -18,9 +18,9 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from minitron_jax import (build, checkpoint, config as config_lib, data, evaluate, hf, importance,
-                          prune, report, search, sharding, stages, teacher_logits,
-                          teacher_store)
+from minitron_jax import (build, checkpoint, config as config_lib, data, evaluate, evaluate_stage,
+                          hf, importance, prune, search, search_score, sharding, stages,
+                          teacher_logits, teacher_store)
 from minitron_jax.config import ConfigError, ModelConfig
 
 _COMPRESSION_STAGES = ("teacher_logits", "importance", "search", "prune", "distill")
@@ -86,7 +86,13 @@ class _Validation:
     if plan and teacher_logits.enabled(self.cfg):
       self.stored_teacher(plan[0])
     if "evaluate" in self.stages:
-      for problem in report.check_tasks(self.cfg.evaluate):
+      section = self.cfg.evaluate
+      problems = evaluate_stage.check_tasks(section) + evaluate_stage.check_prompts(section)
+      problems += evaluate_stage.check_lm_eval(section)
+      for problem in problems:
+        self.note(*problem.split(": ", 1))
+    if "search" in self.stages:
+      for problem in search_score.check(self.cfg):
         self.note(*problem.split(": ", 1))
       self.attempt("evaluate", evaluate.check_scoring, batch_size=self.cfg.evaluate.batch_size,
                    max_length=self.cfg.evaluate.max_length)

@@ -642,8 +642,10 @@ def test_bad_loop_inputs_raise():
     search.run_search(candidates, lambda c: {10: 1.0, 20: 1.0}, STEPS)
   with pytest.raises(ConfigError, match="eval_steps is empty"):
     search.run_search(candidates, lambda c: losses[c.name], ())
-  with pytest.raises(ConfigError, match="eval step 0"):
-    search.run_search(candidates, lambda c: losses[c.name], (0, 10))
+  with pytest.raises(ConfigError, match="eval step -1"):
+    search.run_search(candidates, lambda c: losses[c.name], (-1, 10))
+  with pytest.raises(ConfigError, match="eval step 0"):  # a config's steps all retrain
+    search.check_eval_steps((0, 10))
   with pytest.raises(ConfigError, match="repeats"):
     search.run_search(candidates, lambda c: losses[c.name], (10, 10))
   with pytest.raises(ConfigError, match="more than once"):
@@ -676,3 +678,33 @@ def test_end_to_end_prunes_each_candidate_and_picks_the_lowest_loss():
   assert result.best.name == min(final, key=lambda n: (final[n], n))
   assert all(math.isfinite(v) for v in final.values())
   assert result.spearman[1] == 1.0
+
+
+def test_a_score_ranks_the_candidates_and_survives_json_and_resume():
+  candidates = _four_candidates()
+  losses = _fake_losses(candidates)
+  # The score disagrees with the loss: the worst final loss scores best.
+  final = {c.name: losses[c.name][STEPS[-1]] for c in candidates}
+  worst = max(final, key=final.get)
+  scores = {name: 1.0 if name == worst else 0.5 - 0.01 * i for i, name in enumerate(final)}
+  seen = {}
+  result = search.run_search(candidates, lambda c: (losses[c.name], scores[c.name]), STEPS,
+                             on_result=lambda c, record: seen.update({c.name: record}),
+                             score_name="lm_eval next_line/acc")
+  assert result.best.name == worst and result.scores == scores
+  assert result.score_ranking[0] == worst and result.rankings[STEPS[-1]][-1] == worst
+  assert "lm_eval next_line/acc" in result.to_markdown() and "(ranked by it)" in result.to_markdown()
+  again = search.SearchResult.from_json(result.to_json())
+  assert again.best.name == worst and again.scores == scores
+  # A resumed search reuses saved scores and evaluates again an entry saved without one.
+  unscored = dict(seen)
+  unscored[candidates[0].name] = seen[candidates[0].name]["losses"]
+  calls = []
+
+  def evaluate(candidate):
+    calls.append(candidate.name)
+    return losses[candidate.name], scores[candidate.name]
+
+  resumed = search.run_search(candidates, evaluate, STEPS, done=unscored,
+                              score_name="lm_eval next_line/acc")
+  assert calls == [candidates[0].name] and resumed.scores == scores
