@@ -12,7 +12,12 @@ scaled scores become softcap * tanh(score / softcap) before the mask and softmax
   cudnn      jax.nn.dot_product_attention's cuDNN kernel on CUDA GPUs, for what it can express
              (no soft-capping: blockwise computes those).
   splash     the Pallas TPU splash-attention kernel (Pallas interpret mode off TPU: tests only).
-  auto       splash on TPU, cudnn on GPU where it applies, else blockwise.
+  tokamax    Google tokamax's flash kernels on CUDA GPUs (Mosaic GPU on H100/B200 in bfloat16,
+             else Triton), packed rows and soft-capping included (tokamax_kernels.py says what
+             falls back to blockwise). Needs the `cuda` extra.
+  auto       splash on TPU; on GPU cudnn for rows holding one sequence and AUTO_GPU_PACKED
+             (tokamax where installed and it applies) for packed rows and soft-capping; else
+             blockwise.
 
 Query rows that see no key (padding) come out as zeros from blockwise, cudnn and splash, and as a
 uniform average of every value from naive; they carry no loss, so only naive's rounding matters.
@@ -26,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitron_jax import tokamax_kernels
 from minitron_jax.config import ATTENTION_IMPLEMENTATIONS, ConfigError
 
 NO_WINDOW = int(np.iinfo(np.int32).max)
@@ -33,6 +39,9 @@ NO_WINDOW = int(np.iinfo(np.int32).max)
 _MASKED = -1e30
 # The splash kernel tiles sequences in multiples of the TPU lane width.
 _SPLASH_TILE = 128
+# What "auto" runs on a GPU for what cuDNN cannot express (packed rows, soft-capping): "tokamax"
+# or "blockwise". Unmeasured so far: the GPU attention benchmark (BENCHMARKS.md) decides.
+AUTO_GPU_PACKED = "tokamax"
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
@@ -61,12 +70,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
   static_window = isinstance(window, (int, np.integer))
   blockwise = functools.partial(_blockwise, scale=scale, block_size=block_size, softcap=softcap)
   if implementation == "auto":
-    if platform == "gpu" and softcap is None:
-      try:
-        return _cudnn(q, k, v, segment_ids, window, scale, blockwise)
-      except (NotImplementedError, ValueError, RuntimeError):
-        # cuDNN refuses some shapes and library versions while tracing: then blockwise.
-        return blockwise(q, k, v, segment_ids, window)
+    if platform == "gpu":
+      return _auto_gpu(q, k, v, segment_ids, window, scale, softcap, blockwise)
     implementation = "splash" if platform == "tpu" and static_window else "blockwise"
   if implementation == "naive":
     return _naive(q, k, v, segment_ids, window, scale, softcap)
@@ -76,10 +81,30 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
     if softcap is not None:  # cuDNN's public face has no soft-capping
       return blockwise(q, k, v, segment_ids, window)
     return _cudnn(q, k, v, segment_ids, window, scale, blockwise)
+  if implementation == "tokamax":
+    if platform != "gpu":
+      raise ConfigError(f"attention='tokamax' needs a CUDA GPU; this backend is {platform}")
+    return tokamax_kernels.attend(q, k, v, segment_ids, window, scale, softcap, blockwise)
   if implementation == "splash" and static_window:
     return _splash(q, k, v, segment_ids, int(window), scale, block_size, softcap,
                    interpret=platform != "tpu")
   return blockwise(q, k, v, segment_ids, window)
+
+
+def _auto_gpu(q, k, v, segment_ids, window, scale, softcap, blockwise):
+  """cuDNN for rows holding one sequence; packed rows and soft-capping go to AUTO_GPU_PACKED."""
+  packed = blockwise
+  if (AUTO_GPU_PACKED == "tokamax" and tokamax_kernels.available()
+      and tokamax_kernels.attention_kernel(q.dtype, softcap) is not None):
+    packed = functools.partial(tokamax_kernels.attend, scale=scale, softcap=softcap,
+                               fallback=blockwise)
+  if softcap is not None:  # cuDNN's public face has no soft-capping
+    return packed(q, k, v, segment_ids, window)
+  try:
+    return _cudnn(q, k, v, segment_ids, window, scale, packed)
+  except (NotImplementedError, ValueError, RuntimeError):
+    # cuDNN refuses some shapes and library versions while tracing.
+    return packed(q, k, v, segment_ids, window)
 
 
 # ----------------------------------------------------------------------------- masks

@@ -20,8 +20,9 @@ NORMS = ("rms", "rms1p", "layernorm1p")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots")
 ROPE_KINDS = ("linear", "llama3")
-# auto: splash on TPU, cuDNN on GPU where it expresses the mask, blockwise elsewhere (attention.py).
-ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn", "splash")
+# auto: splash on TPU, cuDNN on GPU where it expresses the mask and tokamax for packed rows where
+# installed, blockwise elsewhere (attention.py).
+ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn", "splash", "tokamax")
 
 
 class ConfigError(ValueError):

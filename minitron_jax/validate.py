@@ -114,7 +114,7 @@ class _Validation:
       compute = build.compute_options(section)
       source = self.attempt("model", source.replace, **compute)
     # A kernel this backend lacks fails at lowering, after the earlier stages have run.
-    needs = {"cudnn": "gpu", "splash": "tpu"}.get(section.get("attention"))
+    needs = {"cudnn": "gpu", "tokamax": "gpu", "splash": "tpu"}.get(section.get("attention"))
     if needs and jax.default_backend() != needs:
       self.note("model.attention", f"{section.attention!r} needs a {needs.upper()}; this backend "
                 f"is {jax.default_backend()} (allowed here: 'auto', 'naive', 'blockwise')")
