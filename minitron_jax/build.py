@@ -9,7 +9,8 @@ from minitron_jax import hf, model
 from minitron_jax.config import ConfigError
 
 # Model settings that change how it computes, never what it holds: applied over any checkpoint.
-COMPUTE_OPTIONS = ("dtype", "remat", "attention", "attention_block_size", "moe_capacity_factor")
+COMPUTE_OPTIONS = ("dtype", "remat", "attention", "attention_block_size", "moe_capacity_factor",
+                   "moe_dispatch")
 
 
 def compute_options(section: ml_collections.ConfigDict) -> dict:

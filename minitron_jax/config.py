@@ -23,6 +23,8 @@ ROPE_KINDS = ("linear", "llama3")
 # auto: splash on TPU, cuDNN on GPU where it expresses the mask and tokamax for packed rows where
 # installed, blockwise elsewhere (attention.py).
 ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn", "splash", "tokamax")
+# Expert dispatch (moe.py): auto, jax.lax.ragged_dot, tokamax's grouped matmul, capacity buffers.
+MOE_DISPATCHES = ("auto", "grouped", "tokamax", "capacity")
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,8 @@ class ModelConfig:
   # elsewhere); a factor c gives each expert c x its even share of a batch's routed tokens in a
   # batched matmul, dropping overflow.
   moe_capacity_factor: float | None = None
+  # Which expert computation (moe.py): "auto", or one of MOE_DISPATCHES to force it.
+  moe_dispatch: str = "auto"
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
@@ -163,6 +167,8 @@ class ModelConfig:
                 or self.shared_expert_intermediate_size),
            "num_experts_per_tok, moe_intermediate_size and shared_expert_intermediate_size "
            "need num_experts > 0")
+    need(self.moe_dispatch in MOE_DISPATCHES,
+         f"moe_dispatch={self.moe_dispatch!r} is not supported; allowed: {MOE_DISPATCHES}")
     need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
          f"moe_capacity_factor={self.moe_capacity_factor!r} must be positive or None")
     for name in ("embedding_scale", "query_pre_attn_scalar", "attn_logit_softcap",

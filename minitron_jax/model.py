@@ -241,7 +241,8 @@ class MixtureOfExperts(nnx.Module):
     weights = weights.astype(dt)  # transformers casts them to the router's dtype too
     outputs, act = moe.experts(x, indices, self.gate_proj[...].astype(dt),
                                self.up_proj[...].astype(dt), self.down_proj[...].astype(dt),
-                               _ACTIVATIONS[cfg.activation], cfg.moe_capacity_factor)
+                               _ACTIVATIONS[cfg.activation], cfg.moe_capacity_factor,
+                               implementation=cfg.moe_dispatch)
     out = jnp.einsum("BTKD,BTK->BTD", outputs, weights)
     inter = dict(router_logits=logits, expert_index=indices, expert_weight=weights,
                  expert_act=act, expert_output=outputs)

@@ -14,7 +14,11 @@ Two dispatches, neither with a loop over experts; both sort the M pairs by exper
   the experts. Pairs beyond an expert's C (later tokens first) are dropped, as in Switch
   Transformer and GShard; C = B*T (every token, capacity factor E/K) never drops and equals the
   grouped path.
-Without a capacity factor the dispatch is exact: grouped on TPU, capacity B*T on CPU and GPU.
+- Tokamax: the grouped dispatch with tokamax.ragged_dot (tokamax_kernels.py), Google's Mosaic
+  GPU grouped-matmul kernel on H100 / B200, M x D x F work; needs the `cuda` extra.
+Without a capacity factor the dispatch is exact; "auto" picks it in one place, _auto_dispatch:
+grouped on TPU, tokamax on sm90/sm100 GPUs where installed (unmeasured so far: the GPU
+moe_dispatch benchmark decides, AUTO_GPU_GROUPED switches it off), capacity B*T elsewhere.
 On a mesh the capacity dispatch runs per device, with an all-to-all over the `expert` axis
 (moe_parallel.py); its capacity then counts the device's own tokens.
 Capacity B*T holds an [E,B*T,D] buffer, E/K times the routed pairs: at large E set a capacity
@@ -29,7 +33,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from minitron_jax import moe_parallel
+from minitron_jax import moe_parallel, tokamax_kernels
+
+# Whether "auto" runs tokamax's grouped matmul on a GPU whose kernel takes both directions.
+AUTO_GPU_GROUPED = True
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -65,8 +72,8 @@ def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax
             ) -> tuple[jax.Array, jax.Array]:
   """Each token through each of its K experts (gated MLPs), unweighted.
 
-  implementation: "grouped", "capacity" (every token when capacity_factor is None) or "auto"
-  (see the module docstring).
+  implementation: "grouped", "tokamax", "capacity" (every token when capacity_factor is None) or
+  "auto" (see the module docstring; _auto_dispatch).
 
   x [B,T,D], indices [B,T,K], gate_proj / up_proj [E,D,F], down_proj [E,F,D] ->
   (outputs [B,T,K,D], activations [B,T,K,F] that feed each expert's down_proj; zero for a pair
@@ -86,13 +93,13 @@ def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax
   group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
   routed = jnp.take(x.reshape(b * t, d), order // k, axis=0)  # [M,D], sorted
   if implementation == "auto":
-    exact_grouped = jax.default_backend() == "tpu"
-    implementation = "grouped" if capacity_factor is None and exact_grouped else "capacity"
-  if implementation == "grouped":
-    gate = jax.lax.ragged_dot(routed, gate_proj, group_sizes)  # [M,F]
-    up = jax.lax.ragged_dot(routed, up_proj, group_sizes)
+    implementation = _auto_dispatch(capacity_factor)
+  if implementation in ("grouped", "tokamax"):
+    matmul = jax.lax.ragged_dot if implementation == "grouped" else tokamax_kernels.ragged_dot
+    gate = matmul(routed, gate_proj, group_sizes)  # [M,F]
+    up = matmul(routed, up_proj, group_sizes)
     act = activation(gate) * up
-    out = jax.lax.ragged_dot(act, down_proj, group_sizes)  # [M,D]
+    out = matmul(act, down_proj, group_sizes)  # [M,D]
   else:
     slots = (b * t if capacity_factor is None
              else capacity(b * t, k, num_experts, capacity_factor))
@@ -110,6 +117,18 @@ def experts(x: jax.Array, indices: jax.Array, gate_proj: jax.Array, up_proj: jax
   out = jnp.zeros_like(out).at[order].set(out, unique_indices=True).reshape(b, t, k, d)
   act = jnp.zeros_like(act).at[order].set(act, unique_indices=True).reshape(b, t, k, -1)
   return out, act
+
+
+def _auto_dispatch(capacity_factor: float | None) -> str:
+  """"auto" on one device: an exact grouped matmul where a fast kernel exists, else capacity."""
+  if capacity_factor is not None:
+    return "capacity"
+  if jax.default_backend() == "tpu":
+    return "grouped"
+  if (jax.default_backend() == "gpu" and AUTO_GPU_GROUPED and tokamax_kernels.available()
+      and tokamax_kernels.grouped_kernel() == "mosaic"):
+    return "tokamax"
+  return "capacity"
 
 
 def load_balancing_loss(router_logits: jax.Array, top_k: int,
