@@ -16,8 +16,8 @@ scaled scores become softcap * tanh(score / softcap) before the mask and softmax
              else Triton), packed rows and soft-capping included (tokamax_kernels.py says what
              falls back to blockwise). Needs the `cuda` extra.
   auto       splash on TPU; on GPU cudnn for rows holding one sequence and AUTO_GPU_PACKED
-             (tokamax where installed and it applies) for packed rows and soft-capping; else
-             blockwise.
+             (tokamax where installed, it applies, and no multi-device mesh is in context) for
+             packed rows and soft-capping; else blockwise.
 
 Query rows that see no key (padding) come out as zeros from blockwise, cudnn and splash, and as a
 uniform average of every value from naive; they carry no loss, so only naive's rounding matters.
@@ -94,7 +94,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,
 def _auto_gpu(q, k, v, segment_ids, window, scale, softcap, blockwise):
   """cuDNN for rows holding one sequence; packed rows and soft-capping go to AUTO_GPU_PACKED."""
   packed = blockwise
-  if (AUTO_GPU_PACKED == "tokamax" and tokamax_kernels.available()
+  if (AUTO_GPU_PACKED == "tokamax" and tokamax_kernels.available() and tokamax_kernels.unsharded()
       and tokamax_kernels.attention_kernel(q.dtype, softcap) is not None):
     packed = functools.partial(tokamax_kernels.attend, scale=scale, softcap=softcap,
                                fallback=blockwise)

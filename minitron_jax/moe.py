@@ -17,8 +17,9 @@ Two dispatches, neither with a loop over experts; both sort the M pairs by exper
 - Tokamax: the grouped dispatch with tokamax.ragged_dot (tokamax_kernels.py), Google's Mosaic
   GPU grouped-matmul kernel on H100 / B200, M x D x F work; needs the `cuda` extra.
 Without a capacity factor the dispatch is exact; "auto" picks it in one place, _auto_dispatch:
-grouped on TPU, tokamax on sm90/sm100 GPUs where installed (unmeasured so far: the GPU
-moe_dispatch benchmark decides, AUTO_GPU_GROUPED switches it off), capacity B*T elsewhere.
+grouped on TPU, tokamax on sm90/sm100 GPUs where installed and no multi-device mesh is in
+context (unmeasured so far: the GPU moe_dispatch benchmark decides, AUTO_GPU_GROUPED switches it
+off), capacity B*T elsewhere.
 On a mesh the capacity dispatch runs per device, with an all-to-all over the `expert` axis
 (moe_parallel.py); its capacity then counts the device's own tokens.
 Capacity B*T holds an [E,B*T,D] buffer, E/K times the routed pairs: at large E set a capacity
@@ -126,7 +127,7 @@ def _auto_dispatch(capacity_factor: float | None) -> str:
   if jax.default_backend() == "tpu":
     return "grouped"
   if (jax.default_backend() == "gpu" and AUTO_GPU_GROUPED and tokamax_kernels.available()
-      and tokamax_kernels.grouped_kernel() == "mosaic"):
+      and tokamax_kernels.unsharded() and tokamax_kernels.grouped_kernel() == "mosaic"):
     return "tokamax"
   return "capacity"
 

@@ -43,7 +43,10 @@ from minitron_jax.config import ConfigError
 
 def available() -> bool:
   """Whether the tokamax package is installed ("auto" only picks it then)."""
-  return importlib.util.find_spec("tokamax") is not None
+  try:
+    return importlib.util.find_spec("tokamax") is not None
+  except ValueError:  # sys.modules["tokamax"] is None: imports of it are blocked
+    return False
 
 
 def _import(setting: str) -> Any:
@@ -53,6 +56,13 @@ def _import(setting: str) -> Any:
     raise ConfigError(f"{setting} needs the tokamax package: pip install "
                       "'minitron-jax[cuda]'") from None
   return tokamax
+
+
+def unsharded() -> bool:
+  """No multi-device mesh in context. Our calls pass tokamax no sharding, and XLA cannot split
+  a Pallas kernel: on a mesh GSPMD would gather its inputs, so "auto" picks tokamax only here."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.empty or mesh.size == 1 or bool(mesh.manual_axes)
 
 
 def _compute_capability() -> float:

@@ -136,6 +136,10 @@ def test_reused_segment_ids_and_soft_capped_triton_fall_back():
 def test_kernel_choice_off_gpu_and_cpu_refusal():
   assert tokamax_kernels.attention_kernel(jnp.bfloat16, None) is None  # no GPU here
   assert tokamax_kernels.grouped_kernel() == "xla"
+  assert tokamax_kernels.unsharded()
+  mesh = jax.sharding.AbstractMesh((2,), ("data",))
+  with jax.sharding.use_abstract_mesh(mesh):
+    assert not tokamax_kernels.unsharded()  # "auto" leaves tokamax alone on a mesh
   q, k, v, _ = _inputs()
   with pytest.raises(ConfigError, match="attention='tokamax' needs a CUDA GPU; this backend is"):
     attention.attend(q, k, v, segment_ids=jnp.asarray(SEGMENTS), scale=SCALE,
