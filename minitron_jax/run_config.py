@@ -82,6 +82,8 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   # Mixtures of experts: 0 dispatches exactly (grouped matmul); c > 0 gives each expert c x its
   # even share of a batch's tokens in one batched matmul and drops the overflow (moe.py).
   config.model.moe_capacity_factor = 0.0
+  # How experts are computed: "auto" (per backend, moe.py), "grouped", "tokamax" or "capacity".
+  config.model.moe_dispatch = "auto"
   # Real-model configs set this: a run on a random 15B model is a mistake, not a default.
   config.model.require_checkpoint = False
   # What to tell the user when a required checkpoint is absent (e.g. the pip line that ships it).
