@@ -57,13 +57,14 @@ def kernel_step(implementation: str, segment_ids: np.ndarray, kv_heads: int, gro
   w.r.t. q, k and v of a random linear function of the output at the non-padding positions
   (kernels differ only on padding, where no loss is taken)."""
   b, t = segment_ids.shape
-  keys = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(keys[0], (b, t, kv_heads, groups, head_dim), dtype)
-  k = jax.random.normal(keys[1], (b, t, kv_heads, head_dim), dtype)
-  v = jax.random.normal(keys[2], (b, t, kv_heads, head_dim), dtype)
+  # numpy's generator: jax.random would compile a program per shape, seconds on a CPU.
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dtype)  # noqa: E731
+  q = normal(b, t, kv_heads, groups, head_dim)
+  k, v = normal(b, t, kv_heads, head_dim), normal(b, t, kv_heads, head_dim)
   segments = jnp.asarray(segment_ids)
-  valid = (segments != 0)[:, :, None, None, None]
-  cotangent = jnp.where(valid, jax.random.normal(keys[3], q.shape, jnp.float32), 0.0)
+  valid = (segment_ids != 0)[:, :, None, None, None]
+  cotangent = jnp.asarray(np.where(valid, rng.standard_normal(q.shape, np.float32), 0.0))
 
   def loss(q, k, v):
     out = attention.attend(q, k, v, segment_ids=segments, scale=head_dim ** -0.5,
