@@ -42,7 +42,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _naive_loglikelihood(config, params, context: str, text: str, max_length: int) -> float:
-  """One unpadded forward pass per choice, summed in float64."""
+  """One unpadded forward pass per choice, summed in float64; as in lm-evaluation-harness, the
+  context's trailing whitespace is scored as the start of the text."""
+  stripped = context.rstrip()
+  context, text = stripped, context[len(stripped):] + text
   context_ids = BYTES.encode(context)
   scored = BYTES.encode(context + text)[len(context_ids):]
   sequence = (context_ids + scored)[-(max_length + 1):]
