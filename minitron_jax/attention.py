@@ -16,8 +16,9 @@ scaled scores become softcap * tanh(score / softcap) before the mask and softmax
              else Triton), packed rows and soft-capping included (tokamax_kernels.py says what
              falls back to blockwise). Needs the `cuda` extra.
   auto       splash on TPU; on GPU cudnn for rows holding one sequence and AUTO_GPU_PACKED
-             (tokamax where installed, it applies, and no multi-device mesh is in context) for
-             packed rows and soft-capping; else blockwise.
+             for packed rows and soft-capping (blockwise until a GPU run of gpu_suite.py
+             measures tokamax; with the switch on, tokamax where installed, it applies, and no
+             multi-device mesh is in context); else blockwise.
 
 Query rows that see no key (padding) come out as zeros from blockwise, cudnn and splash, and as a
 uniform average of every value from naive; they carry no loss, so only naive's rounding matters.
@@ -40,8 +41,9 @@ _MASKED = -1e30
 # The splash kernel tiles sequences in multiples of the TPU lane width.
 _SPLASH_TILE = 128
 # What "auto" runs on a GPU for what cuDNN cannot express (packed rows, soft-capping): "tokamax"
-# or "blockwise". Unmeasured so far: the GPU attention benchmark (BENCHMARKS.md) decides.
-AUTO_GPU_PACKED = "tokamax"
+# or "blockwise". Blockwise until tokamax has run on a GPU: gpu_suite.py times both (part d), and
+# its figures decide this switch.
+AUTO_GPU_PACKED = "blockwise"
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array,

@@ -17,9 +17,9 @@ Two dispatches, neither with a loop over experts; both sort the M pairs by exper
 - Tokamax: the grouped dispatch with tokamax.ragged_dot (tokamax_kernels.py), Google's Mosaic
   GPU grouped-matmul kernel on H100 / B200, M x D x F work; needs the `cuda` extra.
 Without a capacity factor the dispatch is exact; "auto" picks it in one place, _auto_dispatch:
-grouped on TPU, tokamax on sm90/sm100 GPUs where installed and no multi-device mesh is in
-context (unmeasured so far: the GPU moe_dispatch benchmark decides, AUTO_GPU_GROUPED switches it
-off), capacity B*T elsewhere.
+grouped on TPU, capacity B*T elsewhere; with AUTO_GPU_GROUPED on, tokamax on sm90/sm100 GPUs
+where installed and no multi-device mesh is in context. The switch is off until tokamax has run on
+a GPU: gpu_suite.py times every dispatch (part e), and its figures decide it.
 On a mesh the capacity dispatch runs per device, with an all-to-all over the `expert` axis
 (moe_parallel.py); its capacity then counts the device's own tokens.
 Capacity B*T holds an [E,B*T,D] buffer, E/K times the routed pairs: at large E set a capacity
@@ -36,8 +36,9 @@ import jax.numpy as jnp
 
 from minitron_jax import moe_parallel, tokamax_kernels
 
-# Whether "auto" runs tokamax's grouped matmul on a GPU whose kernel takes both directions.
-AUTO_GPU_GROUPED = True
+# Whether "auto" runs tokamax's grouped matmul on a GPU whose kernel takes both directions
+# (off until measured on a GPU; see the module docstring).
+AUTO_GPU_GROUPED = False
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
