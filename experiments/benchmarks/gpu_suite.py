@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import gc
 import importlib.util
+import itertools
 import math
 import os
 import pathlib
@@ -155,7 +156,7 @@ FULL = Sizes(
 
 SMOKE = Sizes(
     dtype="float32",
-    budgets=dict(distill=30, importance=15, fused_kld=15, attention=20, moe=15, kd_vs_ce=40),
+    budgets=dict(distill=30, importance=15, fused_kld=15, attention=20, moe=30, kd_vs_ce=40),
     preset="tiny", tiny=(64, 2, 512), distill_seq=64, distill_batches=(4, 2), distill_steps=2,
     matmul_size=512,
     importance_batch=2, importance_seq=64, importance_batches=2,
@@ -165,7 +166,8 @@ SMOKE = Sizes(
     moe_experts=(4, 8), moe_tokens=128, moe_hidden=32, moe_width=16, moe_top_k=2,
     moe_factors=(1.25,),
     kd_model="stdlib_teacher", kd_seconds=2, kd_max_steps=3, kd_batch=2, kd_seq=64,
-    kd_warmup=1, kd_eval_batches=1, kd_license_batches=2, kd_calibration_batches=1, kd_read_threads=1)
+    kd_warmup=1, kd_eval_batches=1, kd_license_batches=2, kd_calibration_batches=1,
+    kd_read_threads=1)
 
 
 class Skipped(Exception):
@@ -276,9 +278,9 @@ def part_distill(sizes: Sizes, budget: Budget) -> dict:
                 datasheet_peak_flops=peak, mfu=achieved / peak if peak else None,
                 measured_matmul_peak_flops=measured_peak,
                 mfu_vs_measured_matmul=achieved / measured_peak)
+  mfu = f"{achieved / peak:.1%}" if peak else f"n/a (no bf16 datasheet peak for {kind})"
   log(f"distill: batch {batch}x{seq}, {seconds * 1e3:,.0f} ms/step, {tokens / seconds:,.0f} "
-      f"tokens/s, {achieved / 1e12:.1f} TFLOP/s, MFU "
-      f"{'n/a (no datasheet peak for ' + kind + ')' if peak is None else f'{achieved / peak:.1%}'}")
+      f"tokens/s, {achieved / 1e12:.1f} TFLOP/s, MFU {mfu}")
   return result
 
 
@@ -380,7 +382,8 @@ def dispatch_name(capacity_factor, implementation: str) -> str:
 
 
 def part_moe(sizes: Sizes, budget: Budget) -> dict:
-  # "auto" is what the model runs without a capacity factor; the rest are every path offered.
+  # "auto" is what the model runs without a capacity factor; the rest are every path offered
+  # (config.MOE_DISPATCHES), exact and at each capacity factor.
   runs = [(None, "auto")] + moe_dispatch.dispatches(sizes.moe_factors)
   cells = []
   for experts in sizes.moe_experts:
@@ -394,11 +397,13 @@ def part_moe(sizes: Sizes, budget: Budget) -> dict:
         continue
       try:
         cell["ms"] = moe_dispatch.measure(inputs, sizes.moe_top_k, factor, implementation) * 1e3
+      except config_lib.ConfigError as e:  # a kernel this install lacks
+        cell["skipped"] = str(e)
       except Exception as e:  # noqa: BLE001  (one cell's failure is its result)
         cell["error"] = error_text(e)
       finally:
         free_memory()
-      outcome = cell["error"] if "error" in cell else f"{cell['ms']:.2f} ms"
+      outcome = cell.get("error") or cell.get("skipped") or f"{cell['ms']:.2f} ms"
       log(f"moe: E={experts} {cell['dispatch']}: {outcome}")
   return dict(cells=cells, tokens=sizes.moe_tokens, hidden=sizes.moe_hidden,
               width=sizes.moe_width, top_k=sizes.moe_top_k, dtype=sizes.dtype,
@@ -423,7 +428,10 @@ def half_mlp_target(config) -> dict:
   """The MLP width (a multiple of 8) that keeps closest to half of the non-embedding parameters,
   every other axis whole: SmolLM2-135M's 1536 -> 512, the default target of its config."""
   embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-  outside = lambda width: config.replace(intermediate_size=width).num_params() - embedding  # noqa: E731
+
+  def outside(width):
+    return config.replace(intermediate_size=width).num_params() - embedding
+
   half = outside(config.intermediate_size) / 2
   width = min(range(8, config.intermediate_size, 8), key=lambda w: abs(outside(w) - half))
   return {"intermediate_size": width}
@@ -437,7 +445,8 @@ def load_kd_model(name: str):
     if not path:
       raise Skipped(f"SmolLM2-135M is not installed ({smollm2.INSTALL})")
     config, params = hf.load(path)
-    return config, params, tokenizer.load_tokenizer(path), smollm2.get_config().distill.optimizer.peak_lr
+    peak_lr = smollm2.get_config().distill.optimizer.peak_lr
+    return config, params, tokenizer.load_tokenizer(path), peak_lr
   # The shipped byte-level stdlib teacher, at the learning rate experiments/kd_vs_ce.py uses.
   config, params = hf.load(run_config.TEACHER)
   return config, params, tokenizer.ByteTokenizer(), 2e-3
@@ -468,10 +477,12 @@ def retrain(student_cfg, teacher_cfg, student, teacher, loss_cfg: LossConfig, ba
   optimizer = distill.OptimizerConfig(peak_lr=peak_lr, end_lr=peak_lr, warmup_steps=warmup)
   distiller = distill.Distiller(student_cfg, teacher_cfg if loss_cfg.uses_teacher else None,
                                 loss_cfg, optimizer, max_steps)
-  state = distiller.init_state(jax.device_put(student))  # a copy: train_step donates it
+  state = distiller.init_state(jax.tree.map(jnp.array, student))  # a copy: steps donate it
   teacher = teacher if loss_cfg.uses_teacher else None
   done = tokens = timed_tokens = 0
   started = None
+  label = "KD" if loss_cfg.uses_teacher else "CE"
+  last_log = time.perf_counter()
   while True:
     if steps is not None and done >= steps:
       break
@@ -490,6 +501,9 @@ def retrain(student_cfg, teacher_cfg, student, teacher, loss_cfg: LossConfig, ba
         raise FloatingPointError(f"loss {loss} at step {done}")
       if started is None:
         started = time.perf_counter()  # the first step compiled: time from here
+      elif time.perf_counter() - last_log > 20:
+        last_log = time.perf_counter()
+        log(f"kd_vs_ce: {label} step {done}, train loss {loss:.4f}")
   loss = float(metrics["loss"])
   elapsed = time.perf_counter() - started
   record = dict(steps=done, tokens=tokens, seconds_after_first_step=elapsed,
@@ -501,15 +515,20 @@ def retrain(student_cfg, teacher_cfg, student, teacher, loss_cfg: LossConfig, ba
 def part_kd_vs_ce(sizes: Sizes, budget: Budget) -> dict:
   del budget  # the KD run has its own time budget, and CE must then match its tokens
   config, params, tok, peak_lr = load_kd_model(sizes.kd_model)
+  params = jax.device_put(params)  # loaded on the host: moved once, not at every step
   log(f"kd_vs_ce: {sizes.kd_model}, {config.num_params():,} parameters")
-  stream = lambda: data.make_iterator(data.DataConfig(  # noqa: E731  (equal configs: equal batches)
-      source="stdlib", seq_len=sizes.kd_seq, batch_size=sizes.kd_batch,
-      read_threads=sizes.kd_read_threads), tok, "train")
-  calibration = [next(b) for b in [stream()] for _ in range(sizes.kd_calibration_batches)]
+
+  def stream():  # equal configs give equal batches: KD and CE train on the same ones
+    return data.make_iterator(data.DataConfig(
+        source="stdlib", seq_len=sizes.kd_seq, batch_size=sizes.kd_batch,
+        read_threads=sizes.kd_read_threads), tok, "train")
+
+  calibration = list(itertools.islice(stream(), sizes.kd_calibration_batches))
   scores = importance.estimate(config, params, calibration)
   target = half_mlp_target(config)
   pruned_cfg, pruned = prune.prune(config, jax.device_get(params), scores, target,
                                    head_merging=False)
+  pruned = jax.device_put(pruned)
   embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
   kept = (pruned_cfg.num_params() - embedding) / (config.num_params() - embedding)
   log(f"kd_vs_ce: pruned to {target} ({kept:.1%} of the non-embedding parameters)")
@@ -604,30 +623,33 @@ def finite(value):
   return value
 
 
-def targets_met(parts: dict) -> dict:
-  """Each target with its measured value and whether it is met (None: not measured)."""
+def targets_met(parts: dict, judged: bool) -> dict:
+  """Each target with its measured value and whether it is met (None: not measured, or toy
+  sizes, `judged` False, where the targets say nothing)."""
   get = lambda part, key: (parts.get(part, {}).get("result") or {}).get(key)  # noqa: E731
   mfu, ratio = get("distill", "mfu"), get("importance", "ratio")
   time_ratio, memory_ratio = get("fused_kld", "time_ratio"), get("fused_kld", "memory_ratio")
+  met = lambda measured, ok: None if measured is None or not judged else ok  # noqa: E731
   return {
       "distill_mfu": dict(target=TARGETS["distill_mfu"], value=mfu,
-                          met=None if mfu is None else mfu >= 0.45),
+                          met=met(mfu, mfu is not None and mfu >= 0.45)),
       "importance_ratio": dict(target=TARGETS["importance_ratio"], value=ratio,
-                               met=None if ratio is None else ratio <= 1.1),
+                               met=met(ratio, ratio is not None and ratio <= 1.1)),
       "fused_kld": dict(target=TARGETS["fused_kld"], time_ratio=time_ratio,
                         memory_ratio=memory_ratio,
-                        met=None if time_ratio is None or memory_ratio is None
-                        else time_ratio <= 1.1 and memory_ratio <= 0.125)}
+                        met=met(time_ratio and memory_ratio,
+                                time_ratio is not None and memory_ratio is not None
+                                and time_ratio <= 1.1 and memory_ratio <= 0.125))}
 
 
-def run_suite(sizes: Sizes, parts) -> dict:
+def run_suite(sizes: Sizes, parts, smoke: bool) -> dict:
   started = time.perf_counter()
-  record = dict(suite="gpu_suite",
+  record = dict(suite="gpu_suite", smoke=smoke,
                 environment=environment(), sizes=dataclasses.asdict(sizes), parts={})
   log(f"{record['environment']['device']}, jax {jax.__version__}")
   for name in parts:
     record["parts"][name] = run_part(name, sizes)
-  record["targets"] = targets_met(record["parts"])
+  record["targets"] = targets_met(record["parts"], judged=not smoke)
   record["seconds"] = time.perf_counter() - started
   return finite(record)
 
@@ -639,8 +661,8 @@ def _cell(value, fmt="{:.2f}", none="-"):
   return none if value is None else fmt.format(value)
 
 
-def markdown(record: dict) -> str:
-  """The dated block for BENCHMARKS.md: a summary of every part and the grids behind it."""
+def markdown(record: dict, output: pathlib.Path) -> str:
+  """The dated block for BENCHMARKS.md: a summary of every part run and the grids behind it."""
   env, parts = record["environment"], record["parts"]
   result = lambda name: parts.get(name, {}).get("result") or {}  # noqa: E731
   lines = [f"\n### GPU suite: {env['date']}, {env['device']}, jax {env['jax']}, jaxlib "
@@ -651,29 +673,33 @@ def markdown(record: dict) -> str:
                          if name in parts else "not run")
   met = lambda t: {True: "yes", False: "no", None: "-"}[t["met"]]  # noqa: E731
   d = result("distill")
-  lines.append(
+  rows = {}
+  rows["distill"] = (
       f"| distillation step {_cell(d.get('teacher_params'), '{:,}')} -> "
       f"{_cell(d.get('student_params'), '{:,}')} params, batch {d.get('batch')}x{d.get('seq')} "
       f"| {_cell(d.get('step_seconds'), '{:.3f}')} s/step, "
-      f"{_cell(d.get('tokens_per_second'), '{:,.0f}')} tokens/s, MFU {_cell(d.get('mfu'), '{:.1%}')} "
+      f"{_cell(d.get('tokens_per_second'), '{:,.0f}')} tokens/s, "
+      f"MFU {_cell(d.get('mfu'), '{:.1%}')} "
       f"({_cell(d.get('mfu_vs_measured_matmul'), '{:.1%}')} of a measured matmul) "
       f"| {TARGETS['distill_mfu']} | {met(targets['distill_mfu'])} | {status('distill')} |")
   i = result("importance")
-  lines.append(f"| importance pass / forward | {_cell(i.get('ratio'))} x "
-               f"| {TARGETS['importance_ratio']} | {met(targets['importance_ratio'])} "
-               f"| {status('importance')} |")
+  rows["importance"] = (f"| importance pass / forward | {_cell(i.get('ratio'))} x "
+                        f"| {TARGETS['importance_ratio']} | {met(targets['importance_ratio'])} "
+                        f"| {status('importance')} |")
   k = result("fused_kld")
-  lines.append(f"| fused KLD / naive, vocab {k.get('vocab')} | time {_cell(k.get('time_ratio'))} "
-               f"x, temp memory {_cell(k.get('memory_ratio'), '{:.3f}')} x "
-               f"| {TARGETS['fused_kld']} | {met(targets['fused_kld'])} | {status('fused_kld')} |")
+  rows["fused_kld"] = (
+      f"| fused KLD / naive, vocab {k.get('vocab')} | time {_cell(k.get('time_ratio'))} x, "
+      f"temp memory {_cell(k.get('memory_ratio'), '{:.3f}')} x | {TARGETS['fused_kld']} "
+      f"| {met(targets['fused_kld'])} | {status('fused_kld')} |")
   for name in ("attention", "moe", "kd_vs_ce"):
-    lines.append(f"| {name} | tables below | - | - | {status(name)} |")
+    rows[name] = f"| {name} | tables below | - | - | {status(name)} |"
+  lines += [row for name, row in rows.items() if name in parts]
   for name, entry in parts.items():
     if entry["status"] != "ok":
       lines.append(f"\n{name}: {entry['status']}: {entry.get('error') or entry.get('reason')}")
 
   def grid(cells, row_key, column_key, title):
-    rows = sorted({c[row_key] for c in cells}, key=lambda r: (str(type(r)), r))
+    rows = list(dict.fromkeys(c[row_key] for c in cells))
     columns = list(dict.fromkeys(c[column_key] for c in cells))
     out = [f"\n{title}\n", f"| {row_key} | " + " | ".join(map(str, columns)) + " |",
            "|---|" + "---|" * len(columns)]
@@ -710,11 +736,12 @@ def markdown(record: dict) -> str:
                   f"{c} gap recovered" for c in corpora) + " |",
               "|---|" + "---|" * (2 * len(corpora))]
     for run in ("teacher", "pruned", "kd", "ce"):
+      losses = [_cell(f["loss"][run][c], "{:.4f}") for c in corpora]
       shares = [_cell(f["gap_recovered"].get(run, {}).get(c), "{:.1%}") for c in corpora]
-      lines.append(f"| {run} | " + " | ".join(_cell(f["loss"][run][c], "{:.4f}")
-                                               for c in corpora) + " | " + " | ".join(shares) + " |")
-  lines.append(f"\n`python experiments/benchmarks/gpu_suite.py` ({record['seconds']:.0f} s in all); "
-               "JSON: experiments/results/gpu_suite.json.")
+      lines.append(f"| {run} | " + " | ".join(losses + shares) + " |")
+  shown = output.relative_to(REPO) if output.is_relative_to(REPO) else output
+  lines.append(f"\n`python experiments/benchmarks/gpu_suite.py` ({record['seconds']:.0f} s in "
+               f"all); JSON: {shown}.")
   return "\n".join(lines) + "\n"
 
 
@@ -731,15 +758,14 @@ def main(argv):
   output = pathlib.Path(_OUTPUT.value or (
       pathlib.Path(tempfile.mkdtemp(prefix="gpu_suite_")) / "gpu_suite.json" if _SMOKE.value
       else REPO / "experiments" / "results" / "gpu_suite.json"))
-  record = run_suite(sizes, [p for p in PARTS if p in _PARTS.value])
-  record["smoke"] = _SMOKE.value
+  record = run_suite(sizes, [p for p in PARTS if p in _PARTS.value], _SMOKE.value)
   output.parent.mkdir(parents=True, exist_ok=True)
   atomic.write_json(output, record)
   log(f"wrote {output} ({record['seconds']:.0f} s)")
   benchmarks_md = _BENCHMARKS_MD.value
   if benchmarks_md is None:
     benchmarks_md = "" if _SMOKE.value else str(REPO / "BENCHMARKS.md")
-  block = markdown(record)
+  block = markdown(record, output.resolve())
   if benchmarks_md:
     with open(benchmarks_md, "a") as f:
       f.write(block)

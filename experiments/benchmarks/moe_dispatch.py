@@ -6,7 +6,8 @@ layer's forward + backward, at growing expert counts with the routed work held f
 Every row routes `tokens` tokens to `top_k` of E experts of width `width` (hidden `hidden`): the
 same useful work M x D x F per projection whatever E is. A backend whose ragged_dot pads every
 group to M rows (XLA's generic lowering) grows with E; the capacity dispatch does E x C rows
-(C = every token for the exact one, E/K times the useful work). `measure` is what gpu_suite.py imports.
+(C = every token for the exact one, E/K times the useful work). `measure` is what gpu_suite.py
+imports.
 """
 
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from minitron_jax import benchmark, moe
+from minitron_jax import config as config_lib
 
 # Flags only when run as a script: gpu_suite.py imports this module beside others whose flag
 # names overlap.
@@ -36,10 +38,18 @@ def _step(top_k, capacity_factor, implementation):
 
 
 def dispatches(capacity_factors) -> list[tuple[float | None, str]]:
-  """(capacity factor, implementation) of every dispatch timed: the two exact ones, then the
-  capacity path at each factor."""
-  return [(None, "grouped"), (None, "capacity")] + [(float(c), "capacity")
-                                                     for c in capacity_factors]
+  """(capacity factor, implementation) of every dispatch timed: each exact one the library
+  offers (config.MOE_DISPATCHES but "auto", which picks one of them), then the capacity path at
+  each factor."""
+  exact = [(None, name) for name in config_lib.MOE_DISPATCHES if name != "auto"]
+  return exact + [(float(c), "capacity") for c in capacity_factors]
+
+
+def label(capacity_factor: float | None, implementation: str) -> str:
+  if implementation == "capacity":
+    return ("exact, capacity every token (E/K)" if capacity_factor is None
+            else f"capacity factor {capacity_factor} (drops overflow)")
+  return f"exact, {implementation}" + (" (ragged_dot)" if implementation == "grouped" else "")
 
 
 def layer_inputs(experts: int, tokens: int, hidden: int, width: int, dtype=jnp.float32):
@@ -70,12 +80,13 @@ def main(argv):
     inputs = layer_inputs(experts, tokens, d, f)
     row = [experts, k]
     for factor, implementation in dispatches(_FACTORS.value):
-      row.append(f"{measure(inputs, k, factor, implementation) * 1e3:.1f}")
+      try:
+        row.append(f"{measure(inputs, k, factor, implementation) * 1e3:.1f}")
+      except config_lib.ConfigError:  # a kernel this machine lacks (tokamax off a GPU install)
+        row.append("n/a")
     rows.append(row)
     print(row, flush=True)
-  header = ["experts E", "top-k", "exact, grouped (ragged_dot) ms",
-            "exact, capacity every token (E/K) ms"] + [
-                f"capacity factor {c} (drops overflow) ms" for c in _FACTORS.value]
+  header = ["experts E", "top-k"] + [f"{label(*run)} ms" for run in dispatches(_FACTORS.value)]
   notes = (f"One MoE layer, forward + backward, {tokens} tokens, D={d}, F={f}: the routed work "
            "is the same in every row. Without a capacity factor the model dispatches exactly: "
            "grouped on TPU, capacity-every-token on CPU and GPU.")

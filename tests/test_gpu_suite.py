@@ -1,0 +1,83 @@
+"""experiments/benchmarks/gpu_suite.py --smoke: every part runs at toy size on the CPU and the JSON
+holds finite numbers for each (structure, not speed: the GPU run is what measures)."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+from minitron_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PARTS = ("distill", "importance", "fused_kld", "attention", "moe", "kd_vs_ce")
+
+
+def _positive(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_smoke_writes_every_part_with_numbers(tmp_path):
+  output, markdown = tmp_path / "suite.json", tmp_path / "BENCHMARKS.md"
+  # One CPU device, as a user's machine has (the suite's conftest simulates 8).
+  env = dict(os.environ, XLA_FLAGS="")
+  result = subprocess.run(
+      [sys.executable, "experiments/benchmarks/gpu_suite.py", "--smoke", f"--output={output}",
+       f"--benchmarks_md={markdown}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = json.loads(output.read_text())
+  assert record["smoke"] is True
+  assert {"device_kind", "jax", "jaxlib", "flax", "python", "date"} <= set(record["environment"])
+  assert tuple(record["parts"]) == PARTS
+  for name, entry in record["parts"].items():
+    assert entry["status"] == "ok", (name, entry)
+  parts = {name: entry["result"] for name, entry in record["parts"].items()}
+
+  distill = parts["distill"]
+  for key in ("step_seconds", "tokens_per_second", "flops_per_token", "achieved_flops",
+              "mfu_vs_measured_matmul"):
+    assert _positive(distill[key]), key
+  assert distill["mfu"] is None  # a CPU has no datasheet bf16 peak
+  assert distill["batch"] == 4 and distill["attempts"][-1]["result"] == "ok"
+
+  assert _positive(parts["importance"]["ratio"])
+  for key in ("naive_temp_bytes", "fused_temp_bytes", "memory_ratio", "time_ratio"):
+    assert _positive(parts["fused_kld"][key]), key
+
+  cells = parts["attention"]["cells"]
+  implementations = {c["implementation"] for c in cells}
+  assert {"auto", "naive", "blockwise", "cudnn", "splash"} <= implementations
+  assert len(cells) == 3 * len(implementations)  # every (T, kernel) is recorded
+  for cell in cells:
+    if cell["implementation"] in ("auto", "naive", "blockwise"):
+      assert _positive(cell.get("ms")), cell
+    else:  # GPU and TPU kernels are skipped with a reason on the CPU, not failed
+      assert cell.get("skipped") and "error" not in cell, cell
+
+  moe = parts["moe"]["cells"]
+  exact = [name for name in config_lib.MOE_DISPATCHES if name not in ("auto", "capacity")]
+  assert {c["dispatch"] for c in moe} == {"auto", "capacity (every token)", "capacity x1.25",
+                                          *exact}
+  for cell in moe:  # a kernel this install lacks (tokamax) is skipped with a reason
+    assert _positive(cell.get("ms")) or (cell.get("skipped") and "error" not in cell), cell
+  assert all(_positive(c.get("ms")) for c in moe
+             if c["dispatch"] in ("auto", "grouped", "capacity (every token)")), moe
+
+  kd = parts["kd_vs_ce"]
+  assert 0.45 < kd["non_embedding_kept"] < 0.55
+  assert kd["kd_run"]["steps"] == kd["ce_run"]["steps"] >= 2
+  assert kd["kd_run"]["tokens"] == kd["ce_run"]["tokens"]  # equal tokens, the same batches
+  corpora = {"stdlib"} | ({"licenses"} if pathlib.Path("/usr/share/common-licenses").is_dir()
+                          else set())
+  for run in ("teacher", "pruned", "kd", "ce"):
+    assert set(kd["loss"][run]) == corpora
+    assert all(_positive(v) for v in kd["loss"][run].values()), (run, kd["loss"][run])
+  for run in ("kd", "ce"):
+    assert all(math.isfinite(v) for v in kd["gap_recovered"][run].values())
+
+  assert set(record["targets"]) == {"distill_mfu", "importance_ratio", "fused_kld"}
+  assert all(t["met"] is None for t in record["targets"].values())  # toy sizes judge nothing
+  block = markdown.read_text()
+  assert "### GPU suite:" in block and "KD vs CE" in block and "MoE dispatch" in block
