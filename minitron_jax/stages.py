@@ -13,36 +13,18 @@ import itertools
 import json
 import pathlib
 import time
-from typing import Callable
 
-import jax
 import ml_collections
 
-from minitron_jax import (atomic, build, checkpoint, data, distill, distributed, hf, importance,
-                          model, preemption, prune, search, search_score, sharding,
-                          teacher_logits, tokenizer)
+from minitron_jax import (atomic, checkpoint, data, distill, distributed, hf, importance, model,
+                          preemption, prune, search, search_score, sharding, teacher_logits)
 from minitron_jax.atomic import write_json  # noqa: F401  (stages.write_json: sweeps use it)
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 from minitron_jax.losses import LossConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRef:
-  """`path` None: the model `config.model` describes; else a directory `checkpoint` saved."""
-
-  path: pathlib.Path | None = None
-  label: str = "original"
-
-
-@dataclasses.dataclass(frozen=True)
-class Context:
-  cfg: ml_collections.ConfigDict
-  directory: pathlib.Path
-  source: ModelRef = ModelRef()
-  teacher: ModelRef = ModelRef()
-  target: dict | None = None
-  distill_steps: int | None = None
-  log: Callable[[str], None] = print
+# The models, data and mesh every stage reads: stage_context.py, re-exported here.
+from minitron_jax.stage_context import (Context, ModelRef, data_config, load,  # noqa: F401
+                                        load_tokenizer, mesh_of, validation)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -93,46 +75,6 @@ def original_ref(cfg, workdir: pathlib.Path) -> ModelRef:
 
 
 # ----------------------------------------------------------------------------- shared pieces
-
-
-def mesh_of(cfg: ml_collections.ConfigDict):
-  return sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
-
-
-def load(cfg: ml_collections.ConfigDict, ref: ModelRef, mesh):
-  """(config, params placed on the mesh) of a model reference."""
-  if ref.path is None:
-    model_config = build.model_config(cfg.model)
-    config, params = build.load_model(
-        cfg.model, out_shardings=sharding.param_shardings(model_config, mesh))
-    return config, sharding.shard_params(config, params, mesh)
-  if not checkpoint.is_saved_model(ref.path):
-    raise ConfigError(f"no saved model at {ref.path}; run the stage that produces it")
-  compute = build.compute_options(cfg.model)
-  config = checkpoint.load_config(ref.path).replace(**compute)  # how to compute is this run's
-  return config, checkpoint.load_model(ref.path, sharding.param_shardings(config, mesh))[1]
-
-
-def data_config(cfg: ml_collections.ConfigDict, **changes) -> data.DataConfig:
-  return data.DataConfig.from_dict({**cfg.data.to_dict(), **changes})
-
-
-def load_tokenizer(cfg: ml_collections.ConfigDict, vocab_size: int):
-  spec = cfg.tokenizer or cfg.model.hf_path
-  if not spec:
-    raise ConfigError("config.tokenizer is empty and there is no model.hf_path to read "
-                      "tokenizer.json from; set tokenizer='bytes' or a tokenizer path")
-  tok = tokenizer.load_tokenizer(spec)
-  if tok.vocab_size > vocab_size:
-    raise ConfigError(f"tokenizer {tok.name} has {tok.vocab_size} tokens; the model's "
-                      f"vocab_size={vocab_size} is smaller")
-  return tok
-
-
-def validation(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
-  """The fixed validation batches every stage reports its loss on."""
-  return data.validation_batches(data_config(cfg), load_tokenizer(cfg, vocab_size),
-                                 cfg.eval_batches)
 
 
 def _calibration(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:

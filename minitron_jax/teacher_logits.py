@@ -16,8 +16,9 @@ import time
 
 import ml_collections
 
-from minitron_jax import atomic, build, checkpoint, data, sharding, teacher_store
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax import atomic, build, checkpoint, data, sharding, stage_context, teacher_store
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 STAGE = "teacher_logits"
 _STREAM_SETTINGS_ASIDE = ("batch_size", "read_threads", "read_buffer")  # rows do not depend on them
@@ -66,15 +67,13 @@ def train_rows(cfg: ml_collections.ConfigDict, distill_steps: int | None) -> int
 def expected_metadata(cfg: ml_collections.ConfigDict, ref, config: ModelConfig, split: str,
                       distill_steps: int | None = None) -> teacher_store.StoreMetadata:
   """What the store of `split` ("train" or "validation") must have been made from."""
-  from minitron_jax import stages  # stage helpers; stages imports this module for its switch
-
   section = cfg.teacher_logits
   if split == "train":
-    stream = stages.data_config(cfg, batch_size=cfg.distill.batch_size,
+    stream = stage_context.data_config(cfg, batch_size=cfg.distill.batch_size,
                                 seq_len=cfg.distill.seq_len)
     rows = train_rows(cfg, distill_steps)
   else:
-    stream = stages.data_config(cfg)
+    stream = stage_context.data_config(cfg)
     rows = cfg.eval_batches * stream.batch_size
   fields = {k: v for k, v in dataclasses.asdict(stream).items()
             if k not in _STREAM_SETTINGS_ASIDE}
@@ -90,23 +89,21 @@ def expected_metadata(cfg: ml_collections.ConfigDict, ref, config: ModelConfig, 
 
 def run(ctx) -> dict:
   """Writes (or finishes) both stores of this compression stage; its summary marks it done."""
-  from minitron_jax import stages
-
   cfg, out = ctx.cfg, ctx.directory / STAGE
   started = time.perf_counter()
-  mesh = stages.mesh_of(cfg)
-  config, params = stages.load(cfg, ctx.teacher, mesh)
+  mesh = stage_context.mesh_of(cfg)
+  config, params = stage_context.load(cfg, ctx.teacher, mesh)
   config = config.replace(dtype=cfg.distill.dtype)
-  tok = stages.load_tokenizer(cfg, config.vocab_size)
+  tok = stage_context.load_tokenizer(cfg, config.vocab_size)
   shard = lambda shape: sharding.batch_sharding(mesh, shape)
   summary = {}
   for split in ("train", "validation"):
     meta = expected_metadata(cfg, ctx.teacher, config, split, ctx.distill_steps)
     if split == "train":
-      batches = data.make_iterator(stages.data_config(cfg, batch_size=cfg.distill.batch_size,
+      batches = data.make_iterator(stage_context.data_config(cfg, batch_size=cfg.distill.batch_size,
                                                       seq_len=cfg.distill.seq_len), tok, "train")
     else:
-      batches = iter(stages.validation(cfg, config.vocab_size))
+      batches = iter(stage_context.validation(cfg, config.vocab_size))
     ctx.log(f"[{STAGE}] {split}: top-{meta.k} of the {ctx.teacher.label} teacher over "
             f"{meta.num_rows} rows of {meta.seq_len} tokens, {meta.bytes_per_token} bytes/token")
     split_started = time.perf_counter()
