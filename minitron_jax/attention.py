@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax import tokamax_kernels
-from minitron_jax.config import ATTENTION_IMPLEMENTATIONS, ConfigError
+from minitron_jax.config import ATTENTION_IMPLEMENTATIONS
+from minitron_jax.errors import ConfigError
 
 NO_WINDOW = int(np.iinfo(np.int32).max)
 # Finite, so a row with nothing visible gives a uniform softmax in naive and no NaN anywhere.

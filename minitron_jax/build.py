@@ -6,7 +6,7 @@ import ml_collections
 
 from minitron_jax import config as config_lib
 from minitron_jax import hf, model
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 # Model settings that change how it computes, never what it holds: applied over any checkpoint.
 COMPUTE_OPTIONS = ("dtype", "remat", "attention", "attention_block_size", "moe_capacity_factor",

@@ -13,7 +13,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from minitron_jax import atomic, model
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 _CONFIG_FILE = "model_config.json"
 _PARAMS_DIR = "params"

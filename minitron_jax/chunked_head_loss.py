@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from minitron_jax import head_loss_layout
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 KINDS = ("parquet", "arrow")
 # Units decoded and kept per source: a shuffle block spans SHUFFLE_UNITS (plus one it straddles),

@@ -10,6 +10,8 @@ import dataclasses
 import json
 from typing import Any
 
+from minitron_jax.errors import ConfigError  # noqa: F401  (config.ConfigError stays importable)
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron", "gemma", "gemma2", "gemma3",
             "mixtral", "qwen2_moe", "qwen3_moe")
 # Families whose every layer's MLP is a sparse mixture of experts.
@@ -25,10 +27,6 @@ ROPE_KINDS = ("linear", "llama3")
 ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn", "splash", "tokamax")
 # Expert dispatch (moe.py): auto, jax.lax.ragged_dot, tokamax's grouped matmul, capacity buffers.
 MOE_DISPATCHES = ("auto", "grouped", "tokamax", "capacity")
-
-
-class ConfigError(ValueError):
-  """A user-facing configuration mistake; the message is one line naming the value and the rule."""
 
 
 @dataclasses.dataclass(frozen=True)

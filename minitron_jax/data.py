@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from minitron_jax import columnar_source, source_spec, stdlib_dataset
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 # nested_field stays reachable as data.nested_field: evaluation tasks read records with it.
 from minitron_jax.text_source import LocalTextSource, as_text, expand_globs, nested_field
 from minitron_jax.tokenizer import Tokenizer

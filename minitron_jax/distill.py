@@ -29,7 +29,8 @@ import optax
 import orbax.checkpoint as ocp
 
 from minitron_jax import atomic, distributed, losses, model, moe, preemption, sparse_kld
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 from minitron_jax.losses import LossConfig
 
 Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: [B,T] int32

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 # Launchers that start one process per host and that jax.distributed.initialize() recognises.
 _CLUSTER_SIZE_VARIABLES = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")

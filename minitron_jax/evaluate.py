@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax import data, distributed, importance, model
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 from minitron_jax.tokenizer import Tokenizer
 
 FORMATS = ("generic", "hellaswag", "arc", "winogrande")

@@ -23,7 +23,7 @@ import ml_collections
 from minitron_jax import (atomic, checkpoint, distributed, evaluate, generate, lm_eval_tasks,
                           sharding, stages, task_config)
 from minitron_jax.task_config import check_tasks, load_tasks  # noqa: F401  (validate uses them)
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 from minitron_jax.stages import Context
 
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from minitron_jax.chunked_head_loss import (chunked_head_loss, logsumexp, soft_cap, token_weights,
                                             validate_options)
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 
 def _validate(student_hidden, student_head, teacher_hidden, teacher_head, temperature, mask,

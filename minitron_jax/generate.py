@@ -29,7 +29,8 @@ import numpy as np
 
 from minitron_jax import kv_cache
 from minitron_jax import model as model_lib
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 # Left padding and the tokens after a row stops; masked out or cut off, so any valid id does.
 PAD_ID = 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 SUFFIX = ".gguf"
 # GGUF architecture -> Hugging Face model_type. llama.cpp writes Mistral models as "llama"; like

@@ -14,7 +14,7 @@ import tokenizers
 from tokenizers import pre_tokenizers
 
 from minitron_jax import gguf_checkpoint
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 # llama.cpp's pre-tokenizer regexes (llama-vocab.cpp), the same ones the models' own
 # tokenizer.json files use.

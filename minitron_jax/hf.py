@@ -28,7 +28,8 @@ import safetensors.numpy
 
 from minitron_jax import atomic, distributed, gguf_checkpoint, hf_moe
 from minitron_jax import model as model_lib
-from minitron_jax.config import ACTIVATIONS, MOE_FAMILIES, ConfigError, ModelConfig, RopeScaling
+from minitron_jax.config import ACTIVATIONS, MOE_FAMILIES, ModelConfig, RopeScaling
+from minitron_jax.errors import ConfigError
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

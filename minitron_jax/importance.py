@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax import chunked_ce, distributed, losses, model
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 AGGREGATIONS = ("mean", "l2", "var")
 WIDTH_AXES = ("heads", "neurons", "embedding")

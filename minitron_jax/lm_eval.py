@@ -17,7 +17,7 @@ import json
 import pathlib
 import sys
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 EXIT_CONFIG = 2
 

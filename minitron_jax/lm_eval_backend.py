@@ -41,7 +41,8 @@ from lm_eval.api.registry import register_model
 
 from minitron_jax import checkpoint, distributed, evaluate, generate, gguf_checkpoint, hf, sharding
 from minitron_jax import tokenizer as tokenizer_lib
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 NAME = "minitron_jax"
 # The harness's default generation budget when a task names none (its hf backend's).

@@ -23,7 +23,8 @@ from typing import Any
 import jax
 
 from minitron_jax import atomic
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 from minitron_jax.evaluate import MultipleChoiceExample
 
 # A harness task name may hold letters, digits, '_' and '-' (it names files and YAML keys too).

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 from minitron_jax.fused_kld import fused_kld, naive_kld  # noqa: F401  (public re-export)
 
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "mse", "cosine", "none")

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from minitron_jax import distributed, pipeline, preemption, run_config, validate
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 from minitron_jax.distill import Diverged
 
 EXIT_CONFIG = 2

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from minitron_jax import build, distill, importance, model, prune, sharding, stages
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 GIB = 1024**3
 PROGRAMS = ("teacher_correction", "importance", "drop_loss", "distill")

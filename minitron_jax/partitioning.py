@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 # expert: expert parallelism; a mixture's experts are split over it, and so is the batch, so the
 # dense parts of the model stay data-parallel across it.

@@ -35,7 +35,8 @@ import jax
 import numpy as np
 
 from minitron_jax import importance, model
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 from minitron_jax.importance import Aggregation, Scores
 
 TARGET_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",

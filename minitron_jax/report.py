@@ -7,7 +7,7 @@ import json
 import pathlib
 
 from minitron_jax import atomic, report_curves, stages
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 from minitron_jax.stages import Context
 
 def _read(path: pathlib.Path) -> dict | None:

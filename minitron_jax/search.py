@@ -25,7 +25,8 @@ from fractions import Fraction
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from minitron_jax import prune
-from minitron_jax.config import MEMORY_DTYPES, ConfigError, ModelConfig
+from minitron_jax.config import MEMORY_DTYPES, ModelConfig
+from minitron_jax.errors import ConfigError
 
 AXES = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
         "intermediate_size")

@@ -22,7 +22,8 @@ from collections.abc import Callable
 import ml_collections
 
 from minitron_jax import lm_eval_tasks, task_config
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 PREFIX = "lm_eval:"
 WHEN = ("retrained", "pruned")

@@ -20,7 +20,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

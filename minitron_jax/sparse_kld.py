@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from minitron_jax import head_loss_layout
 from minitron_jax.chunked_head_loss import (WHOLE_VOCAB, VocabShard, chunked_head_loss, logsumexp,
                                             soft_cap, token_weights, validate_options)
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 
 def _log_mass_outside(z: jax.Array, indices: jax.Array, vocab=None) -> jax.Array:

@@ -35,7 +35,7 @@ import dataclasses
 import numpy as np
 
 from minitron_jax import corpus
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 from minitron_jax.evaluate import MultipleChoiceExample, write_jsonl  # noqa: F401 (re-exported)
 
 SPLITS = ("train", "validation")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 
 from minitron_jax import pipeline, stages
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 Point = dict[str, Any]
 PREFIX = "config."

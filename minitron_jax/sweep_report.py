@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from minitron_jax import importance, plots, search, stages
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 
 def read_json(path: pathlib.Path) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from minitron_jax import atomic, evaluate, lm_eval_tasks, stdlib_tasks
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 HARNESS_TASKS = "lm_eval_tasks"  # inside a workdir: our tasks as harness YAML + JSONL
 

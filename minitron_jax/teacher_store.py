@@ -35,7 +35,8 @@ import numpy as np
 from array_record.python import array_record_module
 
 from minitron_jax import atomic, distributed, model, sparse_kld
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 FORMAT_VERSION = 1
 STORE_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}

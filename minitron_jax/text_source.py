@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 
 def split_of_key(key: str, validation_percent: int) -> str:

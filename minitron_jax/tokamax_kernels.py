@@ -38,7 +38,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 
 def available() -> bool:

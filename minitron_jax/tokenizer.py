@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import tokenizers
 
 from minitron_jax import gguf_checkpoint, gguf_tokenizer
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 BYTES = "bytes"
 TOKENIZER_FILE = "tokenizer.json"

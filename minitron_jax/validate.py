@@ -21,7 +21,8 @@ import ml_collections
 from minitron_jax import (build, checkpoint, config as config_lib, data, evaluate, evaluate_stage,
                           hf, importance, prune, search, search_score, sharding, stages,
                           teacher_logits, teacher_store)
-from minitron_jax.config import ConfigError, ModelConfig
+from minitron_jax.config import ModelConfig
+from minitron_jax.errors import ConfigError
 
 _COMPRESSION_STAGES = ("teacher_logits", "importance", "search", "prune", "distill")
 

@@ -28,7 +28,7 @@ import warnings
 from typing import Iterator
 
 from minitron_jax import distributed
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 LOCK_NAME = "run.lock"
 _USABLE = "allowed: a directory this user can create and write"
