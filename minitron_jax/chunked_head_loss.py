@@ -83,7 +83,8 @@ def validate_options(chunk_size, temperature) -> None:
     raise ConfigError(f"temperature={temperature!r} is invalid; allowed: a number > 0")
 
 
-def soft_cap(logits: jax.Array, cap: float | None) -> tuple[jax.Array, jax.Array | None]:
+def soft_cap_with_slope(logits: jax.Array, cap: float | None
+                        ) -> tuple[jax.Array, jax.Array | None]:
   """(cap * tanh(logits / cap), its derivative) or (logits, None) when cap is None."""
   if cap is None:
     return logits, None
@@ -116,8 +117,8 @@ def _scan_chunks(chunk_terms, hs, ws, per_token, constants, weights, chunk, cap,
   def step(carry, x):
     loss, d_ws = carry
     hs_c, per_token_c, w_c = x
-    z, slope = soft_cap(jnp.einsum("CD,DV->CV", hs_c, ws, preferred_element_type=jnp.float32),
-                        cap)
+    z, slope = soft_cap_with_slope(
+        jnp.einsum("CD,DV->CV", hs_c, ws, preferred_element_type=jnp.float32), cap)
     chunk_loss, g = chunk_terms(z, per_token_c, constants, w_c, vocab)  # g: d loss / d z [C,V']
     if slope is not None:  # through the soft cap
       g = g * slope

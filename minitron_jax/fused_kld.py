@@ -23,8 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.chunked_head_loss import (chunked_head_loss, logsumexp, soft_cap, token_weights,
-                                            validate_options)
+from minitron_jax.chunked_head_loss import (chunked_head_loss, logsumexp, soft_cap_with_slope,
+                                            token_weights, validate_options)
 from minitron_jax.errors import ConfigError
 
 
@@ -67,10 +67,12 @@ def naive_kld(student_hidden, student_head, teacher_hidden, teacher_head, *,
   lead = student_hidden.shape[:-1]
   teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
   teacher_head = jax.lax.stop_gradient(teacher_head)
-  student_logits = soft_cap(jnp.einsum("...D,DV->...V", student_hidden, student_head,
-                                      preferred_element_type=jnp.float32), student_softcap)[0]
-  teacher_logits = soft_cap(jnp.einsum("...D,DV->...V", teacher_hidden, teacher_head,
-                                      preferred_element_type=jnp.float32), teacher_softcap)[0]
+  student_logits = soft_cap_with_slope(
+      jnp.einsum("...D,DV->...V", student_hidden, student_head,
+                 preferred_element_type=jnp.float32), student_softcap)[0]
+  teacher_logits = soft_cap_with_slope(
+      jnp.einsum("...D,DV->...V", teacher_hidden, teacher_head,
+                 preferred_element_type=jnp.float32), teacher_softcap)[0]
   student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
   log_ps = jax.nn.log_softmax(student_logits, axis=-1)
   log_pt = jax.nn.log_softmax(teacher_logits, axis=-1)
@@ -82,8 +84,8 @@ def _kld_terms(temperature: float, teacher_cap: float | None, zs, per_token, con
                vocab):
   """One chunk of the forward KL: (its weighted sum, d loss / d student logits [C,V'])."""
   (ht_c,), (wt,) = per_token, constants  # [C,Dt], [Dt,V'] (the device's vocabulary slice)
-  zt = soft_cap(jnp.einsum("CD,DV->CV", ht_c, wt, preferred_element_type=jnp.float32),
-                teacher_cap)[0]
+  zt = soft_cap_with_slope(
+      jnp.einsum("CD,DV->CV", ht_c, wt, preferred_element_type=jnp.float32), teacher_cap)[0]
   zs, zt = zs / temperature, zt / temperature
   # Row log-normalisers [C,1] instead of log-probability blocks: the [C,V] expressions below are
   # elementwise in (zs, zt), so XLA fuses them into their consumers and keeps at most one more

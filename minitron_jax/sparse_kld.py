@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from minitron_jax import head_loss_layout
 from minitron_jax.chunked_head_loss import (WHOLE_VOCAB, VocabShard, chunked_head_loss, logsumexp,
-                                            soft_cap, token_weights, validate_options)
+                                            soft_cap_with_slope, token_weights, validate_options)
 from minitron_jax.errors import ConfigError
 
 
@@ -150,8 +150,9 @@ def naive_sparse_kld(student_hidden, student_head, teacher_log_probs, teacher_in
                      student_softcap: float | None = None) -> jax.Array:
   """Reference: the same loss from full [N, V] student log-probabilities, by plain autodiff."""
   lead = student_hidden.shape[:-1]
-  z = soft_cap(jnp.einsum("...D,DV->...V", student_hidden, student_head,
-                          preferred_element_type=jnp.float32), student_softcap)[0] / temperature
+  z = soft_cap_with_slope(jnp.einsum("...D,DV->...V", student_hidden, student_head,
+                                     preferred_element_type=jnp.float32),
+                          student_softcap)[0] / temperature
   log_q_all = jax.nn.log_softmax(z, axis=-1)
   a = jax.lax.stop_gradient(teacher_log_probs).astype(jnp.float32)
   b = jax.lax.stop_gradient(teacher_tail).astype(jnp.float32)
