@@ -6,8 +6,8 @@ sequences, and the time of a training step at the sequence lengths CPU runs use.
 Memory: value_and_grad of a 2-layer, 8-head model (hidden 64, head_dim 16, vocab 256) compiled
 from shapes alone; "scores" is one layer's naive float32 [B,N,T,T] tensor. Time: a 4-layer,
 8-head model (hidden 128, the default run's shape) with `tokens_per_batch` tokens per step.
-`packed_segments` and `kernel_step` (one attention call, forward + backward, any kernel) are what
-gpu_suite.py imports.
+`packed_segments`, `kernel_inputs` and `kernel_step` (one attention call, forward + backward, any
+kernel) are what gpu_suite.py imports.
 """
 
 import jax
@@ -51,27 +51,31 @@ def packed_segments(batch: int, seq: int, seed: int = 0) -> np.ndarray:
   return rows
 
 
-def kernel_step(implementation: str, segment_ids: np.ndarray, kv_heads: int, groups: int,
-                head_dim: int, dtype, block_size: int = 512):
-  """(jitted forward + backward of one `attention.attend` call, its inputs q, k, v): gradients
-  w.r.t. q, k and v of a random linear function of the output at the non-padding positions
-  (kernels differ only on padding, where no loss is taken)."""
+def kernel_inputs(segment_ids: np.ndarray, kv_heads: int, groups: int, head_dim: int,
+                  dtype) -> tuple:
+  """(q, k, v, cotangent, segment ids) for `kernel_step`: random q/k/v, and a random cotangent
+  that is zero at padding (kernels differ only there, where no loss is taken)."""
   b, t = segment_ids.shape
   # numpy's generator: jax.random would compile a program per shape, seconds on a CPU.
   rng = np.random.default_rng(0)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dtype)  # noqa: E731
   q = normal(b, t, kv_heads, groups, head_dim)
   k, v = normal(b, t, kv_heads, head_dim), normal(b, t, kv_heads, head_dim)
-  segments = jnp.asarray(segment_ids)
   valid = (segment_ids != 0)[:, :, None, None, None]
   cotangent = jnp.asarray(np.where(valid, rng.standard_normal(q.shape, np.float32), 0.0))
+  return q, k, v, cotangent, jnp.asarray(segment_ids)
 
-  def loss(q, k, v):
-    out = attention.attend(q, k, v, segment_ids=segments, scale=head_dim ** -0.5,
+
+def kernel_step(implementation: str, head_dim: int, block_size: int = 512):
+  """Jitted forward + backward of one `attention.attend` call on `kernel_inputs`: the gradients
+  w.r.t. q, k and v of the output's product with the cotangent."""
+
+  def loss(q, k, v, cotangent, segment_ids):
+    out = attention.attend(q, k, v, segment_ids=segment_ids, scale=head_dim ** -0.5,
                            implementation=implementation, block_size=block_size)
     return jnp.sum(out.astype(jnp.float32) * cotangent)
 
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))), (q, k, v)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
 def main(argv):

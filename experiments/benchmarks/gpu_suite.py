@@ -44,8 +44,9 @@ import time
 import traceback
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-# The GPU machine may run the repo without installing it: make `minitron_jax` importable.
-sys.path.insert(0, str(REPO))
+# The GPU machine may run the repo without installing it: make `minitron_jax` importable, and
+# the sibling benchmark scripts whatever the working directory.
+sys.path[:0] = [str(REPO), str(REPO / "experiments" / "benchmarks")]
 # JAX preallocates 75% of GPU memory by default; the batch search wants most of it.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
 
@@ -73,7 +74,8 @@ _BENCHMARKS_MD = flags.DEFINE_string("benchmarks_md", None, "Markdown file the d
                                      "appended to; default BENCHMARKS.md, '' (and --smoke): none.")
 _PARTS = flags.DEFINE_list("parts", list(PARTS), f"Parts to run, of {PARTS}.")
 _KD_SECONDS = flags.DEFINE_float("kd_seconds", None, "kd_vs_ce: KD retraining time budget (CE "
-                                 "then runs as many steps); default 110 s, 2 s with --smoke.")
+                                 "then runs as many steps); default 110 s, 2 s with --smoke; "
+                                 "less if the parts before ran long (the suite ends near 8 min).")
 _KD_MODEL = flags.DEFINE_enum("kd_model", None, ["smollm2", "stdlib_teacher"],
                               "kd_vs_ce model; default smollm2, stdlib_teacher with --smoke.")
 _LAYOUTS = flags.DEFINE_list("attention_layouts", ["packed"], "attention: 'packed' (documents "
@@ -96,6 +98,8 @@ class Sizes:
 
   dtype: str
   budgets: dict  # part -> seconds after which it starts nothing new
+  # The whole suite's target: kd_vs_ce, last, shortens its KD budget to end within it.
+  total_seconds: float
   # distill: the teacher (a preset, or (hidden, layers, vocab) of benchmark.model_config's tiny)
   preset: str
   tiny: tuple
@@ -140,8 +144,8 @@ class Sizes:
 
 
 FULL = Sizes(
-    dtype="bfloat16",
-    budgets=dict(distill=80, importance=35, fused_kld=25, attention=60, moe=30, kd_vs_ce=260),
+    dtype="bfloat16", total_seconds=480,
+    budgets=dict(distill=80, importance=35, fused_kld=25, attention=90, moe=30, kd_vs_ce=260),
     preset="llama3_2_1b", tiny=(), distill_seq=2048, distill_batches=(32, 16, 8, 4, 2, 1),
     distill_steps=5, matmul_size=8192,
     importance_batch=8, importance_seq=2048, importance_batches=4,
@@ -155,7 +159,7 @@ FULL = Sizes(
     kd_calibration_batches=8, kd_read_threads=8)
 
 SMOKE = Sizes(
-    dtype="float32",
+    dtype="float32", total_seconds=120,
     budgets=dict(distill=30, importance=15, fused_kld=15, attention=20, moe=30, kd_vs_ce=40),
     preset="tiny", tiny=(64, 2, 512), distill_seq=64, distill_batches=(4, 2), distill_steps=2,
     matmul_size=512,
@@ -335,6 +339,7 @@ def part_attention(sizes: Sizes, budget: Budget) -> dict:
       batch = max(1, sizes.attention_tokens // seq)
       segments = (attention_bench.packed_segments(batch, seq) if layout == "packed"
                   else np.ones((batch, seq), np.int32))
+      inputs = None  # made once per shape, for the first kernel that runs
       for implementation in config_lib.ATTENTION_IMPLEMENTATIONS:
         cell = dict(layout=layout, seq=seq, batch=batch, implementation=implementation)
         cells.append(cell)
@@ -348,12 +353,15 @@ def part_attention(sizes: Sizes, budget: Budget) -> dict:
           cell["skipped"] = reason
           continue
         try:
-          fn, args = attention_bench.kernel_step(
-              implementation, segments, sizes.attention_kv_heads, sizes.attention_groups,
-              sizes.attention_head_dim, jnp.dtype(sizes.dtype), sizes.attention_block)
-          compiled = fn.lower(*args).compile()
+          if inputs is None:
+            inputs = attention_bench.kernel_inputs(
+                segments, sizes.attention_kv_heads, sizes.attention_groups,
+                sizes.attention_head_dim, jnp.dtype(sizes.dtype))
+          fn = attention_bench.kernel_step(implementation, sizes.attention_head_dim,
+                                           sizes.attention_block)
+          compiled = fn.lower(*inputs).compile()
           cell["temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
-          seconds = benchmark.seconds_per_call(compiled, *args, repeats=5)
+          seconds = benchmark.seconds_per_call(compiled, *inputs, repeats=5)
           cell["ms"] = seconds * 1e3
           cell["tokens_per_second"] = batch * seq / seconds
         except config_lib.ConfigError as e:  # the kernel refuses this backend
@@ -642,12 +650,29 @@ def targets_met(parts: dict, judged: bool) -> dict:
                                 and time_ratio <= 1.1 and memory_ratio <= 0.125))}
 
 
+# kd_vs_ce's time besides retraining (load, importance, prune, four evaluations, compiles).
+KD_OVERHEAD_SECONDS = 45
+
+
+def kd_budget_within_total(sizes: Sizes, elapsed: float) -> Sizes:
+  """`sizes` with the KD budget cut so that KD and then CE (at most as long: no teacher) end
+  within the suite's total_seconds; at least 10 s (or the configured budget, if less)."""
+  left = sizes.total_seconds - elapsed - KD_OVERHEAD_SECONDS
+  seconds = min(sizes.kd_seconds, max(10.0, left / 2))
+  if seconds < sizes.kd_seconds:
+    log(f"kd_vs_ce: {elapsed:.0f} s spent before it: KD budget {sizes.kd_seconds:.0f} -> "
+        f"{seconds:.0f} s to end near {sizes.total_seconds:.0f} s")
+  return dataclasses.replace(sizes, kd_seconds=seconds)
+
+
 def run_suite(sizes: Sizes, parts, smoke: bool) -> dict:
   started = time.perf_counter()
   record = dict(suite="gpu_suite", smoke=smoke,
                 environment=environment(), sizes=dataclasses.asdict(sizes), parts={})
   log(f"{record['environment']['device']}, jax {jax.__version__}")
   for name in parts:
+    if name == "kd_vs_ce":
+      sizes = kd_budget_within_total(sizes, time.perf_counter() - started)
     record["parts"][name] = run_part(name, sizes)
   record["targets"] = targets_met(record["parts"], judged=not smoke)
   record["seconds"] = time.perf_counter() - started
