@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minitron_jax import model
+from minitron_jax import losses, model
 from minitron_jax.config import ModelConfig
 
 
 def next_token_loss(config: ModelConfig, params, tokens: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy [nats] of a [B,T] batch (positions 1..T-1 are targets)."""
-  logits = model.apply(config, params, tokens[:, :-1])
-  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
+  """Mean next-token cross-entropy [nats] of a [B,T] batch of unpacked rows (positions 1..T-1
+  are targets): losses.cross_entropy, the one the distillation loop trains with."""
+  return losses.cross_entropy(model.apply(config, params, tokens), tokens, jnp.ones_like(tokens))
 
 
 def make_optimizer(steps: int, peak_lr: float, warmup: int, weight_decay: float = 0.01):

@@ -39,21 +39,22 @@ from minitron_jax.config import ModelConfig
 from minitron_jax.errors import ConfigError
 from minitron_jax.importance import Aggregation, Scores
 
-TARGET_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size", "num_experts", "moe_intermediate_size",
-               "shared_expert_intermediate_size")
-_DENSE_KEYS = TARGET_KEYS[:5]
-_MOE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-             "num_experts", "moe_intermediate_size")
+# The sizes every model prunes, then a dense MLP's width or a mixture's experts and widths.
+COMMON_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads")
+MLP_KEYS = ("intermediate_size",)
+MOE_KEYS = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+TARGET_KEYS = COMMON_KEYS + MLP_KEYS + MOE_KEYS
+# The key sets a target can hold: a dense model's, a mixture's, a mixture's with a shared expert.
+TARGET_KINDS = (COMMON_KEYS + MLP_KEYS, COMMON_KEYS + MOE_KEYS[:2], COMMON_KEYS + MOE_KEYS)
 
 
 def target_keys(config: ModelConfig) -> tuple[str, ...]:
-  """The sizes pruning can change in this model: a mixture of experts prunes experts and their
-  width instead of a dense MLP (and its shared expert's width, when it has one)."""
+  """The sizes pruning can change in this model (one of TARGET_KINDS): a mixture of experts
+  prunes experts and their width instead of a dense MLP (and its shared expert's width, when it
+  has one)."""
   if not config.is_moe:
-    return _DENSE_KEYS
-  return _MOE_KEYS + (("shared_expert_intermediate_size",)
-                      if config.shared_expert_intermediate_size else ())
+    return TARGET_KINDS[0]
+  return TARGET_KINDS[2] if config.shared_expert_intermediate_size else TARGET_KINDS[1]
 DEPTH_CRITERIA = ("block_importance", "drop_loss")
 
 

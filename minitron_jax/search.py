@@ -28,14 +28,11 @@ from minitron_jax import prune
 from minitron_jax.config import MEMORY_DTYPES, ModelConfig
 from minitron_jax.errors import ConfigError
 
-AXES = ("num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-        "intermediate_size")
-# The sizes a mixture of experts is searched over instead of intermediate_size.
-MOE_AXES = ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
-_COMMON_KEYS = AXES[:4]
-# The target keys a candidate can hold: prune.target_keys of a dense model, of a mixture of
-# experts, and of one with a shared expert.
-_TARGET_KINDS = (AXES, _COMMON_KEYS + MOE_AXES[:2], _COMMON_KEYS + MOE_AXES)
+# The searched sizes are the prunable ones: a dense model's, and a mixture's instead of
+# intermediate_size. A candidate's target holds one of prune.TARGET_KINDS.
+AXES = prune.COMMON_KEYS + prune.MLP_KEYS
+MOE_AXES = prune.MOE_KEYS
+_TARGET_KINDS = prune.TARGET_KINDS
 # Constraint -> (the Candidate field it bounds, the unit its window is written in).
 CONSTRAINTS = {"budget": ("num_params", "parameters"),
                "active_params": ("num_active_params", "active parameters"),
