@@ -6,11 +6,15 @@ shrinks any of them to a CPU smoke test (`--config=configs/NAME.py:runlocal`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import pathlib
 from typing import Iterable
 
 import ml_collections
+
+from minitron_jax.distill import OptimizerConfig
+from minitron_jax.losses import LossConfig
 
 TEACHER = pathlib.Path(__file__).parent / "assets" / "stdlib_teacher"
 
@@ -60,6 +64,16 @@ def unknown_settings(config: ml_collections.ConfigDict, paths: Iterable[str]) ->
         break
       section = section[key]
   return problems
+
+
+def settings_section(cls, **changes) -> ml_collections.ConfigDict:
+  """A section holding every field of the frozen settings dataclass `cls` at its default, with
+  `changes`: the dataclass is the schema, so a new field is a setting without restating it."""
+  defaults = {field.name: getattr(cls(), field.name) for field in dataclasses.fields(cls)}
+  unknown = sorted(set(changes) - set(defaults))
+  if unknown:
+    raise ValueError(f"{cls.__name__} has no fields {unknown}")
+  return ml_collections.ConfigDict({**defaults, **changes})
 
 
 def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigDict:
@@ -148,18 +162,13 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   # the run stops as diverged; 0: the first one stops it. Skips are logged and counted in the
   # stage's summary.json (skipped_steps). Teacher correction and search retraining use it too.
   config.distill.max_bad_steps = 0
-  # minitron_jax.distill.OptimizerConfig fields; the paper's 2e-4 -> 4.5e-7 suits billion-scale
-  # models, a 0.5M-parameter student learns faster with a larger peak.
-  config.distill.optimizer = ml_collections.ConfigDict(dict(
-      peak_lr=2e-3, end_lr=4.5e-7, warmup_steps=20, weight_decay=0.1, clip_norm=1.0,
-      accumulation_steps=1))
-  # minitron_jax.losses.LossConfig fields; the paper's best practice: logit-only forward KL.
-  # router_aux_loss_coef > 0 adds a mixture-of-experts student's load-balancing loss (e.g. 0.001,
-  # Qwen3-MoE's training value); a dense student refuses it.
-  config.distill.loss = ml_collections.ConfigDict(dict(
-      logit_loss="forward_kl", temperature=1.0, top_k=0, logit_weight=1.0, ce_weight=0.0,
-      hidden_loss="none", hidden_pairs=((-1, -1),), embedding_term=False, hidden_weight=1.0,
-      dynamic_alpha=True, fused=True, chunk_size=1024, router_aux_loss_coef=0.0))
+  # Every minitron_jax.distill.OptimizerConfig field; the paper's 2e-4 -> 4.5e-7 suits
+  # billion-scale models, a 0.5M-parameter student learns faster with a larger peak.
+  config.distill.optimizer = settings_section(OptimizerConfig, peak_lr=2e-3, warmup_steps=20)
+  # Every minitron_jax.losses.LossConfig field at its default, the paper's best practice:
+  # logit-only forward KL. router_aux_loss_coef > 0 adds a mixture-of-experts student's
+  # load-balancing loss (e.g. 0.001, Qwen3-MoE's training value); a dense student refuses it.
+  config.distill.loss = settings_section(LossConfig)
 
   # Multi-stage compression: a tuple of dicts(name, target, teacher="original"|"previous",
   # distill_steps); empty: one stage with prune.target.
@@ -189,9 +198,8 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
   # Teacher correction (2408.11796); runs when "teacher_correction" is in stages.
   config.teacher_correction = ml_collections.ConfigDict()
   config.teacher_correction.steps = 100
-  config.teacher_correction.optimizer = ml_collections.ConfigDict(dict(
-      peak_lr=3e-4, end_lr=3e-5, warmup_steps=10, weight_decay=0.0, clip_norm=1.0,
-      accumulation_steps=1))
+  config.teacher_correction.optimizer = settings_section(
+      OptimizerConfig, peak_lr=3e-4, end_lr=3e-5, warmup_steps=10, weight_decay=0.0)
 
   config.evaluate = ml_collections.ConfigDict()
   # name -> source ("stdlib_next_line", a JSONL path or tfds:NAME) and its loader arguments.
