@@ -651,19 +651,21 @@ def targets_met(parts: dict, judged: bool) -> dict:
   """Each target with its measured value and whether it is met (None: not measured, or toy
   sizes, `judged` False, where the targets say nothing)."""
   get = lambda part, key: (parts.get(part, {}).get("result") or {}).get(key)  # noqa: E731
+
+  def met(value, ok):
+    return None if value is None or not judged else bool(ok(value))
+
   mfu, ratio = get("distill", "mfu"), get("importance", "ratio")
   time_ratio, memory_ratio = get("fused_kld", "time_ratio"), get("fused_kld", "memory_ratio")
-  met = lambda measured, ok: None if measured is None or not judged else ok  # noqa: E731
+  kld = None if time_ratio is None or memory_ratio is None else (time_ratio, memory_ratio)
   return {
       "distill_mfu": dict(target=TARGETS["distill_mfu"], value=mfu,
-                          met=met(mfu, mfu is not None and mfu >= 0.45)),
+                          met=met(mfu, lambda v: v >= 0.45)),
       "importance_ratio": dict(target=TARGETS["importance_ratio"], value=ratio,
-                               met=met(ratio, ratio is not None and ratio <= 1.1)),
+                               met=met(ratio, lambda v: v <= 1.1)),
       "fused_kld": dict(target=TARGETS["fused_kld"], time_ratio=time_ratio,
                         memory_ratio=memory_ratio,
-                        met=met(time_ratio and memory_ratio,
-                                time_ratio is not None and memory_ratio is not None
-                                and time_ratio <= 1.1 and memory_ratio <= 0.125))}
+                        met=met(kld, lambda v: v[0] <= 1.1 and v[1] <= 0.125))}
 
 
 # kd_vs_ce's time besides retraining (load, importance, prune, four evaluations, compiles).
@@ -715,14 +717,16 @@ def markdown(record: dict, output: pathlib.Path) -> str:
   met = lambda t: {True: "yes", False: "no", None: "-"}[t["met"]]  # noqa: E731
   d = result("distill")
   rows = {}
-  rows["distill"] = (
-      f"| distillation step {_cell(d.get('teacher_params'), '{:,}')} -> "
-      f"{_cell(d.get('student_params'), '{:,}')} params, batch {d.get('batch')}x{d.get('seq')} "
-      f"| {_cell(d.get('step_seconds'), '{:.3f}')} s/step, "
-      f"{_cell(d.get('tokens_per_second'), '{:,.0f}')} tokens/s, "
-      f"MFU {_cell(d.get('mfu'), '{:.1%}')} "
-      f"({_cell(d.get('mfu_vs_measured_matmul'), '{:.1%}')} of a measured matmul) "
-      f"| {TARGETS['distill_mfu']} | {met(targets['distill_mfu'])} | {status('distill')} |")
+  if d:
+    measured = (f"{d['step_seconds']:.3f} s/step, {d['tokens_per_second']:,.0f} tokens/s, MFU "
+                f"{_cell(d['mfu'], '{:.1%}')} ({d['mfu_vs_measured_matmul']:.1%} of a measured "
+                "matmul)")
+    what = (f"distillation step {d['teacher_params']:,} -> {d['student_params']:,} params, "
+            f"batch {d['batch']}x{d['seq']}")
+  else:
+    measured, what = "-", "distillation step"
+  rows["distill"] = (f"| {what} | {measured} | {TARGETS['distill_mfu']} "
+                     f"| {met(targets['distill_mfu'])} | {status('distill')} |")
   i = result("importance")
   rows["importance"] = (f"| importance pass / forward | {_cell(i.get('ratio'))} x "
                         f"| {TARGETS['importance_ratio']} | {met(targets['importance_ratio'])} "
