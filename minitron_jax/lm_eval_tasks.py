@@ -25,7 +25,7 @@ import jax
 from minitron_jax import atomic
 from minitron_jax.config import ModelConfig
 from minitron_jax.errors import ConfigError
-from minitron_jax.evaluate import MultipleChoiceExample
+from minitron_jax.mc_tasks import MultipleChoiceExample
 
 # A harness task name may hold letters, digits, '_' and '-' (it names files and YAML keys too).
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")

@@ -36,7 +36,7 @@ import numpy as np
 
 from minitron_jax import corpus
 from minitron_jax.errors import ConfigError
-from minitron_jax.evaluate import MultipleChoiceExample, write_jsonl  # noqa: F401 (re-exported)
+from minitron_jax.mc_tasks import MultipleChoiceExample, write_jsonl  # noqa: F401 (re-exported)
 
 SPLITS = ("train", "validation")
 MODES = ("line", "context")

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from minitron_jax import atomic, evaluate, lm_eval_tasks, stdlib_tasks
+from minitron_jax import atomic, lm_eval_tasks, mc_tasks, stdlib_tasks
 from minitron_jax.errors import ConfigError
 
 HARNESS_TASKS = "lm_eval_tasks"  # inside a workdir: our tasks as harness YAML + JSONL
@@ -31,8 +31,8 @@ def _task_loader(spec: Mapping[str, Any]):
   if source == STDLIB_TASK:
     loader, check = stdlib_tasks.next_line_task, stdlib_tasks.check_arguments
   else:
-    loader = functools.partial(evaluate.load_task, source)
-    check = functools.partial(evaluate.check_task, source)
+    loader = functools.partial(mc_tasks.load_task, source)
+    check = functools.partial(mc_tasks.check_task, source)
   allowed = [name for name, parameter in inspect.signature(loader).parameters.items()
              if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
   unknown = sorted(set(spec) - set(allowed))
