@@ -10,12 +10,12 @@ Variants:
   --config.model.hf_path=DIR                     any Hugging Face model directory (its
                                                  tokenizer.json is used when tokenizer='')
   --config.prune.target.num_layers=2             any target size (absolute)
-  --config.distill.loss.logit_loss=reverse_kl    any loss setting (see minitron_jax/losses.py)
+  --config.distill.loss.logit_loss=reverse_kl    any loss setting (see minitron_jax/objectives/losses.py)
 """
 
 import ml_collections
 
-from minitron_jax import run_config
+from minitron_jax.run import run_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -14,8 +14,8 @@ Smoke test (tiny random Llama, every stage, about a minute on a CPU):
 
 import ml_collections
 
-from minitron_jax import run_config
-from minitron_jax.config import ConfigError
+from minitron_jax.run import run_config
+from minitron_jax.errors import ConfigError
 
 VARIANTS = ("width", "depth")
 

@@ -10,7 +10,7 @@ Smoke test:
 
 import ml_collections
 
-from minitron_jax import run_config
+from minitron_jax.run import run_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -16,7 +16,8 @@ import dataclasses
 
 import ml_collections
 
-from minitron_jax import run_config, search
+from minitron_jax.compress import search
+from minitron_jax.run import run_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

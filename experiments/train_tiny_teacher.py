@@ -8,8 +8,11 @@ a Llama-style decoder trained on the Python standard library's source (train spl
 
 from absl import app, flags
 
-from minitron_jax import config as config_lib
-from minitron_jax import corpus, hf, model, pretrain
+from minitron_jax.models import config as config_lib
+from minitron_jax.checkpoints import hf
+from minitron_jax.inputs import corpus
+from minitron_jax.models import model
+from minitron_jax.training import pretrain
 
 _OUT = flags.DEFINE_string("out", "minitron_jax/assets/stdlib_teacher", "HF output directory.")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Training steps.")

@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> dict:
     import lm_eval
   except ImportError:
     raise ConfigError("lm-eval is not installed; pip install 'minitron-jax[eval]'") from None
-  from minitron_jax import distributed
-  from minitron_jax.lm_eval_backend import MinitronLM
+  from minitron_jax.core import distributed
+  from minitron_jax.evaluation.lm_eval_backend import MinitronLM
 
   if args.include_path is not None and not pathlib.Path(args.include_path).is_dir():
     raise ConfigError(f"--include_path={args.include_path!r} is not a directory")
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
                                     random_seed=args.seed, numpy_random_seed=args.seed,
                                     torch_random_seed=args.seed, fewshot_random_seed=args.seed)
   if args.output_path is not None and distributed.is_primary():
-    from minitron_jax import atomic
+    from minitron_jax.core import atomic
 
     atomic.write_json(args.output_path, json.loads(json.dumps(results, default=str)))
   return results

@@ -20,9 +20,10 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from minitron_jax import distributed, pipeline, preemption, run_config, validate
+from minitron_jax.core import distributed, preemption
+from minitron_jax.run import pipeline, run_config, validate
 from minitron_jax.errors import ConfigError
-from minitron_jax.distill import Diverged
+from minitron_jax.training.distill import Diverged
 
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3

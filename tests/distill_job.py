@@ -11,9 +11,11 @@ import time
 import grain
 import numpy as np
 
-from minitron_jax import config as config_lib
-from minitron_jax import distill, model, preemption
-from minitron_jax.losses import LossConfig
+from minitron_jax.models import config as config_lib
+from minitron_jax.core import preemption
+from minitron_jax.models import model
+from minitron_jax.training import distill
+from minitron_jax.objectives.losses import LossConfig
 
 
 def batches(count: int, seed: int):

@@ -56,7 +56,8 @@ def load_saved_reference(directory, hf_cfg, tokens: np.ndarray):
   (the reference model, our config, our params, our float32 logits of `tokens`)."""
   import jax.numpy as jnp
 
-  from minitron_jax import hf, model
+  from minitron_jax.checkpoints import hf
+  from minitron_jax.models import model
 
   reference = hf_model(hf_cfg)
   reference.save_pretrained(directory)
@@ -94,7 +95,8 @@ def assert_export_round_trip(directory, config, params, tokens: np.ndarray, logi
   """hf.save -> transformers computes our logits; hf.load of the export gives back our model."""
   import jax.numpy as jnp
 
-  from minitron_jax import hf, model
+  from minitron_jax.checkpoints import hf
+  from minitron_jax.models import model
 
   hf.save(directory, config, params)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()

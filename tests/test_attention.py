@@ -8,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import attention
-from minitron_jax import config as config_lib
-from minitron_jax import hf, model, run_config, validate
-from minitron_jax.attention import NO_WINDOW
-from minitron_jax.config import ConfigError
+from minitron_jax.models import attention
+from minitron_jax.models import config as config_lib
+from minitron_jax.checkpoints import hf
+from minitron_jax.models import model
+from minitron_jax.run import run_config, validate
+from minitron_jax.models.attention import NO_WINDOW
+from minitron_jax.errors import ConfigError
 
 B, T, K, G, H = 2, 37, 2, 3, 8  # T is a multiple of no block size used here
 SCALE = H ** -0.5

@@ -16,11 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_data import _assert_same
-from minitron_jax import columnar_source, data, distill, model, run_config, stages, validate
-from minitron_jax import config as config_lib
-from minitron_jax.config import ConfigError
-from minitron_jax.losses import LossConfig
-from minitron_jax.tokenizer import ByteTokenizer
+from minitron_jax.inputs import columnar_source, data
+from minitron_jax.models import model
+from minitron_jax.run import run_config, stages, validate
+from minitron_jax.training import distill
+from minitron_jax.models import config as config_lib
+from minitron_jax.errors import ConfigError
+from minitron_jax.objectives.losses import LossConfig
+from minitron_jax.inputs.tokenizer import ByteTokenizer
 
 TEXTS = ["alpha\n", "a longer document " * 5, "x", "", "tail text é\n", "more " * 9, "b\n",
          "the last one"]

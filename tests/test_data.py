@@ -12,9 +12,9 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-from minitron_jax import corpus, data, stdlib_dataset
-from minitron_jax.config import ConfigError
-from minitron_jax.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe_tokenizer
+from minitron_jax.inputs import corpus, data, stdlib_dataset
+from minitron_jax.errors import ConfigError
+from minitron_jax.inputs.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import config as config_lib
-from minitron_jax import distill, model, moe, preemption, sharding
-from minitron_jax.config import ConfigError
-from minitron_jax.losses import LossConfig
+from minitron_jax.models import config as config_lib
+from minitron_jax.core import preemption
+from minitron_jax.models import model, moe, sharding
+from minitron_jax.training import distill
+from minitron_jax.errors import ConfigError
+from minitron_jax.objectives.losses import LossConfig
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

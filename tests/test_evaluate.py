@@ -14,11 +14,14 @@ import pytest
 import tensorflow_datasets as tfds
 from etils import epath
 
-from minitron_jax import config as config_lib
-from minitron_jax import evaluate, hf, importance, model, sharding, stdlib_tasks
-from minitron_jax.config import ConfigError
-from minitron_jax.evaluate import MultipleChoiceExample
-from minitron_jax.tokenizer import ByteTokenizer
+from minitron_jax.models import config as config_lib
+from minitron_jax.checkpoints import hf
+from minitron_jax.compress import importance
+from minitron_jax.evaluation import evaluate, stdlib_tasks
+from minitron_jax.models import model, sharding
+from minitron_jax.errors import ConfigError
+from minitron_jax.evaluation.evaluate import MultipleChoiceExample
+from minitron_jax.inputs.tokenizer import ByteTokenizer
 
 TEACHER = pathlib.Path(__file__).resolve().parents[1] / "minitron_jax" / "assets" / "stdlib_teacher"
 BYTES = ByteTokenizer()

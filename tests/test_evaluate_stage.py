@@ -12,7 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lm_eval", reason="lm-eval is not installed")
 
-from minitron_jax import pipeline, search, validate  # noqa: E402
+from minitron_jax.compress import search  # noqa: E402
+from minitron_jax.run import pipeline, validate  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))

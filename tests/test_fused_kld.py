@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax.config import ConfigError
-from minitron_jax.fused_kld import fused_kld, naive_kld
+from minitron_jax.errors import ConfigError
+from minitron_jax.objectives.fused_kld import fused_kld, naive_kld
 
 
 def _inputs(lead=(3, 7), ds=16, dt=24, vocab=50, seed=0):

@@ -16,9 +16,12 @@ import pytest
 
 from hf_reference import (assert_close_relative, hf_config, hf_logits, hf_model, torch,
                           transformers)
-from minitron_jax import config as config_lib
-from minitron_jax import hf, importance, model, pipeline, prune
-from minitron_jax.config import ConfigError
+from minitron_jax.models import config as config_lib
+from minitron_jax.checkpoints import hf
+from minitron_jax.compress import importance, prune
+from minitron_jax.models import model
+from minitron_jax.run import pipeline
+from minitron_jax.errors import ConfigError
 
 TOKENS = np.random.RandomState(0).randint(0, 120, size=(2, 12))
 FP32_TOLERANCE = 1e-5

@@ -16,8 +16,10 @@ import pytest
 
 from hf_reference import hf_config, hf_model, torch
 from test_gemma import OPTIONS as GEMMA_OPTIONS
-from minitron_jax import generate, hf, model, sharding, tokenizer
-from minitron_jax.config import ConfigError
+from minitron_jax.checkpoints import hf
+from minitron_jax.inputs import tokenizer
+from minitron_jax.models import generate, model, sharding
+from minitron_jax.errors import ConfigError
 
 PROMPTS = [[5, 9, 100, 3, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [42, 1]]
 NEW = 8

@@ -14,8 +14,10 @@ from gguf_reference import (K_QUANTS, QUANTIZABLE, Q, bpe_tokenizer_fields, with
                             write_gguf)
 from hf_reference import (assert_close_relative, fp32_tolerance, hf_config, hf_logits, hf_model,
                           transformers)
-from minitron_jax import hf, model, tokenizer
-from minitron_jax.config import ConfigError
+from minitron_jax.checkpoints import hf
+from minitron_jax.inputs import tokenizer
+from minitron_jax.models import model
+from minitron_jax.errors import ConfigError
 
 TOKENS = np.random.RandomState(0).randint(0, 128, size=(2, 12))
 FP32_TOLERANCE = 1e-5

@@ -10,7 +10,7 @@ import pathlib
 import subprocess
 import sys
 
-from minitron_jax import config as config_lib
+from minitron_jax.models import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("distill", "importance", "fused_kld", "attention", "moe", "kd_vs_ce")

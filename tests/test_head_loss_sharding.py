@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minitron_jax import chunked_ce, sharding
-from minitron_jax.fused_kld import fused_kld
-from minitron_jax.sparse_kld import sparse_kld, teacher_top_k
+from minitron_jax.models import sharding
+from minitron_jax.objectives import chunked_ce
+from minitron_jax.objectives.fused_kld import fused_kld
+from minitron_jax.objectives.sparse_kld import sparse_kld, teacher_top_k
 
 B, T, DS, DT, VOCAB = 8, 12, 16, 24, 64
 MESHES = {

@@ -8,8 +8,9 @@ import pytest
 
 from hf_reference import (FAMILIES, assert_close_relative, assert_export_round_trip, hf_config,
                           hf_logits, load_saved_reference, transformers)
-from minitron_jax import hf, model
-from minitron_jax.config import ConfigError
+from minitron_jax.checkpoints import hf
+from minitron_jax.models import model
+from minitron_jax.errors import ConfigError
 
 TOKENS = np.random.RandomState(0).randint(0, 128, size=(2, 12))
 FP32_TOLERANCE = 1e-5
@@ -176,8 +177,8 @@ def test_export_of_sharded_params_streams_and_equals_the_host_export(tmp_path):
   import jax
   import safetensors.numpy
 
-  from minitron_jax import config as config_lib
-  from minitron_jax import sharding
+  from minitron_jax.models import config as config_lib
+  from minitron_jax.models import sharding
 
   config = config_lib.tiny("llama")
   params = model.init(config, 0)

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import config as config_lib
-from minitron_jax import importance, model, sharding
-from minitron_jax.config import ConfigError
-from minitron_jax.importance import Aggregation
+from minitron_jax.models import config as config_lib
+from minitron_jax.compress import importance
+from minitron_jax.models import model, sharding
+from minitron_jax.errors import ConfigError
+from minitron_jax.compress.importance import Aggregation
 
 ALL_AGGREGATIONS = [Aggregation(b, s) for b, s in itertools.product(importance.AGGREGATIONS,
                                                                      repeat=2)]

@@ -20,11 +20,12 @@ import hf_reference  # noqa: E402  (skips this module without torch and transfor
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from minitron_jax import evaluate, tokenizer  # noqa: E402
+from minitron_jax.evaluation import evaluate  # noqa: E402
+from minitron_jax.inputs import tokenizer  # noqa: E402
 from minitron_jax import lm_eval as cli  # noqa: E402
-from minitron_jax.config import ConfigError  # noqa: E402
-from minitron_jax.evaluate import MultipleChoiceExample  # noqa: E402
-from minitron_jax.lm_eval_backend import MinitronLM, rolling_windows  # noqa: E402
+from minitron_jax.errors import ConfigError  # noqa: E402
+from minitron_jax.evaluation.evaluate import MultipleChoiceExample  # noqa: E402
+from minitron_jax.evaluation.lm_eval_backend import MinitronLM, rolling_windows  # noqa: E402
 
 EOS = "<|endoftext|>"
 TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Question: what is red?",
@@ -191,7 +192,7 @@ def test_generation_cuts_long_prompts_from_the_left_as_the_hf_backend(short):
 def test_a_mesh_in_context_splits_the_batches_and_changes_nothing(ours):
   import jax
 
-  from minitron_jax import sharding
+  from minitron_jax.models import sharding
 
   pairs = [(f"Question: {d['question']}\nAnswer:", " " + c) for d in MC for c in d["choices"]]
   scoring = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i)
@@ -237,7 +238,7 @@ def test_bad_arguments_are_one_line(setup, ours, tmp_path):
   with pytest.raises(ConfigError, match="batch_size"):
     MinitronLM(setup[0], batch_size="auto")
   with pytest.raises(ConfigError, match="holds no tokenizer"):
-    from minitron_jax import checkpoint
+    from minitron_jax.checkpoints import checkpoint
 
     checkpoint.save_model(tmp_path / "saved", ours.config, ours.params)
     MinitronLM(tmp_path / "saved")
@@ -266,8 +267,9 @@ def test_a_gguf_file_scores_as_its_hugging_face_directory(setup, ours, tmp_path)
 
 @pytest.mark.parametrize("mode", ["line", "context"])
 def test_our_tasks_written_for_the_harness_score_exactly_as_our_evaluator(tmp_path, mode):
-  from minitron_jax import config as config_lib
-  from minitron_jax import lm_eval_tasks, model, stdlib_tasks
+  from minitron_jax.models import config as config_lib
+  from minitron_jax.evaluation import lm_eval_tasks, stdlib_tasks
+  from minitron_jax.models import model
 
   config = config_lib.tiny("llama")
   params = model.init(config, 0)

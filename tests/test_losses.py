@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import losses
-from minitron_jax.config import ConfigError
-from minitron_jax.losses import LossConfig
+from minitron_jax.objectives import losses
+from minitron_jax.errors import ConfigError
+from minitron_jax.objectives.losses import LossConfig
 
 RNG = np.random.RandomState(0)
 STUDENT = RNG.randn(2, 5, 11).astype(np.float32) * 2

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from minitron_jax import pipeline
-from minitron_jax.config import ConfigError
+from minitron_jax.run import pipeline
+from minitron_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -90,7 +90,9 @@ def test_command_line_settings_must_name_settings_of_the_config_file():
 
 
 def test_importance_and_prune_stages_write_scores_checkpoint_and_export(tmp_path):
-  from minitron_jax import checkpoint, hf, importance, model
+  from minitron_jax.checkpoints import checkpoint, hf
+  from minitron_jax.compress import importance
+  from minitron_jax.models import model
   import jax.numpy as jnp
   import numpy as np
 
@@ -127,7 +129,7 @@ def test_bad_prune_target_from_config_is_a_clean_error(tmp_path):
 
 
 def test_prune_stage_with_iterative_importance(tmp_path):
-  from minitron_jax import checkpoint
+  from minitron_jax.checkpoints import checkpoint
 
   config = _small_config(stages=("importance", "prune"))
   config.importance.num_samples, config.importance.batch_size = 4, 4
@@ -144,7 +146,7 @@ def test_prune_stage_with_iterative_importance(tmp_path):
 
 
 def test_distill_stage_trains_exports_and_resumes(tmp_path):
-  from minitron_jax import checkpoint, hf
+  from minitron_jax.checkpoints import checkpoint, hf
 
   config = _small_config(stages=("importance", "prune", "distill"))
   config.importance.num_samples, config.importance.batch_size = 4, 4

@@ -9,8 +9,12 @@ import jax
 import numpy as np
 import pytest
 
-from minitron_jax import distill, importance, memory_plan, model, run_config, sharding, stages
-from minitron_jax.config import ConfigError
+from minitron_jax.compress import importance
+from minitron_jax.models import model, sharding
+from minitron_jax.run import run_config, stages
+from minitron_jax.tools import memory_plan
+from minitron_jax.training import distill
+from minitron_jax.errors import ConfigError
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

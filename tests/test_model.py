@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import config as config_lib
-from minitron_jax import model
-from minitron_jax.config import ConfigError
+from minitron_jax.models import config as config_lib
+from minitron_jax.models import model
+from minitron_jax.errors import ConfigError
 
 
 def _relative_error(actual, expected) -> float:
@@ -138,7 +138,7 @@ def test_one_billion_parameter_forward_on_cpu():
 
 
 def test_flops_count_llama_1b_by_hand():
-  from minitron_jax import flops
+  from minitron_jax.models import flops
 
   config = config_lib.llama3_2_1b()
   # Per layer: q 2048x2048, k and v 2048x512, o 2048x2048, MLP 3 x 2048x8192; head 2048x128256.
@@ -153,7 +153,7 @@ def test_flops_count_llama_1b_by_hand():
 
 
 def test_flops_of_a_mixture_count_its_routed_experts_only():
-  from minitron_jax import flops
+  from minitron_jax.models import flops
 
   config = config_lib.PRESETS["qwen3_30b_a3b"]()
   # Per layer: q and o 2048 x 32 x 128, k and v 2048 x 4 x 128, q/k norms 2 x 128, 2 norms of

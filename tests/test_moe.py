@@ -8,9 +8,10 @@ import pytest
 
 from hf_reference import (assert_close_relative, assert_export_round_trip, hf_config, hf_logits,
                           hf_model, load_saved_reference, torch, transformers)
-from minitron_jax import config as config_lib
-from minitron_jax import hf, model, moe
-from minitron_jax.config import ConfigError
+from minitron_jax.models import config as config_lib
+from minitron_jax.checkpoints import hf
+from minitron_jax.models import model, moe
+from minitron_jax.errors import ConfigError
 
 TOKENS = np.random.RandomState(0).randint(0, 128, size=(2, 12))
 FP32_TOLERANCE = 1e-5
@@ -160,7 +161,7 @@ def test_dense_layers_among_sparse_are_refused():
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_pruned_on_every_axis_exports_with_parity(tmp_path, family):
-  from minitron_jax import importance, prune
+  from minitron_jax.compress import importance, prune
 
   reference, config, params, _ = _round_trip(tmp_path, moe_hf_config(family))
   scores = importance.estimate(config, params, [TOKENS, TOKENS[::-1]],

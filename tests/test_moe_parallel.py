@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minitron_jax import config as config_lib
-from minitron_jax import model, moe, scaling, sharding
+from minitron_jax.models import config as config_lib
+from minitron_jax.models import model, moe, sharding
+from minitron_jax.tools import scaling
 
 B, T, D, E, F, K = 8, 6, 8, 8, 4, 2
 MESHES = {"data2_expert4": dict(data=2, expert=4), "expert4_tensor2": dict(expert=4, tensor=2),

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import config as config_lib
-from minitron_jax import importance, model, prune
-from minitron_jax.config import ConfigError
+from minitron_jax.models import config as config_lib
+from minitron_jax.compress import importance, prune
+from minitron_jax.models import model
+from minitron_jax.errors import ConfigError
 
 TOKENS = np.random.RandomState(0).randint(0, 256, size=(3, 10))
 MASK = np.ones_like(TOKENS, dtype=np.int32)

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from minitron_jax import distributed
-from minitron_jax.config import ConfigError
+from minitron_jax.core import distributed
+from minitron_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,9 @@ def _stage_lines(output: str) -> list[str]:
 
 
 def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
-  from minitron_jax import checkpoint, hf, importance, pipeline
+  from minitron_jax.checkpoints import checkpoint, hf
+  from minitron_jax.compress import importance
+  from minitron_jax.run import pipeline
 
   outputs = _launch(tmp_path / "two", num_processes=2, devices_per_process=4)
   pipeline.run(_config(), tmp_path / "one", log=lambda line: None)  # this process: 8 devices
@@ -139,7 +141,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
 
 
 def test_two_processes_write_the_teacher_store_one_process_writes(tmp_path):
-  from minitron_jax import pipeline
+  from minitron_jax.run import pipeline
 
   _launch(tmp_path / "two", num_processes=2, devices_per_process=4,
           overrides=OFFLINE_OVERRIDES)
@@ -200,7 +202,7 @@ def test_a_lone_process_initialises_nothing(monkeypatch):
 
 _SIGNAL_ONE_PROCESS = """
 import os, signal, sys
-from minitron_jax import distributed, preemption
+from minitron_jax.core import distributed, preemption
 distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
 with preemption.watch():
   if distributed.jax.process_index() == 1:

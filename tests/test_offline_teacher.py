@@ -7,8 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from minitron_jax import build, data, pipeline, run_config, stages, teacher_store
-from minitron_jax.config import ConfigError
+from minitron_jax.checkpoints import build
+from minitron_jax.inputs import data
+from minitron_jax.run import pipeline, run_config, stages
+from minitron_jax.training import teacher_store
+from minitron_jax.errors import ConfigError
 
 
 def _config(**teacher_logits):

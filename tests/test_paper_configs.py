@@ -8,8 +8,10 @@ import pathlib
 
 import pytest
 
-from minitron_jax import build, pipeline, prune, run_config, search, stages, validate
-from minitron_jax.config import ConfigError
+from minitron_jax.checkpoints import build
+from minitron_jax.compress import prune, search
+from minitron_jax.run import pipeline, run_config, stages, validate
+from minitron_jax.errors import ConfigError
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import config as config_lib
-from minitron_jax import corpus, hf, importance, model, prune
-from minitron_jax.config import ConfigError
+from minitron_jax.models import config as config_lib
+from minitron_jax.checkpoints import hf
+from minitron_jax.compress import importance, prune
+from minitron_jax.inputs import corpus
+from minitron_jax.models import model
+from minitron_jax.errors import ConfigError
 
 TEACHER = pathlib.Path(__file__).resolve().parents[1] / "minitron_jax" / "assets" / "stdlib_teacher"
 TOKENS = jnp.asarray(np.random.RandomState(0).randint(0, 256, (3, 16)))

@@ -14,8 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from minitron_jax import atomic, checkpoint, distill, hf, importance, pipeline, preemption
-from minitron_jax.config import ConfigError
+from minitron_jax.checkpoints import checkpoint, hf
+from minitron_jax.compress import importance
+from minitron_jax.core import atomic, preemption
+from minitron_jax.run import pipeline
+from minitron_jax.training import distill
+from minitron_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEACHER = REPO / "minitron_jax" / "assets" / "stdlib_teacher"
@@ -81,7 +85,8 @@ _WRITER = """
 import itertools, sys
 import jax
 import numpy as np
-from minitron_jax import checkpoint, config as config_lib, hf, model
+from minitron_jax.checkpoints import checkpoint, hf
+from minitron_jax.models import config as config_lib, model
 config = config_lib.tiny("llama", num_layers=1)
 shapes = model.abstract_params(config)
 for version in itertools.count():

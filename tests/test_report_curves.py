@@ -5,8 +5,8 @@ import pathlib
 import struct
 import sys
 
-from minitron_jax import report, report_curves
-from minitron_jax.stages import Context
+from minitron_jax.run import report, report_curves
+from minitron_jax.run.stages import Context
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))

@@ -8,8 +8,8 @@ import functools
 
 import pytest
 
-from minitron_jax import config as config_lib
-from minitron_jax import scaling
+from minitron_jax.models import config as config_lib
+from minitron_jax.tools import scaling
 
 TEACHER = config_lib.tiny("llama", vocab_size=512, hidden_size=64, num_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16,

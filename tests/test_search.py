@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from minitron_jax import config as config_lib
-from minitron_jax import importance, model, prune, search
-from minitron_jax.config import ConfigError
-from minitron_jax.search import Candidate, SearchSpace
+from minitron_jax.models import config as config_lib
+from minitron_jax.compress import importance, prune, search
+from minitron_jax.models import model
+from minitron_jax.errors import ConfigError
+from minitron_jax.compress.search import Candidate, SearchSpace
 
 WIDE = 0.99  # a tolerance that admits nearly everything, to test feasibility alone
 
@@ -472,7 +473,7 @@ def test_moe_candidates_round_trip_and_tabulate():
 
 
 def test_run_config_carries_the_constraints_to_the_space():
-  from minitron_jax import run_config, stages  # pylint: disable=import-outside-toplevel
+  from minitron_jax.run import run_config, stages  # pylint: disable=import-outside-toplevel
   cfg = run_config.base_config()
   space = stages.search_space(cfg)
   assert space.constraints == {"budget": 520_000}  # today's search, unchanged

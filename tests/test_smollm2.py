@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from minitron_jax import config as config_lib
-from minitron_jax import pipeline
-from minitron_jax.config import ConfigError
+from minitron_jax.models import config as config_lib
+from minitron_jax.run import pipeline
+from minitron_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import fused_kld, sparse_kld
-from minitron_jax.config import ConfigError
+from minitron_jax.objectives import fused_kld, sparse_kld
+from minitron_jax.errors import ConfigError
 
 N_BATCH, N_SEQ, D_STUDENT, D_TEACHER, VOCAB = 2, 7, 12, 16, 40
 

@@ -10,8 +10,9 @@ import sys
 import ml_collections
 import pytest
 
-from minitron_jax import run_config, sweep, sweep_report
-from minitron_jax.config import ConfigError
+from minitron_jax.run import run_config
+from minitron_jax.tools import sweep, sweep_report
+from minitron_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "experiments" / "sweeps").glob("*.py"))
@@ -113,7 +114,7 @@ def test_render_marks_missing_and_runlocal_sections_and_includes_notes(tmp_path)
 
 
 def test_reinitialize_gives_the_target_shape_with_untrained_weights(tmp_path):
-  from minitron_jax import pipeline
+  from minitron_jax.run import pipeline
 
   config = run_config.base_config()
   run_config.runlocal(config)

@@ -6,9 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from minitron_jax import config as config_lib
-from minitron_jax import model, teacher_store
-from minitron_jax.config import ConfigError
+from minitron_jax.models import config as config_lib
+from minitron_jax.models import model
+from minitron_jax.training import teacher_store
+from minitron_jax.errors import ConfigError
 
 SEQ_LEN, ROWS, K = 16, 10, 8
 
@@ -105,8 +106,8 @@ def test_distillation_from_a_full_vocabulary_store_equals_online_distillation(tm
   gradients and updated student as running the teacher."""
   import jax
 
-  from minitron_jax import distill
-  from minitron_jax.losses import LossConfig
+  from minitron_jax.training import distill
+  from minitron_jax.objectives.losses import LossConfig
 
   config, params = teacher
   student_config = config.replace(num_layers=1, intermediate_size=64)
@@ -137,8 +138,8 @@ def test_distillation_from_a_full_vocabulary_store_equals_online_distillation(tm
 
 
 def test_a_stored_teacher_refuses_losses_it_cannot_give():
-  from minitron_jax import distill
-  from minitron_jax.losses import LossConfig
+  from minitron_jax.training import distill
+  from minitron_jax.objectives.losses import LossConfig
 
   config = config_lib.tiny("llama")
   with pytest.raises(ConfigError, match="a stored teacher gives logits only"):

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from minitron_jax import attention, moe, tokamax_kernels
-from minitron_jax.attention import NO_WINDOW
-from minitron_jax.config import ConfigError
+from minitron_jax.models import attention, moe, tokamax_kernels
+from minitron_jax.models.attention import NO_WINDOW
+from minitron_jax.errors import ConfigError
 
 needs_tokamax = pytest.mark.skipif(not tokamax_kernels.available(),
                                    reason="tokamax is not installed (pip install -e '.[test]')")
@@ -187,7 +187,7 @@ def test_tokamax_grouped_dispatch_equals_capacity_values_and_gradients():
 
 @needs_tokamax
 def test_model_config_selects_the_tokamax_dispatch():
-  from minitron_jax import config as config_lib, model
+  from minitron_jax.models import config as config_lib, model
 
   config = config_lib.tiny("qwen3_moe")
   params = model.init(config, 0)

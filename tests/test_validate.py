@@ -10,8 +10,10 @@ import sys
 import ml_collections
 import pytest
 
-from minitron_jax import corpus, pipeline, sweep, tokenizer, validate
-from minitron_jax.config import ConfigError
+from minitron_jax.inputs import corpus, tokenizer
+from minitron_jax.run import pipeline, validate
+from minitron_jax.tools import sweep
+from minitron_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from minitron_jax import distributed, pipeline, preemption, workdir_lock
-from minitron_jax.config import ConfigError
+from minitron_jax.core import distributed, preemption
+from minitron_jax.run import pipeline, workdir_lock
+from minitron_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -22,7 +23,7 @@ import default  # noqa: E402  (configs/ is not a package)
 # A run holding the workdir in another process until a signal ends it.
 _HOLD = """
 import sys, time
-from minitron_jax import workdir_lock
+from minitron_jax.run import workdir_lock
 with workdir_lock.held(sys.argv[1]):
   print("held", flush=True)
   time.sleep(600)

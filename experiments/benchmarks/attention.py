@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from minitron_jax import attention, benchmark, model
-from minitron_jax import config as config_lib
+from minitron_jax.models import attention, model
+from minitron_jax.tools import benchmark
+from minitron_jax.models import config as config_lib
 
 # Flags only when run as a script: gpu_suite.py imports this module beside others whose flag
 # names overlap.

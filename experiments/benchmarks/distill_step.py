@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from minitron_jax import benchmark, distill, flops, model
-from minitron_jax.losses import LossConfig
+from minitron_jax.models import flops, model
+from minitron_jax.tools import benchmark
+from minitron_jax.training import distill
+from minitron_jax.objectives.losses import LossConfig
 
 # Flags only when run as a script: gpu_suite.py imports this module beside others whose flag
 # names overlap.
@@ -86,7 +88,7 @@ def main(argv):
       ["teacher -> student params", "batch", "dtype", "remat", "ms/step", "tokens/s",
        "GFLOP/token", "achieved TFLOP/s", "matmul peak TFLOP/s", "MFU"], [row],
       "`python experiments/benchmarks/distill_step.py` with the flags above; fused logit KLD, "
-      "AdamW; FLOPs: teacher forward + 3x student forward (see minitron_jax/flops.py)."))
+      "AdamW; FLOPs: teacher forward + 3x student forward (see minitron_jax/models/flops.py)."))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from minitron_jax import benchmark, fused_kld
+from minitron_jax.objectives import fused_kld
+from minitron_jax.tools import benchmark
 
 # Flags only when run as a script: gpu_suite.py imports this module beside others whose flag
 # names overlap.

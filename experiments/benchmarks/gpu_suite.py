@@ -9,7 +9,7 @@ stops starting new measurements once its time budget is spent):
   distill     a distillation step of a Llama-3.2-1B-shaped teacher -> ~0.5B student (half the
               layers and half the MLP), seq 2048, bf16, the default loss and attention, at the
               largest batch that fits: step time, tokens/s, MFU against the datasheet bf16 peak
-              (and against a measured matmul) with minitron_jax/flops.py's FLOP count.
+              (and against a measured matmul) with minitron_jax/models/flops.py's FLOP count.
   importance  the importance pass against plain forwards over the same batches (1B model).
   fused_kld   fused vs naive logit KLD at vocabulary 128k: time and compiled temp memory.
   attention   every kernel of config.ATTENTION_IMPLEMENTATIONS that applies on this backend,
@@ -61,10 +61,16 @@ import distill_step  # noqa: E402
 import fused_kld as fused_kld_bench  # noqa: E402
 import importance_pass  # noqa: E402
 import moe_dispatch  # noqa: E402
-from minitron_jax import (atomic, benchmark, data, distill, flops, hf, importance,  # noqa: E402
-                          model, prune, run_config, tokenizer)
-from minitron_jax import config as config_lib  # noqa: E402
-from minitron_jax.losses import LossConfig  # noqa: E402
+from minitron_jax.checkpoints import hf
+from minitron_jax.compress import importance, prune
+from minitron_jax.core import atomic
+from minitron_jax.inputs import data, tokenizer
+from minitron_jax.models import flops, model
+from minitron_jax.run import run_config
+from minitron_jax.tools import benchmark
+from minitron_jax.training import distill
+from minitron_jax.models import config as config_lib  # noqa: E402
+from minitron_jax.objectives.losses import LossConfig  # noqa: E402
 
 PARTS = ("distill", "importance", "fused_kld", "attention", "moe", "kd_vs_ce")
 
@@ -618,7 +624,7 @@ def environment() -> dict:
   import jaxlib
   import optax
 
-  from minitron_jax import attention, moe
+  from minitron_jax.models import attention, moe
 
   device = jax.devices()[0]
   return dict(date=datetime.date.today().isoformat(), platform=device.platform,

@@ -14,7 +14,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from minitron_jax import benchmark, importance, model
+from minitron_jax.compress import importance
+from minitron_jax.models import model
+from minitron_jax.tools import benchmark
 
 # Flags only when run as a script: gpu_suite.py imports this module beside others whose flag
 # names overlap.

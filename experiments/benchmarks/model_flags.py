@@ -2,9 +2,9 @@
 
 from absl import flags
 
-from minitron_jax import benchmark
+from minitron_jax.tools import benchmark
 
-PRESET = flags.DEFINE_string("preset", "tiny", "Model preset (minitron_jax.config.PRESETS).")
+PRESET = flags.DEFINE_string("preset", "tiny", "Model preset (minitron_jax.models.config.PRESETS).")
 HIDDEN = flags.DEFINE_integer("hidden", 512, "tiny preset: hidden size.")
 LAYERS = flags.DEFINE_integer("layers", 8, "tiny preset: layers.")
 VOCAB = flags.DEFINE_integer("vocab", 32768, "tiny preset: vocabulary.")

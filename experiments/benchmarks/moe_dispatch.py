@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from minitron_jax import benchmark, moe
-from minitron_jax import config as config_lib
+from minitron_jax.models import moe
+from minitron_jax.tools import benchmark
+from minitron_jax.models import config as config_lib
 
 # Flags only when run as a script: gpu_suite.py imports this module beside others whose flag
 # names overlap.

@@ -9,7 +9,7 @@ Each program the config runs (teacher correction, importance, drop-loss, distill
 compiled at full size from abstract shapes on as many simulated CPU devices as the mesh has;
 nothing of the model's size is allocated. Parameters and optimizer state are exact per-device
 shard bytes; the compiled figures (and the largest per-device batch that fits --hbm_gib, found
-by compiling) are the CPU compiler's estimate of a GPU/TPU build. See minitron_jax/memory_plan.py.
+by compiling) are the CPU compiler's estimate of a GPU/TPU build. See minitron_jax/tools/memory_plan.py.
 Config overrides work as in the main job: --config.distill.remat=full,
 --config.model.attention=naive.
 """
@@ -24,7 +24,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from minitron_jax.config import ConfigError
+from minitron_jax.errors import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.")
 _MESH = flags.DEFINE_string("mesh", "data=1,fsdp=8,tensor=1",
@@ -101,7 +101,8 @@ def main(argv):
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # noqa: E402  (after the device count is set)
 
-  from minitron_jax import memory_plan, sharding
+  from minitron_jax.models import sharding
+  from minitron_jax.tools import memory_plan
 
   if jax.device_count() != devices:
     print(f"error: {jax.device_count()} devices started, the mesh needs {devices}; run the plan "

@@ -20,7 +20,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 from absl import app, flags  # noqa: E402
 
-from minitron_jax import benchmark, scaling  # noqa: E402
+from minitron_jax.tools import benchmark, scaling  # noqa: E402
 
 MESHES = {"data8": {"data": 8}, "fsdp8": {"fsdp": 8}, "data4_tensor2": {"data": 4, "tensor": 2},
           "data2_expert4": {"data": 2, "expert": 4}}

@@ -14,7 +14,8 @@ import pathlib
 
 import ml_collections
 
-from minitron_jax import run_config, sweep_report
+from minitron_jax.run import run_config
+from minitron_jax.tools import sweep_report
 
 TITLE = "Aggregation metrics for activation importance (Table 15)"
 FINDING = ("Zero-shot, (batch=l2, seq=mean) and (mean, mean) give a lower loss than (l2, l2) and "

@@ -18,7 +18,8 @@ import pathlib
 
 import ml_collections
 
-from minitron_jax import run_config, sweep_report
+from minitron_jax.run import run_config
+from minitron_jax.tools import sweep_report
 
 TITLE = "Depth vs width pruning (Tables 1, 11)"
 FINDING = ("Width pruning has a higher loss than depth pruning right after pruning, but a lower "

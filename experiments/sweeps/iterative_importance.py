@@ -13,7 +13,8 @@ import pathlib
 
 import ml_collections
 
-from minitron_jax import run_config, sweep_report
+from minitron_jax.run import run_config
+from minitron_jax.tools import sweep_report
 
 TITLE = "Iterative importance (Table 10)"
 FINDING = ("Re-estimating importance between pruning rounds (T > 1) gives no gain over one-shot "

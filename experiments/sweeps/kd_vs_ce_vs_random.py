@@ -19,8 +19,11 @@ import pathlib
 
 import ml_collections
 
-from minitron_jax import build, flops, run_config, sweep_report
-from minitron_jax import config as config_lib
+from minitron_jax.checkpoints import build
+from minitron_jax.models import flops
+from minitron_jax.run import run_config
+from minitron_jax.tools import sweep_report
+from minitron_jax.models import config as config_lib
 
 TITLE = "Distillation vs conventional training vs random init (Table 12)"
 FINDING = ("At equal compute, pruned + distilled beats pruned + conventionally trained (LM loss), "

@@ -20,7 +20,8 @@ import pathlib
 
 import ml_collections
 
-from minitron_jax import run_config, sweep_report
+from minitron_jax.run import run_config
+from minitron_jax.tools import sweep_report
 
 TITLE = "Distillation loss functions and components (Tables 16-18)"
 FINDING = ("Forward KL on logits beats reverse KL, MSE and cosine; with depth kept, the logit loss "

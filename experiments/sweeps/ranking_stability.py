@@ -13,7 +13,8 @@ import pathlib
 
 import ml_collections
 
-from minitron_jax import run_config, sweep_report
+from minitron_jax.run import run_config
+from minitron_jax.tools import sweep_report
 
 TITLE = "Candidate-ranking stability during retraining (Figure 10)"
 FINDING = ("The ranking of pruned candidates changes during the first retraining steps, then "

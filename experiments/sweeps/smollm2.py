@@ -22,7 +22,7 @@ import pathlib
 
 import ml_collections
 
-from minitron_jax import sweep_report
+from minitron_jax.tools import sweep_report
 
 TITLE = "SmolLM2-135M: width vs depth, KD vs CE vs random init, head merging"
 FINDING = ("Width pruning retrains better than depth at equal size (Tables 1, 11); pruning + "

@@ -1,0 +1,26 @@
+"""Weights and batches placed on the mesh; the mesh and its logical-axis rules are in
+partitioning.py (re-exported here, where callers have always found them)."""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+
+from minitron_jax.core import distributed
+from minitron_jax.models import model as model_lib
+from minitron_jax.models.config import ModelConfig
+from minitron_jax.models.partitioning import (LOGICAL_RULES, MESH_AXES, MeshConfig,  # noqa: F401
+                                       batch_sharding, logical_to_spec, make_mesh)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules=LOGICAL_RULES):
+  """A NamedSharding for every weight, mirroring the params tree."""
+  shapes = model_lib.abstract_params(config)
+  return jax.tree.map(
+      lambda axes, leaf: NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules)),
+      model_lib.logical_axes(config), shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def shard_params(config: ModelConfig, params, mesh: Mesh, rules=LOGICAL_RULES):
+  """Places existing params on the mesh (host arrays: every process passes the same ones)."""
+  return jax.tree.map(distributed.put, params, param_shardings(config, mesh, rules))

@@ -1,0 +1,84 @@
+"""Our multiple-choice tasks from the config (`evaluate.tasks`): each entry's loader and its
+checks, and the tasks written as lm-evaluation-harness tasks. The evaluate stage and the search
+(which can rank candidates by a task's score) both read tasks here."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import pathlib
+from typing import Any, Mapping
+
+import ml_collections
+
+from minitron_jax.core import atomic
+from minitron_jax.evaluation import lm_eval_tasks, mc_tasks, stdlib_tasks
+from minitron_jax.errors import ConfigError
+
+HARNESS_TASKS = "lm_eval_tasks"  # inside a workdir: our tasks as harness YAML + JSONL
+
+STDLIB_TASK = "stdlib_next_line"
+
+
+def _task_loader(spec: Mapping[str, Any]):
+  """(loader, its argument check, the arguments it takes, a ConfigError for those it does not
+  or None) of one `evaluate.tasks` entry. The loader itself would fail on an unknown argument
+  with a TypeError, so they are found here."""
+  spec = dict(spec)
+  source = spec.pop("source", None)
+  if not source:
+    raise ConfigError(f"source={source!r} is missing; allowed: {STDLIB_TASK!r}, a JSONL file or "
+                      "tfds:NAME")
+  if source == STDLIB_TASK:
+    loader, check = stdlib_tasks.next_line_task, stdlib_tasks.check_arguments
+  else:
+    loader = functools.partial(mc_tasks.load_task, source)
+    check = functools.partial(mc_tasks.check_task, source)
+  allowed = [name for name, parameter in inspect.signature(loader).parameters.items()
+             if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+  unknown = sorted(set(spec) - set(allowed))
+  refused = None if not unknown else ConfigError(
+      f"arguments {unknown} do not apply to source={source!r}; allowed: {['source'] + allowed}")
+  return loader, check, {k: v for k, v in spec.items() if k in allowed}, refused
+
+
+def check_tasks(section: ml_collections.ConfigDict) -> list[str]:
+  """One line per task that `load_tasks` would refuse (all its problems), reading no example."""
+  problems = []
+  for name, spec in section.tasks.items():
+    found = []
+    try:
+      _, check, arguments, refused = _task_loader(spec)
+      if refused is not None:
+        found.append(str(refused))
+      check(**arguments)
+    except ConfigError as e:
+      found.insert(0, str(e))  # the source itself first: it decides which arguments apply
+    if found:
+      problems.append(f"evaluate.tasks.{name}: " + "; also ".join(found))
+  return problems
+
+
+def load_tasks(section: ml_collections.ConfigDict) -> dict[str, list]:
+  """name -> examples, from `evaluate.tasks` (the embedded stdlib task or local/TFDS files)."""
+  tasks = {}
+  for name, spec in section.tasks.items():
+    loader, _, arguments, refused = _task_loader(spec)
+    if refused is not None:
+      raise refused
+    tasks[name] = loader(**arguments)
+  return tasks
+
+
+def limit_of(value) -> int | float | None:
+  """The harness's limit: None for 0 (every example), a count from 1 up, a fraction below."""
+  return None if not value else (int(value) if value >= 1 else float(value))
+
+
+def write_harness_tasks(tasks: Mapping[str, list], directory: pathlib.Path) -> pathlib.Path:
+  """Each task as a local harness task (name.yaml + name.jsonl) in `directory`, replaced whole."""
+  with atomic.directory(directory) as staging:
+    for name, examples in tasks.items():
+      # The data path inside the YAML must be where the files end up, not the staging copy.
+      lm_eval_tasks.write_task(name, examples, staging, data_directory=directory)
+  return directory
