@@ -19,7 +19,8 @@ import time
 from absl import app, flags, logging
 
 from minitron_jax.compress import importance, prune
-from minitron_jax.run import pipeline, stages
+from minitron_jax.core import atomic
+from minitron_jax.run import pipeline, stage_context
 from minitron_jax.tools import sweep
 from minitron_jax.errors import ConfigError
 
@@ -82,12 +83,12 @@ def main(argv):
     started = time.perf_counter()
     pipeline.run(cfg, workdir)
     importance_seconds = time.perf_counter() - started
-    mesh = stages.mesh_of(cfg)
-    config, params = stages.load(cfg, stages.ModelRef(), mesh)
+    mesh = stage_context.mesh_of(cfg)
+    config, params = stage_context.load(cfg, stage_context.ModelRef(), mesh)
     import jax
     params = jax.device_get(params)
     scores = importance.Scores.load(workdir / "importance")
-    batches = stages.validation(cfg, config.vocab_size)
+    batches = stage_context.validation(cfg, config.vocab_size)
     full = dict(num_layers=config.num_layers, hidden_size=config.hidden_size,
                 num_attention_heads=config.num_attention_heads,
                 num_key_value_heads=config.num_key_value_heads,
@@ -119,7 +120,7 @@ def main(argv):
                 date=datetime.date.today().isoformat(), runlocal=_RUNLOCAL.value, rows=rows)
   out = pathlib.Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  stages.write_json(out / "smollm2_zero_shot.json", record)
+  atomic.write_json(out / "smollm2_zero_shot.json", record)
   (out / "smollm2_zero_shot.md").write_text(to_markdown(record))
   print(f"table in {out / 'smollm2_zero_shot.md'}")
 

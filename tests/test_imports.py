@@ -102,3 +102,26 @@ def test_no_module_imports_a_layer_above_its_own():
 
 def test_errors_is_a_leaf():
   assert _graph()["errors"] == set()
+
+
+STAGE_MODULES = {"run.check", "run.teacher_logits", "run.importance_stage", "run.search_stage",
+                 "run.prune_stage", "run.distill_stage", "run.teacher_correction_stage",
+                 "run.evaluate_stage", "run.report"}
+
+
+def test_no_stage_imports_another():
+  graph = _graph()
+  assert STAGE_MODULES <= set(graph)
+  assert sorted(f"{m} -> {o}" for m in STAGE_MODULES for o in graph[m] & STAGE_MODULES) == []
+
+
+def test_stage_outputs_are_named_only_in_the_registry():
+  import re
+
+  from minitron_jax.run import pipeline, registry
+
+  assert tuple(pipeline.RUNNERS) == registry.NAMES
+  joined = re.compile(r'/ "(' + "|".join(registry.NAMES) + r')"')
+  found = sorted(f"{name}: {match.group(0)}" for name, path in _modules().items()
+                 if name != "run.registry" for match in joined.finditer(path.read_text()))
+  assert found == []

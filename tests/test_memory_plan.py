@@ -11,7 +11,7 @@ import pytest
 
 from minitron_jax.compress import importance
 from minitron_jax.models import model, sharding
-from minitron_jax.run import run_config, stages
+from minitron_jax.run import run_config, stage_settings
 from minitron_jax.tools import memory_plan
 from minitron_jax.training import distill
 from minitron_jax.errors import ConfigError
@@ -44,9 +44,9 @@ def planned(cfg, mesh):
 
 @pytest.fixture(scope="module")
 def real(cfg, mesh):
-  """What stages._retrain builds and holds: placed params, the Distiller, its train state."""
+  """What retrain.retrain builds and holds: placed params, the Distiller, its train state."""
   source, student_config, teacher_config = memory_plan.stage_models(cfg)
-  run = stages.retrain_settings(memory_plan._without_data(cfg), cfg.distill, student_config,
+  run = stage_settings.retrain_settings(memory_plan._without_data(cfg), cfg.distill, student_config,
                                 teacher_config, cfg.distill.steps)
   distiller = distill.Distiller(run.student_config, run.teacher_config, run.losses, run.optimizer,
                                 cfg.distill.steps)

@@ -9,7 +9,7 @@ import pytest
 
 from minitron_jax.checkpoints import build
 from minitron_jax.inputs import data
-from minitron_jax.run import pipeline, run_config, stages
+from minitron_jax.run import pipeline, run_config, stage_context
 from minitron_jax.training import teacher_store
 from minitron_jax.errors import ConfigError
 
@@ -34,8 +34,8 @@ def test_search_and_distill_run_from_the_stored_stream(tmp_path):
 
   # The stored rows are the online run's rows, in its order, with the online teacher's top-k.
   config, params = build.load_model(cfg.model)
-  tok = stages.load_tokenizer(cfg, config.vocab_size)
-  online = data.make_iterator(stages.data_config(cfg, batch_size=cfg.distill.batch_size,
+  tok = stage_context.load_tokenizer(cfg, config.vocab_size)
+  online = data.make_iterator(stage_context.data_config(cfg, batch_size=cfg.distill.batch_size,
                                                  seq_len=cfg.distill.seq_len), tok, "train")
   stored = teacher_store.dataset(tmp_path / "teacher_logits" / "train", cfg.distill.batch_size)
   for expected, got in itertools.islice(zip(online, stored), rows // cfg.distill.batch_size):

@@ -6,7 +6,7 @@ import struct
 import sys
 
 from minitron_jax.run import report, report_curves
-from minitron_jax.run.stages import Context
+from minitron_jax.run.stage_context import Context
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))

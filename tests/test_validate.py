@@ -185,11 +185,11 @@ def test_paths_that_must_exist(tmp_path):
   config = get_config("default")
   config.stages = ("prune", "distill")
   assert _problems(config, tmp_path) == [
-      f"stages: prune needs importance scores in {tmp_path / 'importance'}, which do not exist; "
-      "allowed: 'importance' in stages"]
+      f"stages: prune needs importance's scores at {tmp_path / 'importance' / 'scores.npz'}, "
+      "which does not exist; allowed: 'importance' in stages"]
   config.stages = ("distill",)
   assert _problems(config, tmp_path) == [
-      f"stages: distill needs the pruned model {tmp_path / 'prune' / 'model'}, which does not "
+      f"stages: distill needs prune's model at {tmp_path / 'prune' / 'model'}, which does not "
       "exist; allowed: 'prune' in stages"]
 
 

@@ -142,7 +142,7 @@ def _stage_that_stops(calls: list):
 def test_the_pipeline_holds_the_workdir_and_refuses_a_second_run_before_any_stage(
     tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setitem(pipeline.STAGES, "check", (_stage_that_stops(calls), "check/metrics.json"))
+  monkeypatch.setitem(pipeline.RUNNERS, "check", _stage_that_stops(calls))
   with pytest.raises(preemption.Preempted):
     pipeline.run(_config(), tmp_path, log=lambda line: None)
   assert calls == [os.getpid()] and not _lock(tmp_path).exists()  # held, then released
@@ -160,7 +160,7 @@ def test_the_pipeline_holds_the_workdir_and_refuses_a_second_run_before_any_stag
 
 def test_a_workdir_that_cannot_be_created_is_one_line_before_any_stage(tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setitem(pipeline.STAGES, "check", (_stage_that_stops(calls), "check/metrics.json"))
+  monkeypatch.setitem(pipeline.RUNNERS, "check", _stage_that_stops(calls))
   (tmp_path / "file").write_text("")
   workdir = tmp_path / "file" / "run"
   with pytest.raises(ConfigError) as refused:

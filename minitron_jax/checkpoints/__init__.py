@@ -1,7 +1,15 @@
-"""Models in and out: Hugging Face safetensors (and each family's tensor differences), GGUF,
-orbax checkpoints of stage outputs, and building a model from a run's model settings.
+"""Models in and out: Hugging Face safetensors (config.json per family in hf_config, tensors
+and files in hf), GGUF, orbax checkpoints of stage outputs, and building a model from a run's
+model settings.
 
 Modules: build, checkpoint, gguf_checkpoint, hf, hf_config, hf_moe.
 """
 
-__all__ = ['build', 'checkpoint', 'gguf_checkpoint', 'hf', 'hf_config', 'hf_moe']
+__all__ = [
+    'build',
+    'checkpoint',
+    'gguf_checkpoint',
+    'hf',
+    'hf_config',
+    'hf_moe',
+]

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import json
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from minitron_jax.errors import ConfigError
 # The space, its candidates and their counts: search_space.py; these names stay importable here.

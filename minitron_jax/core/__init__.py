@@ -3,4 +3,9 @@
 Modules: atomic, distributed, plots, preemption.
 """
 
-__all__ = ['atomic', 'distributed', 'plots', 'preemption']
+__all__ = [
+    'atomic',
+    'distributed',
+    'plots',
+    'preemption',
+]

@@ -6,7 +6,6 @@ export to a Hugging Face directory and re-import with identical logits.
 
 from __future__ import annotations
 
-import json
 import time
 
 import jax
@@ -16,24 +15,24 @@ from minitron_jax.checkpoints import hf
 from minitron_jax.compress import importance
 from minitron_jax.core import atomic, distributed
 from minitron_jax.models import model, sharding
-from minitron_jax.run import stages
+from minitron_jax.run import registry, stage_context
 
 
-def run(ctx: stages.Context) -> dict:
-  with atomic.directory(ctx.directory / "check") as staging:
+def run(ctx: stage_context.Context) -> dict:
+  with atomic.directory(registry.path(ctx.directory, "check", "directory")) as staging:
     return _run(ctx, staging)
 
 
-def _run(ctx: stages.Context, staging) -> dict:
-  cfg, log, out = ctx.cfg, ctx.log, ctx.directory / "check"
+def _run(ctx: stage_context.Context, staging) -> dict:
+  cfg, log, out = ctx.cfg, ctx.log, registry.path(ctx.directory, "check", "directory")
   started = time.perf_counter()
-  mesh = stages.mesh_of(cfg)
+  mesh = stage_context.mesh_of(cfg)
   log(f"[check] mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
-  config, params = stages.load(cfg, ctx.source, mesh)
+  config, params = stage_context.load(cfg, ctx.source, mesh)
   log(f"[check] {config.family} model: {config.num_layers} layers, hidden {config.hidden_size}, "
       f"{config.num_params():,} parameters")
 
-  batches = stages.validation(cfg, config.vocab_size)
+  batches = stage_context.validation(cfg, config.vocab_size)
   losses = []
   for i, batch in enumerate(batches):
     placed = {k: distributed.put(v, sharding.batch_sharding(mesh, v.shape))
@@ -42,8 +41,9 @@ def _run(ctx: stages.Context, staging) -> dict:
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
 
   log(f"[check] exporting to {out / 'hf'}")
-  hf.save(staging / "hf", config, params, dtype=cfg.export_dtype)  # gathered weight by weight
-  reloaded_config, reloaded = hf.load(staging / "hf", param_dtype=config.param_dtype)
+  exported = registry.inside(staging, "check", "hf")
+  hf.save(exported, config, params, dtype=cfg.export_dtype)  # gathered weight by weight
+  reloaded_config, reloaded = hf.load(exported, param_dtype=config.param_dtype)
   reloaded_config = reloaded_config.replace(dtype=config.dtype, remat=config.remat)
   # Both models on the mesh, as training places them; only the probe's logits come back.
   probe_tokens = batches[0]["tokens"]
@@ -63,8 +63,8 @@ def _run(ctx: stages.Context, staging) -> dict:
                  tokens_scored=int(sum((b["segment_ids"] != 0).sum() for b in batches)),
                  hf_round_trip_relative_error=round_trip_error,
                  devices=jax.device_count(), seconds=time.perf_counter() - started)
-  atomic.write_json(staging / "metrics.json", metrics)
-  atomic.write_text(staging / "report.md", _report(config, metrics))
+  atomic.write_json(registry.inside(staging, "check", "metrics"), metrics)
+  atomic.write_text(registry.inside(staging, "check", "report"), _report(config, metrics))
   log(f"[check] done in {metrics['seconds']:.1f}s: loss {metrics['validation_loss']:.4f}, "
       f"round-trip error {round_trip_error:.2g}; report at {out / 'report.md'}")
   return metrics

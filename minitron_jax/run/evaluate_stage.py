@@ -24,10 +24,10 @@ from minitron_jax.checkpoints import checkpoint
 from minitron_jax.core import atomic, distributed
 from minitron_jax.evaluation import evaluate, lm_eval_tasks
 from minitron_jax.models import generate, sharding
-from minitron_jax.run import stages, task_config
+from minitron_jax.run import registry, stage_context, task_config
 from minitron_jax.run.task_config import check_tasks, load_tasks  # noqa: F401  (validate uses them)
 from minitron_jax.errors import ConfigError
-from minitron_jax.run.stages import Context
+from minitron_jax.run.stage_context import Context
 
 
 
@@ -118,9 +118,9 @@ def _fenced(text: str) -> str:
 
 
 def run_evaluate(ctx: Context) -> dict:
-  cfg, out = ctx.cfg, ctx.directory / "evaluate"
+  cfg, out = ctx.cfg, registry.path(ctx.directory, "evaluate", "directory")
   section = cfg.evaluate
-  mesh = stages.mesh_of(cfg)
+  mesh = stage_context.mesh_of(cfg)
   tasks = load_tasks(section)
   names, own = harness_names(section)
   own_directory = task_config.write_harness_tasks({name: tasks[name] for name in own},
@@ -132,15 +132,15 @@ def run_evaluate(ctx: Context) -> dict:
     manager = lm_eval_tasks.task_manager(include or None, names + own)
   place = lambda x: distributed.put(x, sharding.batch_sharding(mesh, x.shape))  # noqa: E731
   results, completions = {}, {}
-  for label, ref in stages.models_of(cfg, ctx.directory).items():
+  for label, ref in stage_context.models_of(cfg, ctx.directory).items():
     if ref.path is not None and not checkpoint.is_saved_model(ref.path):
       continue
-    config, params = stages.load(cfg, ref, mesh)
-    tok = stages.load_tokenizer(cfg, config.vocab_size)
+    config, params = stage_context.load(cfg, ref, mesh)
+    tok = stage_context.load_tokenizer(cfg, config.vocab_size)
     # On the mesh, params where training put them: no device holds the whole model.
     metrics = evaluate.evaluate_model(
         config, params, tok, tasks=tasks,
-        perplexity_batches=stages.validation(cfg, config.vocab_size),
+        perplexity_batches=stage_context.validation(cfg, config.vocab_size),
         batch_size=section.batch_size, max_length=section.max_length, place=place)
     if manager is not None:
       scores = lm_eval_tasks.evaluate(
@@ -162,7 +162,8 @@ def run_evaluate(ctx: Context) -> dict:
   harness = [k for k in dict.fromkeys(k for m in results.values() for k in m)
              if k.startswith("lm_eval/")]
   with atomic.directory(out) as staging:
-    atomic.write_text(staging / "table.md", evaluate.markdown_table(results, ours))
+    atomic.write_text(registry.inside(staging, "evaluate", "table"),
+                      evaluate.markdown_table(results, ours))
     if harness:
       fewshot = section.lm_eval.num_fewshot
       shots = "each task's own" if fewshot is None else fewshot
@@ -170,13 +171,13 @@ def run_evaluate(ctx: Context) -> dict:
                 f"{shots}, limit={task_config.limit_of(section.lm_eval.limit) or 'none'}.\n\n")
       table = evaluate.markdown_table(
           results, harness, header_names={k: k.removeprefix("lm_eval/") for k in harness})
-      atomic.write_text(staging / "lm_eval.md", header + table)
+      atomic.write_text(registry.inside(staging, "evaluate", "lm_eval"), header + table)
     if completions:
-      atomic.write_json(staging / "completions.json",
+      atomic.write_json(registry.inside(staging, "evaluate", "completions_json"),
                         dict(prompts=list(section.prompts), completions=completions))
-      atomic.write_text(staging / "completions.md",
+      atomic.write_text(registry.inside(staging, "evaluate", "completions"),
                         completions_markdown(section.prompts, completions))
-    atomic.write_json(staging / "metrics.json", results)
+    atomic.write_json(registry.inside(staging, "evaluate", "metrics"), results)
   return results
 
 

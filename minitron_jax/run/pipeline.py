@@ -25,30 +25,29 @@ import jax
 import ml_collections
 
 from minitron_jax.core import atomic, distributed
-from minitron_jax.run import (check, evaluate_stage, report, stages, teacher_logits, validate,
-                              workdir_lock)
-from minitron_jax.run.stages import Context, ModelRef
+from minitron_jax.run import (check, distill_stage, evaluate_stage, importance_stage, prune_stage,
+                              registry, report, search_stage, stage_context,
+                              teacher_correction_stage, teacher_logits, validate, workdir_lock)
+from minitron_jax.run.stage_context import Context, ModelRef
 
-# stage name -> (function(Context) -> summary, file whose presence marks it done)
-STAGES: dict[str, tuple[Callable, str]] = {
-    "teacher_correction": (stages.run_teacher_correction, "teacher_correction/summary.json"),
-    "check": (check.run, "check/metrics.json"),
-    "teacher_logits": (teacher_logits.run, "teacher_logits/summary.json"),
-    "importance": (stages.run_importance, "importance/summary.json"),
-    "search": (stages.run_search, "search/result.json"),
-    "prune": (stages.run_prune, "prune/summary.json"),
-    "distill": (stages.run_distill, "distill/summary.json"),
-    "evaluate": (evaluate_stage.run_evaluate, "evaluate/metrics.json"),
-    "report": (report.run_report, "report.md"),
+# stage name (registry.py: order, outputs, needs) -> function(Context) -> summary
+RUNNERS: dict[str, Callable] = {
+    "teacher_correction": teacher_correction_stage.run_teacher_correction,
+    "check": check.run,
+    "teacher_logits": teacher_logits.run,
+    "importance": importance_stage.run_importance,
+    "search": search_stage.run_search,
+    "prune": prune_stage.run_prune,
+    "distill": distill_stage.run_distill,
+    "evaluate": evaluate_stage.run_evaluate,
+    "report": report.run_report,
 }
-PER_COMPRESSION = ("teacher_logits", "importance", "search", "prune", "distill")
+assert tuple(RUNNERS) == registry.NAMES, "every registered stage has one runner, in order"
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) -> None:
   workdir = pathlib.Path(workdir).absolute()
-  unknown = [s for s in cfg.stages if s not in STAGES]
-  problems = [f"stages {unknown} are unknown; allowed: {list(STAGES)}"] if unknown else []
-  problems += validate.validate(cfg, workdir)
+  problems = validate.validate(cfg, workdir)
   if problems:
     raise validate.error(problems)
   # Creates the workdir; a second run on it (a requeued job while this one runs) is refused here.
@@ -64,44 +63,44 @@ def _run_holding(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log) -> 
     timings = {}
 
   def run_stage(name: str, ctx: Context, key: str) -> None:
-    function, marker = STAGES[name]
-    done = (ctx.directory / marker).exists()
+    marker = registry.path(ctx.directory, name)
+    done = marker.exists()
     # Every process looks before any may write the marker, so all decide alike.
     distributed.barrier(f"before {key}")
     if done:
-      log(f"[{name}] skipped: {ctx.directory / marker} exists")
+      log(f"[{name}] skipped: {marker} exists")
       return
     started = time.perf_counter()
-    function(ctx)
+    RUNNERS[name](ctx)
     timings[key] = time.perf_counter() - started
     atomic.write_json(timings_path, timings)
     distributed.barrier(f"after {key}")
 
   # Every stage computes on the run's mesh; the model pins activations to its batch axes.
-  with jax.set_mesh(stages.mesh_of(cfg)):
+  with jax.set_mesh(stage_context.mesh_of(cfg)):
     _run_stages(cfg, workdir, run_stage, log)
 
 
 def _run_stages(cfg, workdir: pathlib.Path, run_stage, log) -> None:
-  original = stages.original_ref(cfg, workdir)
+  original = stage_context.original_ref(cfg, workdir)
   base = Context(cfg=cfg, directory=workdir, source=original, teacher=original, log=log)
-  for name in ("teacher_correction", "check"):
+  for name in registry.BEFORE_COMPRESSION:
     if name in cfg.stages:
       run_stage(name, base if name == "check" else Context(cfg=cfg, directory=workdir, log=log),
                 name)
 
   previous = original
-  for step in stages.compression_plan(cfg, workdir):
+  for step in stage_context.compression_plan(cfg, workdir):
     ctx = Context(cfg=cfg, directory=step["directory"], source=previous,
                   teacher=original if step["teacher"] == "original" else previous,
                   target=step["target"], distill_steps=step["distill_steps"], log=log)
-    for name in PER_COMPRESSION:
+    for name in registry.COMPRESSION_STAGES:
       if name in cfg.stages:
         run_stage(name, ctx, f"{step['name']}/{name}" if step["name"] else name)
     produced = "distill" if "distill" in cfg.stages else "prune"
-    previous = ModelRef(step["directory"] / produced / "model",
+    previous = ModelRef(registry.path(step["directory"], produced, "model"),
                         f"{step['name'] or 'stage'} {produced}")
 
-  for name in ("evaluate", "report"):
+  for name in registry.AFTER_COMPRESSION:
     if name in cfg.stages:
       run_stage(name, base, name)

@@ -7,9 +7,9 @@ import json
 import pathlib
 
 from minitron_jax.core import atomic
-from minitron_jax.run import report_curves, stages
+from minitron_jax.run import registry, report_curves, stage_context
 from minitron_jax.errors import ConfigError
-from minitron_jax.run.stages import Context
+from minitron_jax.run.stage_context import Context
 
 def _read(path: pathlib.Path) -> dict | None:
   if not path.exists():
@@ -26,12 +26,12 @@ def run_report(ctx: Context) -> str:
   workdir/curves), search ranking, time per stage."""
   cfg, workdir = ctx.cfg, ctx.directory
   lines = ["# Compression report", ""]
-  plan = stages.compression_plan(cfg, workdir)
+  plan = stage_context.compression_plan(cfg, workdir)
   rows = []
   teacher_loss = None
   for step in plan:
-    pruned = _read(step["directory"] / "prune" / "summary.json")
-    distilled = _read(step["directory"] / "distill" / "summary.json")
+    pruned = _read(registry.path(step["directory"], "prune", "summary"))
+    distilled = _read(registry.path(step["directory"], "distill", "summary"))
     if pruned is None:
       continue
     teacher_loss = teacher_loss if teacher_loss is not None else pruned["source_validation_loss"]
@@ -51,13 +51,13 @@ def run_report(ctx: Context) -> str:
       lines.append(f"| {label} | {params:,} | {loss:.4f} | {loss - teacher_loss:+.4f} |")
     lines.append("")
   lines += report_curves.write(cfg, workdir)
-  evaluation = workdir / "evaluate"
-  for name, title in (("table.md", "Evaluation"), ("lm_eval.md", "lm-evaluation-harness"),
-                      ("completions.md", "Sample completions (greedy)")):
-    if (evaluation / name).exists():
-      lines += [f"## {title}", "", (evaluation / name).read_text().strip(), ""]
+  for output, title in (("table", "Evaluation"), ("lm_eval", "lm-evaluation-harness"),
+                        ("completions", "Sample completions (greedy)")):
+    written = registry.path(workdir, "evaluate", output)
+    if written.exists():
+      lines += [f"## {title}", "", written.read_text().strip(), ""]
   for step in plan:
-    search_report = step["directory"] / "search" / "report.md"
+    search_report = registry.path(step["directory"], "search", "report")
     if search_report.exists():
       lines += [f"## Architecture search {step['name']}".rstrip(), "",
                 search_report.read_text().strip(), ""]
@@ -67,6 +67,6 @@ def run_report(ctx: Context) -> str:
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
     lines.append("")
   text = "\n".join(lines)
-  atomic.write_text(workdir / "report.md", text)
-  ctx.log(f"[report] written to {workdir / 'report.md'}")
+  atomic.write_text(registry.path(workdir, "report"), text)
+  ctx.log(f"[report] written to {registry.path(workdir, 'report')}")
   return text

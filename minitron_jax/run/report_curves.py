@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import ml_collections
 
 from minitron_jax.core import atomic, distributed, plots
-from minitron_jax.run import stages
+from minitron_jax.run import registry, stage_context
 
 DIRECTORY = "curves"  # inside the workdir, beside report.md
 YLABEL = "cross-entropy (nats per token)"
@@ -112,13 +112,13 @@ def _teachers(workdir: pathlib.Path, plan: list[dict]) -> list:
   """(label, validation loss or None) of each compression stage's teacher: the original (its
   loss from the first stage's prune summary, else from the check stage) or, for
   teacher='previous', the model the stage started from."""
-  first = _read(plan[0]["directory"] / "prune" / "summary.json") if plan else {}
+  first = _read(registry.path(plan[0]["directory"], "prune", "summary")) if plan else {}
   original = first.get("source_validation_loss",
-                       _read(workdir / "check" / "metrics.json").get("validation_loss"))
+                       _read(registry.path(workdir, "check", "metrics")).get("validation_loss"))
   found = []
   for step in plan:
     if step["teacher"] == "previous":
-      pruned = _read(step["directory"] / "prune" / "summary.json")
+      pruned = _read(registry.path(step["directory"], "prune", "summary"))
       found.append(("teacher (previous stage)", pruned.get("source_validation_loss")))
     else:
       found.append(("teacher", original))
@@ -127,14 +127,14 @@ def _teachers(workdir: pathlib.Path, plan: list[dict]) -> list:
 
 def distill_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[Panel]:
   """A panel per compression stage whose distillation logged anything."""
-  plan = stages.compression_plan(cfg, workdir)
+  plan = stage_context.compression_plan(cfg, workdir)
   tokens = tokens_per_step(cfg)
   panels = []
   for step, (teacher_label, teacher_loss) in zip(plan, _teachers(workdir, plan)):
-    records = read_metrics(step["directory"] / "distill" / "metrics.jsonl")
+    records = read_metrics(registry.path(step["directory"], "distill", "metrics"))
     if not records:
       continue
-    pruned = _read(step["directory"] / "prune" / "summary.json").get("pruned_validation_loss")
+    pruned = _read(registry.path(step["directory"], "prune", "summary")).get("pruned_validation_loss")
     series, objective, styles = loss_series(records, tokens, start=pruned)
     panels.append(Panel(step["name"], series,
                         _finite({teacher_label: teacher_loss, "pruned (zero-shot)": pruned}),
@@ -146,13 +146,13 @@ def search_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list
   """A panel per compression stage whose search retrained candidates: each candidate's
   validation cross-entropy (in the legend) and training cross-entropy (faint, same colour), or
   its training objective on the second axis when cross-entropy is no part of it."""
-  plan = stages.compression_plan(cfg, workdir)
+  plan = stage_context.compression_plan(cfg, workdir)
   tokens = tokens_per_step(cfg)
   panels = []
   for step, (teacher_label, teacher_loss) in zip(plan, _teachers(workdir, plan)):
-    directory = step["directory"] / "search"
-    runs = sorted(p.parent for p in (directory / "candidates").glob("*/metrics.jsonl"))
-    best = _read(directory / "result.json").get("best")
+    candidates = registry.path(step["directory"], "search", "candidates")
+    runs = sorted(p.parent for p in candidates.glob("*/metrics.jsonl"))
+    best = _read(registry.path(step["directory"], "search", "result")).get("best")
     series, objective, styles = {}, {}, {}
     for index, run in enumerate(runs):
       records = read_metrics(run / "metrics.jsonl")
@@ -177,7 +177,7 @@ def search_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list
       continue
     # The search never scores a candidate before retraining it; the prune stage scores the one
     # it chose.
-    pruned = _read(step["directory"] / "prune" / "summary.json").get("pruned_validation_loss")
+    pruned = _read(registry.path(step["directory"], "prune", "summary")).get("pruned_validation_loss")
     panels.append(Panel(step["name"], series, _finite(
         {teacher_label: teacher_loss, "chosen, pruned (zero-shot)": pruned}), styles, objective))
   return panels

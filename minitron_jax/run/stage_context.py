@@ -1,13 +1,15 @@
 """What every stage reads: the models it starts from (`ModelRef`), its `Context`, and the mesh,
 models, data settings, tokenizer and validation batches of a run's config.
 
-A leaf below the stages: stages.py and teacher_logits.py both build on it, so neither stage
-module imports the other for these helpers.
+Below the stages: every stage module builds on it, so no stage imports another for these helpers.
+The compression plan (which compression stages run, in which directories, from which teacher)
+and the models a run can produce are stated here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import pathlib
 from typing import Callable
 
@@ -17,6 +19,7 @@ from minitron_jax.checkpoints import build, checkpoint
 from minitron_jax.inputs import data, tokenizer
 from minitron_jax.models import sharding
 from minitron_jax.errors import ConfigError
+from minitron_jax.run import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +79,59 @@ def validation(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
   """The fixed validation batches every stage reports its loss on."""
   return data.validation_batches(data_config(cfg), load_tokenizer(cfg, vocab_size),
                                  cfg.eval_batches)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+TEACHER_CHOICES = ("original", "previous")
+
+
+def compression_plan(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]:
+  """One dict per compression stage: name, directory, target, teacher, distill_steps."""
+  entries = list(cfg.get("compression", ()) or ())
+  if not entries:
+    return [dict(name="", directory=workdir, target=dict(cfg.prune.target), teacher="original",
+                 distill_steps=None)]
+  plan = []
+  for index, entry in enumerate(entries):
+    entry = dict(entry)
+    name = entry.get("name") or f"stage{index + 1}"
+    teacher = entry.get("teacher", "original")
+    if teacher not in TEACHER_CHOICES:
+      raise ConfigError(f"compression stage {name!r} teacher={teacher!r} is not allowed; "
+                        f"allowed: {TEACHER_CHOICES}")
+    plan.append(dict(name=name, directory=workdir / f"{index + 1}_{name}",
+                     target=dict(entry.get("target", {})), teacher=teacher,
+                     distill_steps=entry.get("distill_steps")))
+  return plan
+
+
+def models_of(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, ModelRef]:
+  """Every model the run can produce, by label, in order: the teacher, then each stage's pruned
+  and distilled students (callers skip those not saved yet)."""
+  original = original_ref(cfg, workdir)
+  refs = {"teacher": original}
+  for step in compression_plan(cfg, workdir):
+    prefix = f"{step['name']} " if step["name"] else ""
+    for kind in ("prune", "distill"):
+      path = registry.path(step["directory"], kind, "model")
+      label = f"{prefix}{'pruned' if kind == 'prune' else 'distilled'}"
+      refs[label] = ModelRef(path, label)
+  return refs
+
+
+def original_ref(cfg, workdir: pathlib.Path) -> ModelRef:
+  """The model compression starts from: the corrected teacher when correction is a stage."""
+  if "teacher_correction" in cfg.stages:
+    return ModelRef(registry.path(workdir, "teacher_correction", "model"), "corrected teacher")
+  return ModelRef(None, "original")
+
+
+def calibration(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
+  section = cfg.importance
+  batches = -(-section.num_samples // section.batch_size)
+  iterator = data.make_iterator(
+      data_config(cfg, seq_len=section.seq_len, batch_size=section.batch_size),
+      load_tokenizer(cfg, vocab_size), "train")
+  return list(itertools.islice(iterator, batches))

@@ -23,19 +23,15 @@ from minitron_jax.compress import importance, prune, search
 from minitron_jax.evaluation import evaluate
 from minitron_jax.inputs import data
 from minitron_jax.models import config as config_lib, sharding
-from minitron_jax.run import evaluate_stage, search_score, stages, teacher_logits
+from minitron_jax.run import (evaluate_stage, registry, search_score, stage_context,
+                              stage_settings, stored_teacher)
 from minitron_jax.training import teacher_store
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.errors import ConfigError
 
-_COMPRESSION_STAGES = ("teacher_logits", "importance", "search", "prune", "distill")
-
-
 def validate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[str]:
-  """Every problem found, one line each, naming the setting, the bad value and what is allowed.
-
-  Stage names are not checked here (the pipeline owns the stage table); unknown ones are ignored.
-  """
+  """Every problem found, one line each, naming the setting, the bad value and what is allowed
+  (stage names against registry.py first)."""
   return _Validation(cfg, pathlib.Path(workdir).absolute()).run()
 
 
@@ -75,20 +71,23 @@ class _Validation:
       self.problems.append(f"{setting}: {message}")
 
   def run(self) -> list[str]:
+    unknown = [name for name in self.cfg.stages if name not in registry.BY_NAME]
+    if unknown:
+      self.problems.append(f"stages {unknown} are unknown; allowed: {list(registry.NAMES)}")
     source = self.model()
     self.mesh()
     self.general()
     self.data()
     # Without the model's vocabulary, only that the tokenizer loads.
-    self.attempt("tokenizer", stages.load_tokenizer, self.cfg,
+    self.attempt("tokenizer", stage_context.load_tokenizer, self.cfg,
                  source.vocab_size if source is not None else math.inf)
     if source is not None and self.stages & {"check", "prune", "distill"}:
       self.attempt("model", hf.config_to_hf, source, self.cfg.export_dtype)
     self.retraining(source)
-    plan = self.attempt("compression", stages.compression_plan, self.cfg, self.workdir)
-    if source is not None and plan and self.stages & set(_COMPRESSION_STAGES):
+    plan = self.attempt("compression", stage_context.compression_plan, self.cfg, self.workdir)
+    if source is not None and plan and self.stages & set(registry.COMPRESSION_STAGES):
       self.compression(source, plan)
-    if plan and teacher_logits.enabled(self.cfg):
+    if plan and stored_teacher.enabled(self.cfg):
       self.stored_teacher(plan[0])
     if "evaluate" in self.stages:
       section = self.cfg.evaluate
@@ -126,7 +125,7 @@ class _Validation:
     return source
 
   def mesh(self) -> None:
-    mesh = self.attempt("mesh", stages.settings, sharding.MeshConfig, self.cfg.mesh.to_dict(),
+    mesh = self.attempt("mesh", stage_settings.settings, sharding.MeshConfig, self.cfg.mesh.to_dict(),
                         "mesh")
     if mesh is not None:
       self.attempt("mesh", mesh.shape, jax.device_count())
@@ -138,8 +137,8 @@ class _Validation:
     if cfg.export_dtype not in config_lib.DTYPES:
       self.note("export_dtype", f"{cfg.export_dtype!r} is not supported; allowed: "
                 f"{config_lib.DTYPES}")
-    if teacher_logits.enabled(cfg):
-      self.attempt("teacher_logits", teacher_logits.check_section, cfg)
+    if stored_teacher.enabled(cfg):
+      self.attempt("teacher_logits", stored_teacher.check_section, cfg)
       if not self.stages & {"distill", "search"}:
         self.note("stages", "teacher_logits stores the teacher for distill and search, and "
                   "neither runs; allowed: 'distill' or 'search' in stages with it")
@@ -150,14 +149,14 @@ class _Validation:
 
   def data(self) -> None:
     cfg = self.cfg
-    base = self.attempt("data", stages.data_config, cfg)
+    base = self.attempt("data", stage_context.data_config, cfg)
     if base is None:
       return
     self.attempt("data", data.check_source, base)
     if "importance" in self.stages or cfg.prune.iterative_rounds > 1:
-      self.attempt("importance", stages.data_config, cfg, seq_len=cfg.importance.seq_len,
+      self.attempt("importance", stage_context.data_config, cfg, seq_len=cfg.importance.seq_len,
                    batch_size=cfg.importance.batch_size)
-    # distill, search and teacher correction build their data in stages.retrain_settings
+    # distill, search and teacher correction build their data in stage_settings.retrain_settings
 
   def retraining(self, source: ModelConfig | None) -> None:
     """Each training loop's settings on their own (one bad setting hides no other), then as a
@@ -165,25 +164,25 @@ class _Validation:
     cfg = self.cfg
     runs = []
     if self.stages & {"distill", "search"}:
-      self.attempt("distill.loss", stages.loss_config, cfg.distill.loss)
+      self.attempt("distill.loss", stage_settings.loss_config, cfg.distill.loss)
       runs.append(("distill", cfg.distill, cfg.distill.steps, {}))
     if "search" in self.stages:
       runs.append(("search", cfg.distill, cfg.search.retrain_steps,
                    dict(eval_steps=cfg.search.eval_steps,
                         checkpoint_every=cfg.search.retrain_steps)))
     if "teacher_correction" in self.stages:
-      runs.append(("teacher_correction", stages.teacher_correction_section(cfg),
+      runs.append(("teacher_correction", stage_settings.teacher_correction_section(cfg),
                    cfg.teacher_correction.steps, {}))
     for name, section, steps, loop in runs:
       optimizer = "teacher_correction" if name == "teacher_correction" else "distill"
-      self.attempt(f"{optimizer}.optimizer", stages.optimizer_config, section.optimizer,
+      self.attempt(f"{optimizer}.optimizer", stage_settings.optimizer_config, section.optimizer,
                    section.batch_size)
-      self.attempt(name, stages.loop_config, section, steps, **loop)
-      self.attempt("distill", stages.data_config, cfg, batch_size=section.batch_size,
+      self.attempt(name, stage_settings.loop_config, section, steps, **loop)
+      self.attempt("distill", stage_context.data_config, cfg, batch_size=section.batch_size,
                    seq_len=section.seq_len)
       if source is not None:
-        offline = teacher_logits.enabled(cfg) and name != "teacher_correction"
-        self.attempt(name, stages.retrain_settings, cfg, section, source, source, steps, **loop,
+        offline = stored_teacher.enabled(cfg) and name != "teacher_correction"
+        self.attempt(name, stage_settings.retrain_settings, cfg, section, source, source, steps, **loop,
                      offline=offline)
 
   def stored_teacher(self, step: dict) -> None:
@@ -191,15 +190,15 @@ class _Validation:
     teachers exist only once the run reaches them; they are checked there)."""
     if step["teacher"] != "original":
       return
-    ref = stages.original_ref(self.cfg, self.workdir)
+    ref = stage_context.original_ref(self.cfg, self.workdir)
     if ref.path is not None and not checkpoint.is_saved_model(ref.path):
       return
-    config = self.attempt("model", teacher_logits.teacher_config, self.cfg, ref)
+    config = self.attempt("model", stored_teacher.teacher_config, self.cfg, ref)
     for split in ("train", "validation"):
-      stored_path = step["directory"] / teacher_logits.STAGE / split
+      stored_path = registry.path(step["directory"], stored_teacher.STAGE, split)
       if config is None or not (stored_path / "metadata.json").is_file():
         continue
-      expected = self.attempt("teacher_logits", teacher_logits.expected_metadata, self.cfg, ref,
+      expected = self.attempt("teacher_logits", stored_teacher.expected_metadata, self.cfg, ref,
                               config, split, step["distill_steps"])
       stored = self.attempt(str(stored_path), teacher_store.StoreMetadata.load, stored_path)
       if expected is not None and stored is not None:
@@ -221,8 +220,8 @@ class _Validation:
         steps = step["distill_steps"] or self.cfg.distill.steps
         for shape in produced:
           for teacher in teachers:
-            self.attempt("distill", stages.retrain_settings, self.cfg, self.cfg.distill, shape,
-                         teacher, steps, offline=teacher_logits.enabled(self.cfg))
+            self.attempt("distill", stage_settings.retrain_settings, self.cfg, self.cfg.distill, shape,
+                         teacher, steps, offline=stored_teacher.enabled(self.cfg))
       students = list(produced)
       if not students:
         return  # later stages' shapes are unknown; their problems show once this one is fixed
@@ -231,13 +230,13 @@ class _Validation:
                     teachers: list[ModelConfig]) -> list[ModelConfig]:
     """The shapes one compression stage can produce from `source`, after checking its settings."""
     directory = step["directory"]
-    saved = directory / "prune" / "model"
+    saved = registry.path(directory, "prune", "model")
     if checkpoint.is_saved_model(saved):  # pruned on an earlier run; its shape is what it is
       config = self.attempt(str(saved), checkpoint.load_config, saved)
       return [config] if config is not None else []
     if "importance" in self.stages:
       self.attempt("importance", importance.check_options, source,
-                   **stages.estimate_options(self.cfg))
+                   **stage_settings.estimate_options(self.cfg))
     if "search" in self.stages:
       targets = self.search_targets(where, step, source, teachers)
     elif step["target"]:
@@ -246,9 +245,11 @@ class _Validation:
       self.note(where, "is empty; allowed: the sizes to prune to (or 'search' in stages)")
       return []
     if "prune" not in self.stages:
-      if self.stages & {"distill"}:
-        self.note("stages", f"distill needs the pruned model {saved}, which does not exist; "
-                  "allowed: 'prune' in stages")
+      if "distill" in self.stages:
+        for need in registry.BY_NAME["distill"].needs:
+          problem = registry.missing_need(directory, "distill", need, self.stages)
+          if problem:
+            self.note("stages", problem)
       return []
     # Iterative pruning estimates importance itself; one-shot pruning reads the stage's scores.
     self.need_scores(directory, self.cfg.prune.iterative_rounds <= 1, "prune")
@@ -256,16 +257,15 @@ class _Validation:
     return [shape for shape in shapes if shape is not None]
 
   def need_scores(self, directory: pathlib.Path, needed: bool, stage: str) -> None:
-    if (needed and "importance" not in self.stages
-        and not (directory / "importance" / "scores.npz").is_file()):
-      self.note("stages", f"{stage} needs importance scores in {directory / 'importance'}, which "
-                "do not exist; allowed: 'importance' in stages")
+    problem = needed and registry.missing_need(directory, stage, "importance.scores", self.stages)
+    if problem:
+      self.note("stages", problem)
 
   def search_targets(self, where: str, step: dict, source: ModelConfig,
                      teachers: list[ModelConfig]) -> list[dict]:
     """Every candidate the search can pick (its pick, if it ran), its retraining checked."""
     directory = step["directory"]
-    result = directory / "search" / "result.json"
+    result = registry.path(directory, "search", "result")
     if result.exists():
       best = self.attempt(str(result),
                           lambda: search.SearchResult.from_json(result.read_text()).best)
@@ -273,22 +273,22 @@ class _Validation:
     self.need_scores(directory, True, "search")
     section = self.cfg.search
     self.attempt("search.eval_steps", search.check_eval_steps, section.eval_steps)
-    candidates = self.attempt("search.space", stages.search_candidates, self.cfg, source) or []
+    candidates = self.attempt("search.space", stage_settings.search_candidates, self.cfg, source) or []
     for candidate in candidates:
       shape = self.pruned_shape(f"search candidate {candidate.name}", source, candidate.target,
                                 iterative=False)
       for teacher in teachers if shape is not None else ():
-        self.attempt("search", stages.retrain_settings, self.cfg, self.cfg.distill, shape,
+        self.attempt("search", stage_settings.retrain_settings, self.cfg, self.cfg.distill, shape,
                      teacher, section.retrain_steps, eval_steps=section.eval_steps,
                      checkpoint_every=section.retrain_steps,
-                     offline=teacher_logits.enabled(self.cfg))
+                     offline=stored_teacher.enabled(self.cfg))
     return [candidate.target for candidate in candidates]
 
   def pruned_shape(self, where: str, source: ModelConfig, target: dict, *, iterative: bool
                    ) -> ModelConfig | None:
     """The architecture `prune` makes of `source` for `target`, if every check passes. The prune
     stage goes in `prune.iterative_rounds` rounds; the search prunes each candidate at once."""
-    options = stages.estimate_options(self.cfg)
+    options = stage_settings.estimate_options(self.cfg)
     estimated = {"block_importance": options["block_sizes"],
                  "drop_loss": options["drop_block_sizes"] if options["drop_loss"] else ()}
     selection = dict(depth_criterion=self.cfg.prune.depth_criterion,

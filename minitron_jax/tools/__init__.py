@@ -4,4 +4,10 @@ timing helpers.
 Modules: benchmark, memory_plan, scaling, sweep, sweep_report.
 """
 
-__all__ = ['benchmark', 'memory_plan', 'scaling', 'sweep', 'sweep_report']
+__all__ = [
+    'benchmark',
+    'memory_plan',
+    'scaling',
+    'sweep',
+    'sweep_report',
+]

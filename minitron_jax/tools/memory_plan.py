@@ -32,7 +32,7 @@ import ml_collections
 from minitron_jax.checkpoints import build
 from minitron_jax.compress import importance, prune
 from minitron_jax.models import model, sharding
-from minitron_jax.run import stages
+from minitron_jax.run import stage_context, stage_settings
 from minitron_jax.training import distill
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.errors import ConfigError
@@ -185,7 +185,7 @@ def state_bytes(state: dict, teacher=None) -> StateBytes:
                         {k: v for k, v in trainable.items() if k != "student"}))
 
 
-def training_program(name: str, run: stages.RetrainSettings, total_steps: int, mesh) -> Program:
+def training_program(name: str, run: stage_settings.RetrainSettings, total_steps: int, mesh) -> Program:
   """`Distiller.train_step` of one training loop, built as `stages` builds it."""
   distiller = distill.Distiller(run.student_config, run.teacher_config, run.losses, run.optimizer,
                                 total_steps, skip_non_finite=run.loop.max_bad_steps > 0)
@@ -255,7 +255,7 @@ def stage_models(cfg: ml_collections.ConfigDict, stage: int = 0
   section = cfg.model
   compute = build.compute_options(section)
   original = build.model_config(section).replace(**compute)
-  plan = stages.compression_plan(cfg, pathlib.Path("."))  # only the targets are read
+  plan = stage_context.compression_plan(cfg, pathlib.Path("."))  # only the targets are read
   if not isinstance(stage, int) or not 0 <= stage < len(plan):
     raise ConfigError(f"stage={stage!r} is outside the run's {len(plan)} compression stage(s); "
                       f"allowed: 0..{len(plan) - 1}")
@@ -291,8 +291,8 @@ def programs(cfg: ml_collections.ConfigDict, mesh, stage: int = 0,
   out = []
   if "teacher_correction" in names and "teacher_correction" in run_stages and stage == 0:
     steps = cfg.teacher_correction.steps
-    out.append(training_program("teacher_correction", stages.retrain_settings(
-        cfg, stages.teacher_correction_section(cfg), source, source, steps), steps, mesh))
+    out.append(training_program("teacher_correction", stage_settings.retrain_settings(
+        cfg, stage_settings.teacher_correction_section(cfg), source, source, steps), steps, mesh))
   if "importance" in run_stages:
     if "importance" in names:
       out.append(importance_program(source, mesh, section.batch_size, section.seq_len,
@@ -301,7 +301,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, stage: int = 0,
       out.append(drop_loss_program(source, mesh, section.batch_size, section.seq_len))
   if "distill" in names and run_stages & {"distill", "search"}:
     steps = cfg.distill.steps
-    out.append(training_program("distill", stages.retrain_settings(
+    out.append(training_program("distill", stage_settings.retrain_settings(
         cfg, cfg.distill, student, teacher, steps), steps, mesh))
   return out
 

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import ml_collections
 
-from minitron_jax.run import pipeline, stages
+from minitron_jax.core import atomic
+from minitron_jax.run import pipeline
 from minitron_jax.errors import ConfigError
 
 Point = dict[str, Any]
@@ -189,8 +190,8 @@ def run(spec: str, root: str | pathlib.Path, *, only: Sequence[str] = (),
         seconds=sum(timings.values()), stage_seconds=timings,
         finished=(datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
                   if ran or "finished" not in previous else previous["finished"]))
-    stages.write_json(record_path, record)
+    atomic.write_json(record_path, record)
     log(f"[sweep {name}] {label} done in {seconds:.0f}s")
   record["order"] = [point_name(p) for p in all_points]
-  stages.write_json(record_path, record)
+  atomic.write_json(record_path, record)
   return directory

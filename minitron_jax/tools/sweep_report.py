@@ -21,8 +21,8 @@ from typing import Any, Mapping, Sequence
 import ml_collections
 
 from minitron_jax.compress import importance, search
-from minitron_jax.core import plots
-from minitron_jax.run import stages
+from minitron_jax.core import atomic, plots
+from minitron_jax.run import registry
 from minitron_jax.errors import ConfigError
 
 
@@ -40,7 +40,7 @@ class PointResult:
   seconds: float
 
   def summary(self, stage: str) -> dict:
-    found = read_json(self.directory / stage / "summary.json")
+    found = read_json(registry.path(self.directory, stage, "summary"))
     if found is None:
       raise ConfigError(f"sweep point {self.name} has no {stage} summary in {self.directory}; "
                         "run its sweep first")
@@ -66,10 +66,10 @@ class PointResult:
   def evaluation(self) -> dict:
     """label ('teacher', 'pruned', 'distilled') -> metrics of the evaluate stage; {} if it did
     not run."""
-    return read_json(self.directory / "evaluate" / "metrics.json") or {}
+    return read_json(registry.path(self.directory, "evaluate", "metrics")) or {}
 
   def metrics(self) -> list[dict]:
-    path = self.directory / "distill" / "metrics.jsonl"
+    path = registry.path(self.directory, "distill", "metrics")
     if not path.exists():
       raise ConfigError(f"sweep point {self.name} has no distillation metrics at {path}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -85,11 +85,11 @@ class PointResult:
 
   @functools.cached_property
   def scores(self) -> importance.Scores:
-    return importance.Scores.load(self.directory / "importance")
+    return importance.Scores.load(registry.path(self.directory, "importance", "directory"))
 
   @functools.cached_property
   def search(self) -> search.SearchResult:
-    path = self.directory / "search" / "result.json"
+    path = registry.path(self.directory, "search", "result")
     if not path.exists():
       raise ConfigError(f"sweep point {self.name} has no search result at {path}")
     return search.SearchResult.from_json(path.read_text())
@@ -254,7 +254,7 @@ def write_section(module: ModuleType, results: SweepResults, results_dir: pathli
       size="runlocal" if results.runlocal else "full", hardware=results.hardware,
       seconds=results.seconds, points=len(results.points),
       date=results.finished[:10] or datetime.date.today().isoformat())
-  stages.write_json(results_dir / f"{results.name}.json", record)
+  atomic.write_json(results_dir / f"{results.name}.json", record)
   return record
 
 

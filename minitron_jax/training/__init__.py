@@ -4,4 +4,8 @@
 Modules: distill, pretrain, teacher_store.
 """
 
-__all__ = ['distill', 'pretrain', 'teacher_store']
+__all__ = [
+    'distill',
+    'pretrain',
+    'teacher_store',
+]

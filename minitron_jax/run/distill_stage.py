@@ -1,0 +1,40 @@
+"""The `distill` stage: the pruned student retrained from the teacher (paper §4), saved as an orbax
+checkpoint and a Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import time
+
+from minitron_jax.checkpoints import checkpoint, hf
+from minitron_jax.core import atomic, distributed
+from minitron_jax.run import registry, retrain
+from minitron_jax.run.stage_context import Context, ModelRef, load, mesh_of
+
+
+def run_distill(ctx: Context) -> dict:
+  """Retrains the pruned student (directory/prune/model) from ctx.teacher."""
+  cfg, out = ctx.cfg, registry.path(ctx.directory, "distill", "directory")
+  started = time.perf_counter()
+  section = cfg.distill
+  steps = ctx.distill_steps or section.steps
+  mesh = mesh_of(cfg)
+  teacher_config, teacher, offline = retrain.teacher_for(ctx, mesh)
+  student_config, student = load(
+      cfg, ModelRef(registry.path(ctx.directory, "prune", "model"), "pruned"), mesh)
+  ctx.log(f"[distill] {steps} steps of {section.batch_size}x{section.seq_len} tokens; student "
+          f"{student_config.num_params():,}, teacher ({ctx.teacher.label}"
+          f"{', stored top-k' if offline else ''}) {teacher_config.num_params():,} parameters")
+  trained, final = retrain.retrain(cfg, section, student_config, student, teacher_config,
+                                   teacher, out, steps, ctx.log, offline=offline)
+  trained = distributed.to_host(trained)
+  saved_config = student_config.replace(dtype="float32", remat="none")
+  checkpoint.save_model(registry.path(ctx.directory, "distill", "model"), saved_config, trained)
+  hf.save(registry.path(ctx.directory, "distill", "hf"), saved_config, trained,
+          dtype=cfg.export_dtype)
+  summary = dict(steps=steps, student_params=student_config.num_params(), **final,
+                 seconds=time.perf_counter() - started)
+  atomic.write_json(registry.path(ctx.directory, "distill"), summary)
+  ctx.log(f"[distill] done in {summary['seconds']:.1f}s: validation loss {final['val_ce']:.4f}; "
+          f"model in {out / 'model'}, Hugging Face export in {out / 'hf'}")
+  return summary
