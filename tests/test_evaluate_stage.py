@@ -18,6 +18,7 @@ from minitron_jax.run import pipeline, validate  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import default  # noqa: E402  (configs/ is not a package)
+import test_validate  # noqa: E402  (its _with sets dotted settings)
 
 
 def test_default_runlocal_scores_its_own_task_through_the_harness_equal_to_our_evaluator(
@@ -86,12 +87,6 @@ def test_bad_harness_and_completion_settings_are_one_line_before_any_stage(tmp_p
                                                                            message):
   config = default.get_config("runlocal")
   config.stages = ("importance", "search", "evaluate")
-  for key, value in changes.items():
-    section, _, leaf = key.rpartition(".")
-    node = config
-    for part in section.split("."):
-      node = node[part]
-    node[leaf] = value
-  problems = validate.validate(config, tmp_path / "run")
+  problems = validate.validate(test_validate._with(config, changes), tmp_path / "run")
   assert any(problem.startswith(message) for problem in problems), problems
   assert not (tmp_path / "run").exists()

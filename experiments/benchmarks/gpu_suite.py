@@ -336,6 +336,21 @@ def applies(implementation: str, backend: str) -> str | None:
   return None
 
 
+def run_cell(cell: dict, measure) -> str:
+  """measure(cell) fills in a table cell's figures; a kernel this backend or install lacks
+  (a ConfigError) marks it skipped, any other failure is the cell's result. Returns the outcome
+  as a progress line shows it."""
+  try:
+    measure(cell)
+  except config_lib.ConfigError as e:
+    cell["skipped"] = str(e)
+  except Exception as e:  # noqa: BLE001  (one cell's failure is its result)
+    cell["error"] = error_text(e)
+  finally:
+    free_memory()
+  return cell.get("error") or cell.get("skipped") or f"{cell['ms']:.2f} ms"
+
+
 def part_attention(sizes: Sizes, budget: Budget) -> dict:
   backend, limit = jax.default_backend(), device_memory()
   # Naive's float32 [B,K,G,T,T] scores, with their softmax and gradient beside them, must fit a
@@ -360,7 +375,8 @@ def part_attention(sizes: Sizes, budget: Budget) -> dict:
         if reason is not None:
           cell["skipped"] = reason
           continue
-        try:
+        def measure(cell=cell, implementation=implementation, batch=batch, seq=seq):
+          nonlocal inputs
           if inputs is None:
             inputs = attention_bench.kernel_inputs(
                 segments, sizes.attention_kv_heads, sizes.attention_groups,
@@ -372,14 +388,8 @@ def part_attention(sizes: Sizes, budget: Budget) -> dict:
           seconds = benchmark.seconds_per_call(compiled, *inputs, repeats=5)
           cell["ms"] = seconds * 1e3
           cell["tokens_per_second"] = batch * seq / seconds
-        except config_lib.ConfigError as e:  # the kernel refuses this backend
-          cell["skipped"] = str(e)
-        except Exception as e:  # noqa: BLE001  (one cell's failure is its result)
-          cell["error"] = error_text(e)
-        finally:
-          free_memory()
-        outcome = cell.get("error") or cell.get("skipped") or f"{cell['ms']:.2f} ms"
-        log(f"attention: {layout} T={seq} {implementation}: {outcome}")
+
+        log(f"attention: {layout} T={seq} {implementation}: {run_cell(cell, measure)}")
   return dict(cells=cells, dtype=sizes.dtype, tokens_per_call=sizes.attention_tokens,
               kv_heads=sizes.attention_kv_heads, groups=sizes.attention_groups,
               head_dim=sizes.attention_head_dim, block_size=sizes.attention_block,
@@ -411,16 +421,10 @@ def part_moe(sizes: Sizes, budget: Budget) -> dict:
       if budget.spent():
         cell["skipped"] = budget.note()
         continue
-      try:
+      def measure(cell=cell, factor=factor, implementation=implementation):
         cell["ms"] = moe_dispatch.measure(inputs, sizes.moe_top_k, factor, implementation) * 1e3
-      except config_lib.ConfigError as e:  # a kernel this install lacks
-        cell["skipped"] = str(e)
-      except Exception as e:  # noqa: BLE001  (one cell's failure is its result)
-        cell["error"] = error_text(e)
-      finally:
-        free_memory()
-      outcome = cell.get("error") or cell.get("skipped") or f"{cell['ms']:.2f} ms"
-      log(f"moe: E={experts} {cell['dispatch']}: {outcome}")
+
+      log(f"moe: E={experts} {cell['dispatch']}: {run_cell(cell, measure)}")
   return dict(cells=cells, tokens=sizes.moe_tokens, hidden=sizes.moe_hidden,
               width=sizes.moe_width, top_k=sizes.moe_top_k, dtype=sizes.dtype,
               note="one MoE layer, forward + backward; the routed work is the same at every E")
