@@ -34,7 +34,10 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, from 0.")
-flags.mark_flags_as_required(["config", "workdir"])
+# Required, but checked in parse_flags rather than by absl's mark_flags_as_required: its validators
+# would run whenever any library parses absl flags after importing this module (tokamax does, on
+# its first kernel call), and fail there.
+_REQUIRED = ("config", "workdir")
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 _CONFIG_FILE = re.compile(r"^--?config(?:=(.*))?$")
 
@@ -43,13 +46,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a mistake on the command line answered in one line and exit 2."""
   try:
     parsed = flags.FLAGS(argv)
-  except flags.Error as error:  # a value of the wrong type, an unknown or a missing flag
+  except flags.Error as error:  # a value of the wrong type or an unknown flag
     _exit(EXIT_CONFIG, f"error: {error}")
   except (KeyError, AttributeError, OSError):
     # ml_collections raises these, with a traceback, for a --config.PATH naming no setting and
     # for a config file that does not exist (without overrides, at the config's first use).
     _refuse(argv)
     raise
+  missing = [f"--{name}" for name in _REQUIRED if not flags.FLAGS[name].present]
+  if missing:
+    _exit(EXIT_CONFIG, f"error: {' and '.join(missing)} must be given; allowed: --config=FILE "
+          "(e.g. configs/default.py) and --workdir=DIRECTORY")
   if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
     _refuse(argv)
   return parsed

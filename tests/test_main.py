@@ -66,6 +66,15 @@ def test_cli_setting_typo_is_one_line_naming_the_nearest_setting(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_cli_missing_config_or_workdir_is_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "minitron_jax.main", f"--workdir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      "error: --config must be given; allowed: --config=FILE (e.g. configs/default.py) and "
+      "--workdir=DIRECTORY"]
+
+
 def test_command_line_settings_must_name_settings_of_the_config_file():
   from minitron_jax import main
 

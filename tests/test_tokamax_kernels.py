@@ -11,6 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# The command line's flags registered, as whenever this runs after tests that import it: tokamax
+# parses absl flags on its first call, which once failed on main's required flags.
+import minitron_jax.main  # noqa: F401
 from minitron_jax.models import attention, moe, tokamax_kernels
 from minitron_jax.models.attention import NO_WINDOW
 from minitron_jax.errors import ConfigError

@@ -1,7 +1,9 @@
 """Google's tokamax GPU kernels at our two hot spots: packed attention and grouped expert matmuls.
 
 tokamax (pip `tokamax`, in the `cuda` extras) is imported inside the functions, so the library
-runs without it; asking for it explicitly without the package is a one-line ConfigError.
+runs without it; asking for it explicitly without the package is a one-line ConfigError. On its
+first call it parses absl flags if the host program has not, which validates every registered
+flag: a host's required absl flags fail there (main.py checks its own for that reason).
 
 Attention (attention.attend with implementation="tokamax"). Our mask -- query t sees key s when
 s <= t, both in the same nonzero segment, t - s < window -- becomes tokamax's causal mask plus a
