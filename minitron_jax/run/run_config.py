@@ -217,8 +217,8 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
       num_fewshot=ml_collections.config_dict.placeholder(int),  # None: each task's own
       limit=0.0))  # examples per task: 0 every one, a count, or a fraction below 1
   # Completed greedily by every model, side by side in the report.
-  config.evaluate.prompts = ("def read_config(path):\n", "class LRUCache:\n    def __init__(self",
-                             "    for key, value in ")
+  config.evaluate.prompts = ("class LRUCache:\n    def __init__(self", "    raise ValueError(",
+                             "        return self.")
   config.evaluate.max_new_tokens = 64
 
   config.export_dtype = "float32"
