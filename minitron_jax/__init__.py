@@ -1,6 +1,7 @@
 """minitron-jax: structured pruning and knowledge distillation of decoder LLMs in JAX/Flax.
 
 The library is grouped by concern; each subpackage's __init__ names its modules:
+  families     one small file per model family: HF names, traits, hooks, tiny test model
   core         atomic writes, multi-process helpers, preemption, plots
   models       config and presets, the decoder, attention, experts, partitioning, generation
   checkpoints  Hugging Face, GGUF and orbax checkpoints; building a model from settings
@@ -48,7 +49,6 @@ _SUBPACKAGE = {
     'head_loss_layout': 'objectives',
     'hf': 'checkpoints',
     'hf_config': 'checkpoints',
-    'hf_moe': 'checkpoints',
     'importance': 'compress',
     'importance_stage': 'run',
     'kv_cache': 'models',

@@ -2,22 +2,24 @@
 no import cycle between modules or between subpackages, and no subpackage imports one above it.
 
 Layers, lowest first (a package may import those to its left):
-  errors < core < models < checkpoints < inputs < objectives < compress < training < evaluation
-  < run < tools < the command lines (main.py, lm_eval.py)
+  errors < families < core < models < checkpoints < inputs < objectives < compress < training
+  < evaluation < run < tools < the command lines (main.py, lm_eval.py)
 """
 
 import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minitron_jax"
-LAYERS = ("errors", "core", "models", "checkpoints", "inputs", "objectives", "compress",
-          "training", "evaluation", "run", "tools", "main", "lm_eval")
+LAYERS = ("errors", "families", "core", "models", "checkpoints", "inputs", "objectives",
+          "compress", "training", "evaluation", "run", "tools", "main", "lm_eval")
 
 
 def _modules() -> dict[str, pathlib.Path]:
-  """Dotted name below minitron_jax (e.g. "models.attention") -> its file."""
-  return {".".join(path.relative_to(PACKAGE).with_suffix("").parts): path
-          for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
+  """Dotted name below minitron_jax (e.g. "models.attention", or "families" for a subpackage's
+  __init__, which may import too) -> its file."""
+  return {".".join(path.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"):
+          path for path in PACKAGE.rglob("*.py") if path.parent != PACKAGE
+          or path.name != "__init__.py"}
 
 
 def _graph() -> dict[str, set[str]]:

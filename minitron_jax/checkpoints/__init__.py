@@ -1,8 +1,8 @@
-"""Models in and out: Hugging Face safetensors (config.json per family in hf_config, tensors
-and files in hf), GGUF, orbax checkpoints of stage outputs, and building a model from a run's
-model settings.
+"""Models in and out: Hugging Face safetensors (config.json in hf_config, through the families;
+tensors and files in hf), GGUF, orbax checkpoints of stage outputs, and building a model from a
+run's model settings.
 
-Modules: build, checkpoint, gguf_checkpoint, hf, hf_config, hf_moe.
+Modules: build, checkpoint, gguf_checkpoint, hf, hf_config.
 """
 
 __all__ = [
@@ -11,5 +11,4 @@ __all__ = [
     'gguf_checkpoint',
     'hf',
     'hf_config',
-    'hf_moe',
 ]

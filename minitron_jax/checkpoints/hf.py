@@ -4,11 +4,8 @@ The conversion is a name map plus one transform per tensor kind. A torch `Linear
 [out, in]; we store [in..., out...] with heads as their own axis, e.g. q_proj [D,N,H] and
 o_proj [N,H,D]. Fields we cannot reproduce exactly are refused, never ignored.
 
-Gemma 3 comes as text-only `gemma3_text` checkpoints (1B) and as `gemma3` vision-language ones
-(4B and up). From the latter we load the language model alone (its config is the nested
-`text_config`, its tensors sit under a `language_model` prefix) and skip the vision tower and
-projector with a warning: on text the decoder computes what Gemma3ForConditionalGeneration does.
-Exports are always the text model (`gemma3_text`, Gemma3ForCausalLM).
+A family's own tensors (a mixture's experts) and a wrapping checkpoint's (Gemma 3's vision +
+text one) come from its file in families/.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import json
 import math
 import os
 import pathlib
-import warnings
 from typing import Any, Mapping
 
 import jax
@@ -26,7 +22,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from minitron_jax.checkpoints import gguf_checkpoint, hf_moe
+from minitron_jax import families
+from minitron_jax.checkpoints import gguf_checkpoint
 from minitron_jax.core import atomic, distributed
 from minitron_jax.models import model as model_lib
 from minitron_jax.models.config import ModelConfig
@@ -36,12 +33,6 @@ from minitron_jax.checkpoints.hf_config import (_REQUIRED_FIELDS, _check_model_t
                                     config_from_hf, config_to_hf, supported_model_types,
                                     text_config)
 
-# Tensor names of a `gemma3` (vision + text) checkpoint: transformers 5 writes the first prefix,
-# hub checkpoints saved by 4.x the second; both name the same text model tensors.
-_GEMMA3_TEXT_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-                         ("language_model.lm_head.", "lm_head."))
-_GEMMA3_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-                           "model.multi_modal_projector.")
 _DEFAULT_SHARD_BYTES = 4 * 1024**3
 Layout = int | str
 
@@ -94,7 +85,7 @@ def _tensor_map(config: ModelConfig):
   """Yields (our path, abstract leaf, HF name or per-layer name template, layout) per weight."""
   flat = jax.tree_util.tree_flatten_with_path(model_lib.abstract_params(config))[0]
   layer_tensors = {**_LAYER_TENSORS, **(_POST_NORM_TENSORS if config.post_norms else {}),
-                   **(hf_moe.layer_tensors(config.family) if config.is_moe else {})}
+                   **families.get(config.family).layer_tensors}
   for key_path, leaf in flat:
     path = tuple(k.key for k in key_path)
     if path[0] == "layers":
@@ -317,32 +308,12 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None):
     hf_config = read_config(path)
     config = config_from_hf(hf_config)
     tensors = read_safetensors(pathlib.Path(path))
-    if hf_config.get("model_type") == "gemma3":
-      tensors = gemma3_text_tensors(tensors, path)
+    wrapper = families.BY_WRAPPER_TYPE.get(hf_config.get("model_type"))
+    if wrapper is not None:
+      tensors = wrapper.unwrap_tensors(tensors, path)
   if param_dtype is not None:
     config = config.replace(param_dtype=param_dtype)
   return config, params_from_hf(config, tensors)
-
-
-def gemma3_text_tensors(tensors: Mapping[str, np.ndarray], source="the checkpoint"
-                        ) -> dict[str, np.ndarray]:
-  """The language model's tensors of a `gemma3` (vision + text) checkpoint, under the names a
-  text-only Gemma3ForCausalLM gives them; the vision tower and projector are left out, with a
-  warning naming how many tensors that is."""
-  text, vision = {}, 0
-  for name, tensor in tensors.items():
-    if name.startswith(_GEMMA3_VISION_PREFIXES):
-      vision += 1
-      continue
-    for prefix, replacement in _GEMMA3_TEXT_PREFIXES:
-      if name.startswith(prefix):
-        name = replacement + name[len(prefix):]
-        break
-    text[name] = tensor
-  if vision:
-    warnings.warn(f"{source}: gemma3 checkpoint holds a vision tower; only the text model is "
-                  f"supported: {vision} vision tensors were left out", stacklevel=3)
-  return text
 
 
 def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params, *,

@@ -10,12 +10,12 @@ import dataclasses
 import json
 from typing import Any
 
+from minitron_jax import families
 from minitron_jax.errors import ConfigError  # noqa: F401  (config.ConfigError stays importable)
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron", "gemma", "gemma2", "gemma3",
-            "mixtral", "qwen2_moe", "qwen3_moe")
+FAMILIES = families.NAMES
 # Families whose every layer's MLP is a sparse mixture of experts.
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = families.MOE_NAMES
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu2")
 # rms1p: Gemma's RMSNorm, whose stored scale is offset by one (it multiplies by 1 + w).
 NORMS = ("rms", "rms1p", "layernorm1p")
@@ -306,32 +306,21 @@ def nemotron4_15b(**overrides) -> ModelConfig:
       max_position_embeddings=4096), overrides)
 
 
-def _gemma_layers(num_layers: int, pattern: int) -> tuple[bool, ...]:
-  """HF's default layer_types: every `pattern`-th layer global, the others sliding-window."""
-  return tuple((i + 1) % pattern != 0 for i in range(num_layers))
-
-
-# What Gemma 1/2/3 share: GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden), tied head.
-_GEMMA = dict(activation="gelu_pytorch_tanh", norm="rms1p", norm_eps=1e-6,
-              tie_word_embeddings=True)
-_GEMMA2 = dict(_GEMMA, post_norms=True, query_pre_attn_scalar=256.0)
-
-
 def gemma2_2b(**overrides) -> ModelConfig:
   return _preset(dict(
-      _GEMMA2, family="gemma2", vocab_size=256000, hidden_size=2304, num_layers=26,
+      families.GEMMA2.model_fields(2304), vocab_size=256000, hidden_size=2304, num_layers=26,
       num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
-      embedding_scale=2304 ** 0.5, attn_logit_softcap=50.0, final_logit_softcap=30.0,
-      rope_theta=10000.0, sliding_window=4096, sliding_window_layers=_gemma_layers(26, 2),
+      attn_logit_softcap=50.0, final_logit_softcap=30.0,
+      rope_theta=10000.0, sliding_window=4096, sliding_window_layers=families.windows.every_nth_global(26, 2),
       max_position_embeddings=8192), overrides)
 
 
 def gemma3_1b(**overrides) -> ModelConfig:
   return _preset(dict(
-      _GEMMA2, family="gemma3", vocab_size=262144, hidden_size=1152, num_layers=26,
+      families.GEMMA3.model_fields(1152), vocab_size=262144, hidden_size=1152, num_layers=26,
       num_attention_heads=4, num_key_value_heads=1, head_dim=256, intermediate_size=6912,
-      embedding_scale=1152 ** 0.5, qk_norm=True, rope_theta=1e6, local_rope_theta=10000.0,
-      sliding_window=512, sliding_window_layers=_gemma_layers(26, 6),
+      rope_theta=1e6, local_rope_theta=10000.0,
+      sliding_window=512, sliding_window_layers=families.windows.every_nth_global(26, 6),
       max_position_embeddings=32768), overrides)
 
 
@@ -352,39 +341,12 @@ def qwen3_30b_a3b(**overrides) -> ModelConfig:
 
 
 def tiny(family: str = "llama", **overrides) -> ModelConfig:
-  """A few-hundred-thousand-parameter model of the given family, for tests and smoke runs."""
-  base = dict(family=family, vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=16, intermediate_size=128,
-              max_position_embeddings=512)
-  layers = overrides.get("num_layers", base["num_layers"])
-  hidden = overrides.get("hidden_size", base["hidden_size"])
-  family_specific = {
-      "llama": {},
-      "mistral": dict(sliding_window=8),
-      "qwen2": dict(qkv_bias=True, tie_word_embeddings=True, norm_eps=1e-6, rope_theta=1e6),
-      "qwen3": dict(qk_norm=True, norm_eps=1e-6, rope_theta=1e6),
-      "nemotron": dict(activation="relu2", gated_mlp=False, norm="layernorm1p",
-                       partial_rotary_factor=0.5),
-      "gemma": dict(_GEMMA, embedding_scale=hidden ** 0.5),
-      # Caps low enough to bite on a random model; local and global layers alternate.
-      "gemma2": dict(_GEMMA2, embedding_scale=hidden ** 0.5, query_pre_attn_scalar=24.0,
-                     attn_logit_softcap=5.0, final_logit_softcap=3.0, sliding_window=8,
-                     sliding_window_layers=_gemma_layers(layers, 2)),
-      "gemma3": dict(_GEMMA2, embedding_scale=hidden ** 0.5, query_pre_attn_scalar=24.0,
-                     qk_norm=True, rope_theta=1e6, local_rope_theta=1e4, sliding_window=8,
-                     sliding_window_layers=_gemma_layers(layers, 2)),
-      # Few enough experts that every one sees tokens in a short test batch.
-      "mixtral": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                      norm_topk_prob=True, rope_theta=1e6),
-      "qwen3_moe": dict(qk_norm=True, norm_eps=1e-6, rope_theta=1e6, num_experts=6,
-                        num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
-      "qwen2_moe": dict(qkv_bias=True, norm_eps=1e-6, rope_theta=1e6, num_experts=4,
-                        num_experts_per_tok=2, moe_intermediate_size=32,
-                        shared_expert_intermediate_size=48),
-  }
-  if family not in family_specific:
-    raise ConfigError(f"family={family!r} is not supported; allowed: {FAMILIES}")
-  return _preset({**base, **family_specific[family]}, overrides)
+  """A few-hundred-thousand-parameter model of the given family, for tests and smoke runs (its
+  sizes and traits come from the family's file in families/)."""
+  fields = families.get(family).tiny_fields(
+      overrides.get("hidden_size", families.family.TINY_BASE["hidden_size"]),
+      overrides.get("num_layers", families.family.TINY_BASE["num_layers"]))
+  return _preset(fields, overrides)
 
 
 PRESETS = {

@@ -1,0 +1,23 @@
+"""Nemotron(-4): an ungated squared-ReLU MLP, LayerNorm with a (1 + w) scale and RoPE on half of
+each head by default."""
+
+from minitron_jax.families.family import Family
+
+
+def _to_hf(config, hf):
+  return {**hf, "rope_parameters": {**hf["rope_parameters"],
+                                    "partial_rotary_factor": config.partial_rotary_factor},
+          "partial_rotary_factor": config.partial_rotary_factor,
+          "attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias}
+
+
+def tiny(hidden: int, layers: int) -> dict:
+  del hidden, layers
+  return dict(partial_rotary_factor=0.5)
+
+
+NEMOTRON = Family(
+    name="nemotron", architecture="NemotronForCausalLM", gated_mlp=False, norm="layernorm1p",
+    default_activation="relu2", norm_eps_field="norm_eps", default_norm_eps=1e-5,
+    default_partial_rotary=0.5, allows=frozenset({"partial_rotary", "mlp_bias"}),
+    fields_to_hf=_to_hf, tiny=tiny)
