@@ -41,44 +41,28 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def task_names(tasks: str, index) -> list[str]:
-  """The comma-separated names, each a task, group or tag the harness knows (one line if not)."""
-  names = [name.strip() for name in tasks.split(",") if name.strip()]
-  if not names:
-    raise ConfigError(f"--tasks={tasks!r} names no task")
-  known = set(index.all_tasks)
-  unknown = [name for name in names if name not in known and not pathlib.Path(name).is_file()]
-  if unknown:
-    raise ConfigError(f"unknown task(s) {unknown}; see `lm_eval ls tasks`, or pass "
-                      "--include_path=DIR holding their YAML")
-  return names
-
-
-def task_manager(include_path: str | None):
-  """The harness's index of its tasks and those under include_path (it reads every YAML)."""
-  from lm_eval.tasks import TaskManager
-
-  return TaskManager(include_path=include_path)
-
-
 def run(args: argparse.Namespace) -> dict:
   """simple_evaluate with our model: the harness's results dict."""
-  try:
-    import lm_eval
-  except ImportError:
-    raise ConfigError("lm-eval is not installed; pip install 'minitron-jax[eval]'") from None
+  import lm_eval
+
   from minitron_jax.core import distributed
+  from minitron_jax.evaluation import lm_eval_tasks
   from minitron_jax.evaluation.lm_eval_backend import MinitronLM
 
   if args.include_path is not None and not pathlib.Path(args.include_path).is_dir():
     raise ConfigError(f"--include_path={args.include_path!r} is not a directory")
+  tasks = lm_eval_tasks.split_names(args.tasks, "--tasks")
+  if not tasks:
+    raise ConfigError(f"--tasks={args.tasks!r} names no task")
   if args.limit is not None and args.limit <= 0:
     raise ConfigError(f"--limit={args.limit} must be positive")
   # The model first: a bad path is refused before the harness reads its thousands of YAMLs.
   model = MinitronLM(args.model_path, tokenizer=args.tokenizer, batch_size=args.batch_size,
                      max_length=args.max_length, param_dtype=args.param_dtype, seed=args.seed)
-  tasks_known = task_manager(args.include_path)
-  tasks = task_names(args.tasks, tasks_known)
+  # A task may also be a YAML file's path, which the harness reads itself.
+  tasks_known = lm_eval_tasks.task_manager(
+      args.include_path, [name for name in tasks if not pathlib.Path(name).is_file()],
+      include_setting="--include_path")
   limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
   results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=args.num_fewshot,
                                     limit=limit, task_manager=tasks_known,

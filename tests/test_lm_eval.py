@@ -220,7 +220,8 @@ def test_rolling_windows_score_every_token_once():
 
 def test_command_line(setup, tmp_path, capsys, monkeypatch):
   model_dir, task_dir, task_manager = setup
-  monkeypatch.setattr(cli, "task_manager", lambda include_path: task_manager)  # built once
+  # The harness's whole index is built once, by the fixture.
+  monkeypatch.setattr(lm_eval.tasks, "TaskManager", lambda **_: task_manager)
   output = tmp_path / "results.json"
   assert cli.main([f"--model_path={model_dir}", "--tasks=minitron_mc", f"--include_path={task_dir}",
                    "--limit=3", "--batch_size=4", f"--output_path={output}"]) == 0

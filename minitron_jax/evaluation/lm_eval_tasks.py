@@ -33,20 +33,6 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _NOT_SCORES = ("alias", "samples", "name", "sample_len", "sample_count")
 
 
-def installed() -> bool:
-  try:
-    import lm_eval  # noqa: F401
-  except ImportError:
-    return False
-  return True
-
-
-def require() -> None:
-  if not installed():
-    raise ConfigError("lm-eval is not installed; pip install 'lm-eval==0.4.13', or leave "
-                      "evaluate.lm_eval.tasks and own_tasks empty")
-
-
 def split_names(text: str | Sequence[str], setting: str) -> list[str]:
   """Comma-separated names (or a sequence of them), blanks dropped; one line for a bad name."""
   parts = text.split(",") if isinstance(text, str) else list(text)
@@ -99,10 +85,11 @@ def write_task(name: str, examples: Sequence[MultipleChoiceExample],
 
 
 def task_manager(include_path: str | pathlib.Path | Sequence[str | pathlib.Path] | None,
-                 names: Sequence[str]):
+                 names: Sequence[str], *, include_setting: str = "evaluate.lm_eval.include_path"):
   """The harness's task index: only the YAMLs under include_path (a directory or several) when
   every name is one of them (a second, against some 13 s for indexing the harness's 14k built-in
-  tasks), else all."""
+  tasks), else all. One line naming any name it lacks (and `include_setting`, where to add
+  one)."""
   from lm_eval.tasks import TaskManager
 
   if isinstance(include_path, (str, pathlib.Path)):
@@ -116,7 +103,7 @@ def task_manager(include_path: str | pathlib.Path | Sequence[str | pathlib.Path]
   unknown = [name for name in names if name not in manager.all_tasks]
   if unknown:
     raise ConfigError(f"unknown lm-eval task(s) {unknown}; see `lm_eval ls tasks`, or put their "
-                      "YAML under evaluate.lm_eval.include_path")
+                      f"YAML under {include_setting}")
   return manager
 
 
@@ -142,7 +129,6 @@ def evaluate(config: ModelConfig, params, tokenizer, tasks: Sequence[str], *,
              ) -> dict[str, float]:
   """The harness's scores of one model, {"task/metric": value}. `manager` reuses a task index
   across models (building one reads every YAML)."""
-  require()
   import lm_eval
 
   from minitron_jax.evaluation.lm_eval_backend import MinitronLM

@@ -66,22 +66,12 @@ def check_lm_eval(section: ml_collections.ConfigDict, *, index: bool = True) -> 
   if not isinstance(harness.limit, (int, float)) or harness.limit < 0:
     problems.append(f"evaluate.lm_eval.limit: {harness.limit!r} must be 0 (every example), a "
                     "count or a fraction below 1")
-  if (names or own) and not lm_eval_tasks.installed():
-    problems.append("evaluate.lm_eval: " + str(_missing()))
-  elif names and index and not problems:
+  if names and index and not problems:
     try:
       lm_eval_tasks.task_manager(harness.include_path or None, names)
     except ConfigError as e:
       problems.append(f"evaluate.lm_eval.tasks: {e}")
   return problems
-
-
-def _missing() -> str:
-  try:
-    lm_eval_tasks.require()
-  except ConfigError as e:
-    return str(e)
-  return ""
 
 
 # ----------------------------------------------------------------------------- completions
@@ -123,13 +113,8 @@ def run_evaluate(ctx: Context) -> dict:
   mesh = stage_context.mesh_of(cfg)
   tasks = load_tasks(section)
   names, own = harness_names(section)
-  own_directory = task_config.write_harness_tasks({name: tasks[name] for name in own},
-                                                  ctx.directory / task_config.HARNESS_TASKS)
-  include = [str(p) for p in (own_directory, section.lm_eval.include_path) if p]
-  manager = None
-  if names or own:
-    lm_eval_tasks.require()
-    manager = lm_eval_tasks.task_manager(include or None, names + own)
+  manager = (task_config.harness_index(section, names, {name: tasks[name] for name in own},
+                                       ctx.directory) if names or own else None)
   place = lambda x: distributed.put(x, sharding.batch_sharding(mesh, x.shape))  # noqa: E731
   results, completions = {}, {}
   for label, ref in stage_context.models_of(cfg, ctx.directory).items():

@@ -70,8 +70,6 @@ def check(cfg: ml_collections.ConfigDict, *, index: bool = True) -> list[str]:
     return [f"search.score: {e}"]
   if score is None:
     return []
-  if not lm_eval_tasks.installed():
-    return ["search.score: lm-eval is not installed; pip install 'lm-eval==0.4.13'"]
   if score.task in cfg.evaluate.tasks:
     return [f"search.score: {p}" for p in task_config.check_tasks(
         ml_collections.ConfigDict(dict(tasks={score.task: cfg.evaluate.tasks[score.task]})))]
@@ -87,15 +85,10 @@ def scorer(cfg: ml_collections.ConfigDict, directory: pathlib.Path, mesh
            ) -> Callable[[ModelConfig, object, object], float]:
   """score(config, params, tokenizer) -> the configured task score of one model, on the mesh.
   An `evaluate.tasks` entry is written as a harness task into directory/lm_eval_tasks first."""
-  score = parse(cfg.search)
-  include = [cfg.evaluate.lm_eval.include_path] if cfg.evaluate.lm_eval.include_path else []
-  if score.task in cfg.evaluate.tasks:
-    tasks = task_config.load_tasks(
-        ml_collections.ConfigDict(dict(tasks={score.task: cfg.evaluate.tasks[score.task]})))
-    include.insert(0, str(task_config.write_harness_tasks(
-        tasks, directory / task_config.HARNESS_TASKS)))
-  manager = lm_eval_tasks.task_manager(include or None, [score.task])
-  section = cfg.evaluate
+  score, section = parse(cfg.search), cfg.evaluate
+  own = (task_config.load_tasks(ml_collections.ConfigDict(
+      dict(tasks={score.task: section.tasks[score.task]}))) if score.task in section.tasks else {})
+  manager = task_config.harness_index(section, [] if own else [score.task], own, directory)
 
   def score_of(config: ModelConfig, params, tokenizer) -> float:
     scores = lm_eval_tasks.evaluate(

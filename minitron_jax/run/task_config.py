@@ -82,3 +82,13 @@ def write_harness_tasks(tasks: Mapping[str, list], directory: pathlib.Path) -> p
       # The data path inside the YAML must be where the files end up, not the staging copy.
       lm_eval_tasks.write_task(name, examples, staging, data_directory=directory)
   return directory
+
+
+def harness_index(section: ml_collections.ConfigDict, names: list[str], own: Mapping[str, list],
+                  directory: pathlib.Path):
+  """The harness's task index for `names` (harness tasks) and `own` (our tasks, written as
+  harness tasks into directory/HARNESS_TASKS first), with `evaluate.lm_eval.include_path`."""
+  include = [section.lm_eval.include_path] if section.lm_eval.include_path else []
+  if own:
+    include.insert(0, str(write_harness_tasks(own, directory / HARNESS_TASKS)))
+  return lm_eval_tasks.task_manager(include or None, [*names, *own])
