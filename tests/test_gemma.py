@@ -301,6 +301,9 @@ def test_runlocal_smoke_runs_every_stage(tmp_path):
   import default  # noqa: E402  (configs/ is not a package)
 
   config = default.get_config("family=gemma2,runlocal")
+  # The harness and completions are the default family's to check (test_evaluate_stage.py).
+  config.evaluate.lm_eval.own_tasks = ""
+  config.evaluate.prompts = ()
   pipeline.run(config, tmp_path, log=lambda _: None)
   metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
   assert "teacher" in metrics and any("distilled" in label for label in metrics)
