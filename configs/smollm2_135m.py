@@ -86,7 +86,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                           checkpoint_every=2)
     config.evaluate.update(batch_size=8, max_length=64)
     config.evaluate.tasks.next_line.num_examples = 8
-    # Our evaluator only, and short completions: the harness path is checked on the default run.
+    # Our evaluator only: the harness and completions are checked on the default run.
     config.evaluate.lm_eval.own_tasks = ""
-    config.evaluate.max_new_tokens = 8
+    config.evaluate.prompts = ()
   return config

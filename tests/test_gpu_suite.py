@@ -126,24 +126,38 @@ def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(suite
 
 
 def test_distill_takes_the_largest_batch_the_device_can_hold(suite, monkeypatch):
-  # A device whose compiled-memory estimate holds 2 sequences but not 4 (SMOKE tries 4, then 2).
-  monkeypatch.setattr(suite, "device_memory", lambda: 100)
-  monkeypatch.setattr(suite.distill_step.Step, "memory_bytes",
-                      lambda self: 200 if self.batch["tokens"].shape[0] == 4 else 50)
-  result = suite.part_distill(suite.SMOKE, suite.Budget(60))
-  assert result["batch"] == 2
-  assert [a["result"] for a in result["attempts"]] == ["does not fit (compiled estimate)", "ok"]
+  # The choice of batch is under test, not the step (the smoke test above runs real ones): a
+  # step here reports a chosen compiled-memory estimate and runs out of memory where told to.
+  estimates, out_of_memory = {}, set()
 
-  # The estimate fits but running 4 exhausts the device: 2 is tried next.
-  monkeypatch.setattr(suite.distill_step.Step, "memory_bytes", lambda self: 50)
+  class Step:
+    def __init__(self, teacher_cfg, student_cfg, teacher_params, batch, total_steps):
+      self.batch = batch
+
+    def memory_bytes(self):
+      return estimates[self.batch["tokens"].shape[0]]
+
   timed = suite.benchmark.seconds_per_call
 
   def seconds_per_call(fn, *args, **kwargs):  # also times the matmul peak: fn is not a Step
-    if isinstance(fn, suite.distill_step.Step) and fn.batch["tokens"].shape[0] == 4:
+    if not isinstance(fn, Step):
+      return timed(fn, *args, **kwargs)
+    if fn.batch["tokens"].shape[0] in out_of_memory:
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB")
-    return timed(fn, *args, **kwargs)
+    return 0.01
 
+  monkeypatch.setattr(suite.distill_step, "Step", Step)
   monkeypatch.setattr(suite.benchmark, "seconds_per_call", seconds_per_call)
+  monkeypatch.setattr(suite, "device_memory", lambda: 100)
+  # The compiled estimate holds 2 sequences but not 4 (SMOKE tries 4, then 2).
+  estimates.update({4: 200, 2: 50})
+  result = suite.part_distill(suite.SMOKE, suite.Budget(60))
+  assert result["batch"] == 2 and result["step_seconds"] == 0.01
+  assert [a["result"] for a in result["attempts"]] == ["does not fit (compiled estimate)", "ok"]
+
+  # The estimate fits but running 4 exhausts the device: 2 is tried next.
+  estimates[4] = 50
+  out_of_memory.add(4)
   result = suite.part_distill(suite.SMOKE, suite.Budget(60))
   assert result["batch"] == 2
   assert [a["result"] for a in result["attempts"]] == ["out of memory", "ok"]

@@ -103,7 +103,10 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   from minitron_jax.run import pipeline
 
   outputs = _launch(tmp_path / "two", num_processes=2, devices_per_process=4)
-  pipeline.run(_config(), tmp_path / "one", log=lambda line: None)  # this process: 8 devices
+  # This process: 8 devices, for the numbers. The harness and the completions run on the two
+  # processes only (checked below to have run), not again here.
+  pipeline.run(_config({**OVERRIDES, "evaluate.lm_eval.own_tasks": "", "evaluate.prompts": ()}),
+               tmp_path / "one", log=lambda line: None)
 
   one, two = tmp_path / "one", tmp_path / "two"
   # Only the primary process reports progress.
@@ -137,6 +140,10 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
   assert evaluated[1]["distilled"]["val_loss"] == pytest.approx(
       evaluated[0]["distilled"]["val_loss"], rel=1e-5)
   assert (two / "report.md").is_file()
+  harness = (two / "evaluate" / "lm_eval.md").read_text()
+  assert "next_line/acc" in harness and "distilled" in harness
+  completions = json.loads((two / "evaluate" / "completions.json").read_text())["completions"]
+  assert {"teacher", "pruned", "distilled"} <= set(completions)
   assert not list(two.rglob(".*.tmp-*")), "a staging directory was left behind"
 
 
