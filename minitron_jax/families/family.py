@@ -125,6 +125,9 @@ class Family:
       fields["query_pre_attn_scalar"] = 256.0  # Gemma 2/3's head_dim, transformers' default
     return fields
 
-  def tiny_fields(self, hidden: int, layers: int) -> dict[str, Any]:
-    """The family's tiny test model (few hundred thousand parameters) before any overrides."""
+  def tiny_fields(self, hidden: int | None = None, layers: int | None = None) -> dict[str, Any]:
+    """The family's tiny test model (few hundred thousand parameters) at this width and depth
+    (TINY_BASE's where None), before any other override."""
+    hidden = hidden or TINY_BASE["hidden_size"]
+    layers = layers or TINY_BASE["num_layers"]
     return {**TINY_BASE, **self.model_fields(hidden), **self.tiny(hidden, layers)}

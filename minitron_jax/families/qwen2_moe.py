@@ -35,7 +35,9 @@ QWEN2_MOE = Family(
     fields_from_hf=_from_hf, fields_to_hf=_to_hf,
     refusals=lambda config: [(bool(config.shared_expert_intermediate_size),
                               "a qwen2_moe model without a shared expert")],
-    layer_tensors={**experts.qwen_tensors(), **{
-        ("moe", "shared", name): (f"mlp.shared_expert.{name}.weight", 1)
-        for name in experts.PROJECTIONS}, ("moe", "shared_gate"): ("mlp.shared_expert_gate.weight", 1)},
+    layer_tensors={
+        **experts.qwen_tensors(),
+        **{("moe", "shared", name): (f"mlp.shared_expert.{name}.weight", 1)
+           for name in experts.PROJECTIONS},
+        ("moe", "shared_gate"): ("mlp.shared_expert_gate.weight", 1)},
     tiny=tiny)

@@ -310,8 +310,8 @@ def gemma2_2b(**overrides) -> ModelConfig:
   return _preset(dict(
       families.GEMMA2.model_fields(2304), vocab_size=256000, hidden_size=2304, num_layers=26,
       num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
-      attn_logit_softcap=50.0, final_logit_softcap=30.0,
-      rope_theta=10000.0, sliding_window=4096, sliding_window_layers=families.windows.every_nth_global(26, 2),
+      attn_logit_softcap=50.0, final_logit_softcap=30.0, rope_theta=10000.0, sliding_window=4096,
+      sliding_window_layers=families.windows.every_nth_global(26, 2),
       max_position_embeddings=8192), overrides)
 
 
@@ -319,8 +319,8 @@ def gemma3_1b(**overrides) -> ModelConfig:
   return _preset(dict(
       families.GEMMA3.model_fields(1152), vocab_size=262144, hidden_size=1152, num_layers=26,
       num_attention_heads=4, num_key_value_heads=1, head_dim=256, intermediate_size=6912,
-      rope_theta=1e6, local_rope_theta=10000.0,
-      sliding_window=512, sliding_window_layers=families.windows.every_nth_global(26, 6),
+      rope_theta=1e6, local_rope_theta=10000.0, sliding_window=512,
+      sliding_window_layers=families.windows.every_nth_global(26, 6),
       max_position_embeddings=32768), overrides)
 
 
@@ -343,9 +343,8 @@ def qwen3_30b_a3b(**overrides) -> ModelConfig:
 def tiny(family: str = "llama", **overrides) -> ModelConfig:
   """A few-hundred-thousand-parameter model of the given family, for tests and smoke runs (its
   sizes and traits come from the family's file in families/)."""
-  fields = families.get(family).tiny_fields(
-      overrides.get("hidden_size", families.family.TINY_BASE["hidden_size"]),
-      overrides.get("num_layers", families.family.TINY_BASE["num_layers"]))
+  fields = families.get(family).tiny_fields(overrides.get("hidden_size"),
+                                            overrides.get("num_layers"))
   return _preset(fields, overrides)
 
 

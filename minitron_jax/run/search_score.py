@@ -62,6 +62,11 @@ def parse(section: ml_collections.ConfigDict) -> TaskScore | None:
   return TaskScore(task.strip(), metric.strip() or "acc", before_retraining=when == "pruned")
 
 
+def _one_task(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """An evaluate section holding only the `evaluate.tasks` entry `name`."""
+  return ml_collections.ConfigDict(dict(tasks={name: cfg.evaluate.tasks[name]}))
+
+
 def check(cfg: ml_collections.ConfigDict, *, index: bool = True) -> list[str]:
   """One line per problem of the score settings; `index` also looks a harness task up."""
   try:
@@ -71,8 +76,7 @@ def check(cfg: ml_collections.ConfigDict, *, index: bool = True) -> list[str]:
   if score is None:
     return []
   if score.task in cfg.evaluate.tasks:
-    return [f"search.score: {p}" for p in task_config.check_tasks(
-        ml_collections.ConfigDict(dict(tasks={score.task: cfg.evaluate.tasks[score.task]})))]
+    return [f"search.score: {p}" for p in task_config.check_tasks(_one_task(cfg, score.task))]
   if index:
     try:
       lm_eval_tasks.task_manager(cfg.evaluate.lm_eval.include_path or None, [score.task])
@@ -86,8 +90,8 @@ def scorer(cfg: ml_collections.ConfigDict, directory: pathlib.Path, mesh
   """score(config, params, tokenizer) -> the configured task score of one model, on the mesh.
   An `evaluate.tasks` entry is written as a harness task into directory/lm_eval_tasks first."""
   score, section = parse(cfg.search), cfg.evaluate
-  own = (task_config.load_tasks(ml_collections.ConfigDict(
-      dict(tasks={score.task: section.tasks[score.task]}))) if score.task in section.tasks else {})
+  own = (task_config.load_tasks(_one_task(cfg, score.task)) if score.task in section.tasks
+         else {})
   manager = task_config.harness_index(section, [] if own else [score.task], own, directory)
 
   def score_of(config: ModelConfig, params, tokenizer) -> float:
