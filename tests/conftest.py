@@ -10,6 +10,7 @@ XLA_FLAGS wins.
 
 import faulthandler
 import gc
+import logging
 import os
 
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -34,3 +35,16 @@ def _release_compiled_programs():
   yield
   jax.clear_caches()
   gc.collect()
+
+
+@pytest.fixture
+def compiled(caplog):
+  """A function returning the names of the programs XLA has compiled so far in the test
+  ("jit(slice)", ...), from jax's compile log."""
+  jax.config.update("jax_log_compiles", True)
+  caplog.set_level(logging.WARNING, logger="jax._src.interpreters.pxla")
+  try:
+    yield lambda: [r.getMessage().split()[1] for r in caplog.records
+                   if r.getMessage().startswith("Compiling ")]
+  finally:
+    jax.config.update("jax_log_compiles", False)

@@ -103,6 +103,15 @@ def test_init_matches_abstract_shapes_and_param_count():
                  axes, params, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def test_building_the_same_model_again_reuses_its_program(compiled):
+  # Every stage of a run loads its source afresh: one compile, not one per stage.
+  config = config_lib.tiny("llama")
+  first, again = model.init(config, 3), model.init(config, 3)
+  assert compiled().count("jit(_create)") == 1
+  jax.tree.map(np.testing.assert_array_equal, first, again)
+  assert not np.array_equal(model.init(config, 4)["embed"], first["embed"])
+
+
 @pytest.mark.parametrize("preset, published", [
     (config_lib.llama3_2_1b, 1_235_814_400),  # Llama-3.2-1B model card
     (config_lib.llama3_1_8b, 8_030_261_248),  # Llama-3.1-8B model card

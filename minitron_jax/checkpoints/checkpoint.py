@@ -13,6 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from minitron_jax.core import atomic
+from minitron_jax.checkpoints import orbax_arrays
 from minitron_jax.models import model
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.errors import ConfigError
@@ -22,6 +23,7 @@ _PARAMS_DIR = "params"
 
 
 def save_model(directory: str | pathlib.Path, config: ModelConfig, params) -> None:
+  orbax_arrays.configure()
   with atomic.directory(directory) as staging:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / _PARAMS_DIR, params)

@@ -395,13 +395,15 @@ def _bind(config: ModelConfig, params: Params) -> Decoder:
   return nnx.merge(graphdef, state)
 
 
+def _create(config: ModelConfig, seed: int) -> Params:
+  return nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(seed)), nnx.Param))
+
+
 def init(config: ModelConfig, seed: int = 0, out_shardings=None) -> Params:
   """Random params as a plain nested dict (optionally created already sharded)."""
-
-  def create():
-    return nnx.to_pure_dict(nnx.state(Decoder(config, nnx.Rngs(seed)), nnx.Param))
-
-  return jax.jit(create, out_shardings=out_shardings)()
+  # One module-level function with static arguments, so that every stage of a run that builds
+  # the same model (each loads its source afresh) reuses the program instead of compiling it.
+  return jax.jit(_create, static_argnums=(0, 1), out_shardings=out_shardings)(config, seed)
 
 
 def abstract_params(config: ModelConfig) -> Params:

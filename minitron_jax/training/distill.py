@@ -28,6 +28,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from minitron_jax.checkpoints import orbax_arrays
 from minitron_jax.core import atomic, distributed, preemption
 from minitron_jax.models import model, moe
 from minitron_jax.objectives import losses, sparse_kld
@@ -438,6 +439,7 @@ def train(distiller: Distiller, student_params, teacher_params, train_iterator: 
                                          save_interval_steps=loop.checkpoint_every,
                                          enable_async_checkpointing=False)
   validation = [_to_device(b, batch_sharding) for b in validation_batches]
+  orbax_arrays.configure()
   with ocp.CheckpointManager(checkpoints, options=options) as manager, preemption.watch():
     state = distiller.init_state(student_params)
     start = manager.latest_step()
