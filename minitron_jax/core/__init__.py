@@ -1,11 +1,14 @@
-"""Plumbing every layer uses: atomic writes, multi-process helpers, SIGTERM handling, plots.
+"""Plumbing every layer uses: atomic writes, multi-process helpers, SIGTERM handling, plots, the
+package's shipped assets, optional packages imported where they are used.
 
-Modules: atomic, distributed, plots, preemption.
+Modules: assets, atomic, distributed, optional, plots, preemption.
 """
 
 __all__ = [
+    'assets',
     'atomic',
     'distributed',
+    'optional',
     'plots',
     'preemption',
 ]

@@ -36,15 +36,16 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
-from minitron_jax.inputs import columnar_source, source_spec, stdlib_dataset
+from minitron_jax.core import optional
+from minitron_jax.inputs import columnar_source, source_spec
 from minitron_jax.errors import ConfigError
 # nested_field stays reachable as data.nested_field: evaluation tasks read records with it.
 from minitron_jax.inputs.text_source import LocalTextSource, as_text, expand_globs, nested_field
 from minitron_jax.inputs.tokenizer import Tokenizer
+
+grain = optional.module("grain", "the data pipeline (minitron_jax.inputs.data)")
 
 SOURCES = ("stdlib", "tfds", "text", "jsonl", "parquet", "arrow")
 PATH_SOURCES = ("text", "jsonl", "parquet", "arrow")
@@ -188,6 +189,7 @@ def _columnar_files(config: DataConfig, split: str) -> list[tuple[str, bool]]:
 
 def _tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[Any]:
   """tfds.data_source for a dataset that must already be prepared locally as array_record."""
+  tfds = optional.module("tensorflow_datasets", f"data source {name!r} (TFDS)")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError:
@@ -251,6 +253,8 @@ def _documents(config: DataConfig, split: str) -> tuple[grain.MapDataset, int]:
   else:
     tfds_split = config.train_split if split == "train" else config.validation_split
     if config.source == "stdlib":
+      # tensorflow-datasets is imported only for the sources that read through it.
+      from minitron_jax.inputs import stdlib_dataset  # pylint: disable=g-import-not-at-top
       name = f"{stdlib_dataset.NAME}/{stdlib_dataset.config_name()}"
       data_dir = str(stdlib_dataset.prepare(config.data_dir).data_dir_root)
       field = "text"

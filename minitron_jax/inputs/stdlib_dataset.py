@@ -23,10 +23,12 @@ import pathlib
 import sys
 import tempfile
 
-import tensorflow_datasets as tfds
 from etils import epath
 
+from minitron_jax.core import optional
 from minitron_jax.inputs import corpus
+
+tfds = optional.module("tensorflow_datasets", "the embedded stdlib corpus (data source 'stdlib')")
 
 NAME = "minitron_stdlib"
 SPLITS = ("train", "validation")

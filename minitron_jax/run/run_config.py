@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import pathlib
 from typing import Iterable
 
 import ml_collections
 
+from minitron_jax.core.assets import STDLIB_TEACHER
 from minitron_jax.training.distill import OptimizerConfig
 from minitron_jax.objectives.losses import LossConfig
-
-TEACHER = pathlib.Path(__file__).parents[1] / "assets" / "stdlib_teacher"
 
 # The architectures of Minitron Table 2 / METHOD §6, as absolute prune targets.
 MINITRON_8B = dict(num_layers=32, hidden_size=4096, num_attention_heads=48,
@@ -85,7 +83,7 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
 
   config.model = ml_collections.ConfigDict()
   # A Hugging Face directory; empty: the preset below with random weights.
-  config.model.hf_path = "" if "family" in options else str(TEACHER)
+  config.model.hf_path = "" if "family" in options else str(STDLIB_TEACHER)
   config.model.preset = "tiny"
   config.model.seed = 0
   config.model.dtype = "float32"

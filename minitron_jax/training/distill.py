@@ -21,7 +21,6 @@ import pathlib
 import time
 from typing import Any, Callable, Iterator
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from minitron_jax.checkpoints import orbax_arrays
-from minitron_jax.core import atomic, distributed, preemption
+from minitron_jax.core import atomic, distributed, optional, preemption
 from minitron_jax.models import model, moe
 from minitron_jax.objectives import losses, sparse_kld
 from minitron_jax.models.config import ModelConfig
@@ -406,7 +405,13 @@ class _Guard:
                      f"{self._last_good()}; lower the learning rate or raise clip_norm")
 
 
+def _grain():
+  # Only the loop checkpoints a data iterator: the step and the losses need no data pipeline.
+  return optional.module("grain", "checkpointing the training data's position (distill.train)")
+
+
 def _restore(manager, step: int, state, train_iterator, directory: pathlib.Path):
+  grain = _grain()
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   try:
     return manager.restore(step, args=ocp.args.Composite(
@@ -433,6 +438,7 @@ def train(distiller: Distiller, student_params, teacher_params, train_iterator: 
   if loop.max_bad_steps and not distiller.skip_non_finite:
     raise ConfigError(f"max_bad_steps={loop.max_bad_steps} needs a Distiller with "
                       "skip_non_finite=True, or a skipped step would still change the weights")
+  grain = _grain()
   workdir = pathlib.Path(workdir).absolute()
   checkpoints = workdir / "checkpoints"
   options = ocp.CheckpointManagerOptions(max_to_keep=loop.keep_checkpoints,
