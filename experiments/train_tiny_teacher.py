@@ -10,7 +10,7 @@ from absl import app, flags
 
 from minitron_jax.models import config as config_lib
 from minitron_jax.checkpoints import hf
-from minitron_jax.inputs import corpus
+from minitron_jax.inputs import corpus, tokenizer
 from minitron_jax.models import model
 from minitron_jax.training import pretrain
 
@@ -29,7 +29,8 @@ def teacher_config() -> config_lib.ModelConfig:
 
 def main(argv):
   del argv
-  config = teacher_config()
+  # Its context is what it was trained on: other tools (lm-eval, vLLM) read this field.
+  config = teacher_config().replace(max_position_embeddings=_SEQ.value)
   params = model.init(config, _SEED.value)
   data = corpus.stdlib_bytes("train")
   batches = corpus.byte_windows(data, _BATCH.value, _SEQ.value + 1, _STEPS.value, _SEED.value)
@@ -37,7 +38,7 @@ def main(argv):
   validation = corpus.byte_windows(corpus.stdlib_bytes("validation"), 16, _SEQ.value + 1, 8, 1)
   losses = [float(pretrain.next_token_loss(config, params, b)) for b in validation]
   print(f"validation loss {sum(losses) / len(losses):.4f} over {len(losses)} batches")
-  hf.save(_OUT.value, config, params)
+  hf.save(_OUT.value, config, params, tokenizer=tokenizer.ByteTokenizer())
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
       [--tokenizer=SPEC] [--max_length=N] [--param_dtype=bfloat16]
 
 PATH: a Hugging Face directory, a .gguf file or a stage's saved model (which needs --tokenizer).
-Tasks are the harness's (its datasets download unless already cached; set HF_DATASETS_OFFLINE=1
-to refuse) or YAML tasks under --include_path. Prints the harness's table and writes its results
+Tasks are the harness's, read from the Hugging Face datasets cache (offline: nothing is
+downloaded unless HF_DATASETS_OFFLINE=0 and HF_HUB_OFFLINE=0 are set), or YAML tasks under
+--include_path. Prints the harness's table and writes its results
 as JSON to --output_path. Exit 2 with one line for a bad path, an unknown task or a bad value.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
@@ -64,10 +66,13 @@ def run(args: argparse.Namespace) -> dict:
       args.include_path, [name for name in tasks if not pathlib.Path(name).is_file()],
       include_setting="--include_path")
   limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
-  results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=args.num_fewshot,
-                                    limit=limit, task_manager=tasks_known,
-                                    random_seed=args.seed, numpy_random_seed=args.seed,
-                                    torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+  try:
+    results = lm_eval.simple_evaluate(model=model, tasks=tasks, num_fewshot=args.num_fewshot,
+                                      limit=limit, task_manager=tasks_known,
+                                      random_seed=args.seed, numpy_random_seed=args.seed,
+                                      torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+  except OSError as error:  # the datasets library's "Couldn't reach ... on the Hub", offline
+    raise ConfigError(_unavailable(tasks, tasks_known, error)) from None
   if args.output_path is not None and distributed.is_primary():
     from minitron_jax.core import atomic
 
@@ -75,8 +80,31 @@ def run(args: argparse.Namespace) -> dict:
   return results
 
 
+def _unavailable(tasks: list[str], task_manager, error: OSError) -> str:
+  """One line for a task whose dataset cannot be read here: which task (each is loaded alone
+  until one fails; this runs only on the way out) and what to do."""
+  culprit = None
+  for name in tasks:
+    try:
+      task_manager.load([name])
+    except OSError:
+      culprit = name
+      break
+  first = (str(error).splitlines() or [type(error).__name__])[0][:200]
+  named = f"task {culprit!r}" if culprit else f"one of the tasks {','.join(tasks)}"
+  return (f"{named} cannot read its dataset ({first}): with no network, its dataset must be in "
+          "the Hugging Face datasets cache already, or the task given with its data under "
+          "--include_path")
+
+
+# Set before the harness imports huggingface_hub and datasets, which read them once.
+OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  for name in OFFLINE:  # the project downloads nothing unless told to
+    os.environ.setdefault(name, "1")
   try:
     results = run(args)
   except ConfigError as error:  # a user mistake or a bad input file: no traceback

@@ -46,8 +46,16 @@ _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 _CONFIG_FILE = re.compile(r"^--?config(?:=(.*))?$")
 
 
+_HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a mistake on the command line answered in one line and exit 2."""
+  asked = [arg for arg in argv[1:] if arg in _HELP]
+  if asked:  # absl's own help flags print the flags and exit 1
+    print(__doc__)
+    print(flags.FLAGS.get_help() if "--helpfull" in asked else flags.FLAGS.main_module_help())
+    sys.exit(0)
   try:
     parsed = flags.FLAGS(argv)
   except flags.Error as error:  # a value of the wrong type or an unknown flag

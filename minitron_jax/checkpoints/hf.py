@@ -317,8 +317,14 @@ def load(path: str | os.PathLike, *, param_dtype: str | None = None):
 
 
 def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params, *,
-         dtype: str = "float32", max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> None:
+         dtype: str = "float32", max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
+         tokenizer=None) -> None:
   """Writes config.json and safetensors shards that `transformers` loads; atomic per directory.
+
+  tokenizer (one of minitron_jax.inputs.tokenizer's, or anything with `save_pretrained(directory,
+  model_max_length)` and `eos_id` / `bos_id`): its files and a generation_config.json with its
+  special ids are written too, so the directory is a whole model that AutoTokenizer, lm-eval's
+  hf backend and vLLM take as it is. Without one, only the weights and config.json.
 
   Streams: weights are gathered to the host one at a time and each shard is written as soon as
   it is full, so a sharded model never sits whole on one device or host. Every process calls
@@ -329,15 +335,27 @@ def save(path: str | os.PathLike, config: ModelConfig, params: model_lib.Params,
   hf_config = config_to_hf(config, dtype)
   tensors = ((name, tensor.astype(np_dtype)) for name, tensor in iter_params_to_hf(config, params))
   if distributed.is_primary():
-    _write(path, tensors, hf_config, max_shard_bytes)
+    _write(path, tensors, hf_config, max_shard_bytes, tokenizer, config.max_position_embeddings)
   else:
     for _ in tensors:  # the gathers are collective: take part, write nothing
       pass
   distributed.barrier(f"exported {path}")
 
 
-def _write(path, tensors, hf_config, max_shard_bytes) -> None:
+def generation_config(tokenizer) -> dict:
+  """generation_config.json: the tokenizer's eos / bos ids (the eos pads: a batch's padding is
+  masked, and a byte tokenizer has neither)."""
+  eos, bos = tokenizer.eos_id, getattr(tokenizer, "bos_id", None)
+  ids = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos}
+  return {k: v for k, v in ids.items() if v is not None}
+
+
+def _write(path, tensors, hf_config, max_shard_bytes, tokenizer, context: int) -> None:
   with atomic.directory(path, collective=False) as staging:
+    if tokenizer is not None:
+      tokenizer.save_pretrained(staging, model_max_length=context)
+      (staging / "generation_config.json").write_text(
+          json.dumps(generation_config(tokenizer), indent=2, sort_keys=True))
     shards: list[list[str]] = []  # tensor names per written shard
     shard: dict[str, np.ndarray] = {}
     total, size = 0, 0

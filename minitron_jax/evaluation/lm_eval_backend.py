@@ -29,12 +29,15 @@ import contextlib
 import json
 import os
 import pathlib
+import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import lm_eval.models  # noqa: F401  (the harness's own backends, before ours joins the registry)
+import lm_eval.evaluator
+import lm_eval.loggers.utils
 import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -46,6 +49,20 @@ from minitron_jax.models import generate, sharding
 from minitron_jax.inputs import tokenizer as tokenizer_lib
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.errors import ConfigError
+
+
+def _git_commit_quietly() -> str | None:
+  """What lm-eval records as its results' git_hash, without git's stderr: the harness runs `git
+  describe` with its stderr on ours, so outside a repository every harness call printed 'fatal:
+  not a git repository'."""
+  try:
+    return subprocess.check_output(["git", "describe", "--always"],
+                                   stderr=subprocess.DEVNULL).strip().decode()
+  except (subprocess.CalledProcessError, FileNotFoundError):
+    return lm_eval.loggers.utils.get_commit_from_path(os.getcwd())
+
+
+lm_eval.evaluator.get_git_commit_hash = _git_commit_quietly
 
 NAME = "minitron_jax"
 # The harness's default generation budget when a task names none (its hf backend's).

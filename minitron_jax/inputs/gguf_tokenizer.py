@@ -50,6 +50,11 @@ def load(path) -> tuple[tokenizers.Tokenizer, str | None]:
   return _build(gguf_checkpoint.open_reader(path))
 
 
+def chat_template(path) -> str | None:
+  """The chat template a GGUF file carries (`tokenizer.chat_template`), or None."""
+  return gguf_checkpoint.field(gguf_checkpoint.open_reader(path), "tokenizer.chat_template")
+
+
 @functools.lru_cache(maxsize=4)
 def _build(reader) -> tuple[tokenizers.Tokenizer, str | None]:
   field = lambda key, default=None: gguf_checkpoint.field(reader, key, default)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
@@ -24,6 +25,46 @@ TOKENIZER_FILE = "tokenizer.json"
 # Special tokens that end a document in common tokenizers, tried in order when no
 # tokenizer_config.json names the eos token.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>")
+CONFIG_FILE = "tokenizer_config.json"
+# What describes a Hugging Face tokenizer beside tokenizer.json: an export copies those its
+# source has (special tokens, chat template).
+SIDE_FILES = (CONFIG_FILE, "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+              "chat_template.json")
+# The class `transformers.AutoTokenizer` loads a written tokenizer.json with, as it is (a
+# model-specific class may rebuild the pipeline from the vocabulary instead).
+FAST_CLASS = "PreTrainedTokenizerFast"
+
+
+def _write_config(directory: pathlib.Path, model_max_length: int | None, **fields) -> None:
+  config = {"tokenizer_class": FAST_CLASS, "clean_up_tokenization_spaces": False,
+            **{k: v for k, v in fields.items() if v is not None}}
+  if model_max_length is not None:
+    config["model_max_length"] = model_max_length
+  (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+NUL_TOKEN = "\u0100"  # the byte-level character of byte 0
+
+
+def byte_level_tokenizer() -> tokenizers.Tokenizer:
+  """The `tokenizers` pipeline that encodes as ByteTokenizer: each UTF-8 byte is the token whose
+  id is its value (byte-level characters, no merges, no special tokens)."""
+  alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+  byte_chars = {ord(c) for c in alphabet}
+  # GPT-2's byte -> character table: printable bytes are themselves, the rest shifted past 255.
+  table, shifted = {}, 0
+  for byte in range(256):
+    if byte in byte_chars:
+      table[byte] = chr(byte)
+    else:
+      table[byte] = chr(256 + shifted)
+      shifted += 1
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(
+      vocab={char: byte for byte, char in table.items()}, merges=[], fuse_unk=False))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                use_regex=False)
+  tokenizer.decoder = tokenizers.decoders.ByteLevel()
+  return tokenizer
 
 
 @runtime_checkable
@@ -51,6 +92,21 @@ class ByteTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
+  def save_pretrained(self, directory: str | pathlib.Path,
+                      model_max_length: int | None = None) -> None:
+    """tokenizer.json and tokenizer_config.json that `transformers` loads and that encode as
+    this tokenizer does."""
+    directory = pathlib.Path(directory)
+    tokenizer = byte_level_tokenizer()
+    # Hugging Face tools want an end-of-text token (lm-eval's hf backend conditions an empty
+    # context on it): the NUL byte's, id 0, which text does not hold. As a special token it is
+    # matched in raw text, so a text holding U+0100 (its byte-level character, 'Ā') is the one
+    # case the two tokenizers encode differently.
+    tokenizer.add_special_tokens([tokenizers.AddedToken(NUL_TOKEN, special=True,
+                                                        normalized=False)])
+    tokenizer.save(str(directory / TOKENIZER_FILE))
+    _write_config(directory, model_max_length, eos_token=NUL_TOKEN)
+
   def __repr__(self) -> str:
     return "ByteTokenizer()"
 
@@ -66,6 +122,7 @@ class HFTokenizer:
   def __init__(self, path: str | pathlib.Path, eos_token: str | None = None,
                add_special_tokens: bool = True):
     path = pathlib.Path(path)
+    self.eos_token = eos_token
     if gguf_checkpoint.is_gguf(path):
       self._tokenizer, embedded_eos = gguf_tokenizer.load(path)
       eos_token = eos_token or embedded_eos
@@ -89,6 +146,8 @@ class HFTokenizer:
       special = {t.content for t in added if t.special}
       found = [t for t in EOS_CANDIDATES if t in special]
       self.eos_id = self._tokenizer.token_to_id(found[0]) if found else None
+      eos_token = found[0] if found else None
+    self.eos_token = eos_token
 
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids
@@ -98,6 +157,33 @@ class HFTokenizer:
 
   def token_to_id(self, token: str) -> int | None:
     return self._tokenizer.token_to_id(token)
+
+  @property
+  def bos_id(self) -> int | None:
+    """The token the post-processor puts first (Llama 3's BOS), or None."""
+    ids = self._tokenizer.encode("", add_special_tokens=True).ids
+    return ids[0] if ids else None
+
+  def save_pretrained(self, directory: str | pathlib.Path,
+                      model_max_length: int | None = None) -> None:
+    """The tokenizer files of a model directory: the source's own (tokenizer.json and what lies
+    beside it: tokenizer_config.json, special tokens, chat template) copied, or, for a tokenizer a
+    GGUF file embeds, its tokenizer.json and a tokenizer_config.json with its special tokens and
+    chat template written."""
+    directory = pathlib.Path(directory)
+    if gguf_checkpoint.is_gguf(self.path):
+      self._tokenizer.save(str(directory / TOKENIZER_FILE))
+      bos = self.bos_id
+      _write_config(directory, model_max_length, eos_token=self.eos_token,
+                    bos_token=None if bos is None else self._tokenizer.id_to_token(bos),
+                    chat_template=gguf_tokenizer.chat_template(self.path))
+      return
+    shutil.copyfile(self.path, directory / TOKENIZER_FILE)
+    copied = [f for f in SIDE_FILES if (self.path.parent / f).is_file()]
+    for name in copied:
+      shutil.copyfile(self.path.parent / name, directory / name)
+    if CONFIG_FILE not in copied:
+      _write_config(directory, model_max_length, eos_token=self.eos_token)
 
   def __repr__(self) -> str:
     return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"

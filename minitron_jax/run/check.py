@@ -42,7 +42,8 @@ def _run(ctx: stage_context.Context, staging) -> dict:
 
   log(f"[check] exporting to {out / 'hf'}")
   exported = registry.inside(staging, "check", "hf")
-  hf.save(exported, config, params, dtype=cfg.export_dtype)  # gathered weight by weight
+  hf.save(exported, config, params, dtype=cfg.export_dtype,  # gathered weight by weight
+          tokenizer=stage_context.load_tokenizer(cfg, config.vocab_size))
   reloaded_config, reloaded = hf.load(exported, param_dtype=config.param_dtype)
   reloaded_config = reloaded_config.replace(dtype=config.dtype, remat=config.remat)
   # Both models on the mesh, as training places them; only the probe's logits come back.

@@ -9,7 +9,7 @@ import time
 from minitron_jax.checkpoints import checkpoint, hf
 from minitron_jax.core import atomic, distributed
 from minitron_jax.run import registry, retrain
-from minitron_jax.run.stage_context import Context, ModelRef, load, mesh_of
+from minitron_jax.run.stage_context import Context, ModelRef, load, load_tokenizer, mesh_of
 
 
 def run_distill(ctx: Context) -> dict:
@@ -31,7 +31,8 @@ def run_distill(ctx: Context) -> dict:
   saved_config = student_config.replace(dtype="float32", remat="none")
   checkpoint.save_model(registry.path(ctx.directory, "distill", "model"), saved_config, trained)
   hf.save(registry.path(ctx.directory, "distill", "hf"), saved_config, trained,
-          dtype=cfg.export_dtype)
+          dtype=cfg.export_dtype,
+          tokenizer=load_tokenizer(cfg, saved_config.vocab_size))
   summary = dict(steps=steps, student_params=student_config.num_params(), **final,
                  seconds=time.perf_counter() - started)
   atomic.write_json(registry.path(ctx.directory, "distill"), summary)

@@ -59,7 +59,8 @@ def _prune(ctx: Context, staging: pathlib.Path) -> dict:
   ctx.log(f"[prune] {config.num_params():,} -> {pruned_config.num_params():,} parameters "
           f"({pruned_config.num_params() / config.num_params():.1%}); zero-shot validation loss "
           f"{losses['source']:.4f} -> {losses['pruned']:.4f}")
-  hf.save(registry.inside(staging, "prune", "hf"), pruned_config, pruned, dtype=cfg.export_dtype)
+  hf.save(registry.inside(staging, "prune", "hf"), pruned_config, pruned, dtype=cfg.export_dtype,
+          tokenizer=stage_context.load_tokenizer(cfg, pruned_config.vocab_size))
   checkpoint.save_model(registry.inside(staging, "prune", "model"),
                         pruned_config.replace(dtype="float32", remat="none"), pruned)
   summary = dict(source=config.to_dict(), pruned=pruned_config.to_dict(), target=target,
