@@ -111,24 +111,11 @@ def test_the_shipped_teacher_states_its_trained_context_and_loads_whole():
   assert transformers.AutoConfig.from_pretrained(STDLIB_TEACHER).max_position_embeddings == 128
 
 
-MC_YAML = """task: export_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-"""
-
-
 def test_lm_eval_hf_backend_runs_on_an_export_as_it_is_and_agrees_with_ours(tmp_path):
   import lm_eval
   from lm_eval.tasks import TaskManager
+
+  from test_lm_eval import MC_YAML  # the same multiple-choice task shape, named minitron_mc
 
   from minitron_jax.evaluation.lm_eval_backend import MinitronLM
 
@@ -137,13 +124,13 @@ def test_lm_eval_hf_backend_runs_on_an_export_as_it_is_and_agrees_with_ours(tmp_
   docs = [dict(question=f"{t[:12]}", choices=[t[12:20], t[4:12], "zz"], gold=i % 3)
           for i, t in enumerate(TEXTS[:4])]
   (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-  (tmp_path / "export_mc.yaml").write_text(MC_YAML.format(path=tmp_path / "mc.jsonl"))
+  (tmp_path / "minitron_mc.yaml").write_text(MC_YAML.format(path=tmp_path / "mc.jsonl"))
   manager = TaskManager(include_path=str(tmp_path))
 
   def accuracy(**kwargs):
-    results = lm_eval.simple_evaluate(tasks=["export_mc"], task_manager=manager,
+    results = lm_eval.simple_evaluate(tasks=["minitron_mc"], task_manager=manager,
                                       log_samples=True, bootstrap_iters=0, **kwargs)
-    samples = sorted(results["samples"]["export_mc"], key=lambda s: s["doc_id"])
+    samples = sorted(results["samples"]["minitron_mc"], key=lambda s: s["doc_id"])
     return [s["acc"] for s in samples]
 
   theirs = accuracy(model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32",
