@@ -122,7 +122,6 @@ class HFTokenizer:
   def __init__(self, path: str | pathlib.Path, eos_token: str | None = None,
                add_special_tokens: bool = True):
     path = pathlib.Path(path)
-    self.eos_token = eos_token
     if gguf_checkpoint.is_gguf(path):
       self._tokenizer, embedded_eos = gguf_tokenizer.load(path)
       eos_token = eos_token or embedded_eos
