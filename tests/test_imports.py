@@ -106,23 +106,36 @@ def test_errors_is_a_leaf():
   assert _graph()["errors"] == set()
 
 
-STAGE_MODULES = {"run.check", "run.teacher_logits", "run.importance_stage", "run.search_stage",
-                 "run.prune_stage", "run.distill_stage", "run.teacher_correction_stage",
-                 "run.evaluate_stage", "run.report"}
+def _stage_modules() -> set[str]:
+  from minitron_jax.run import registry
+
+  return {f"run.stages.{name}" for name in registry.NAMES}
+
+
+def test_every_registered_stage_is_one_module_with_a_run_and_nothing_else_is():
+  import inspect
+
+  from minitron_jax.run import registry, stages
+
+  files = {f"run.stages.{path.stem}" for path in (PACKAGE / "run" / "stages").glob("*.py")
+           if path.stem != "__init__"}
+  assert files == _stage_modules()
+  for name in registry.NAMES:
+    assert list(inspect.signature(stages.runner(name)).parameters) == ["ctx", "out"], name
 
 
 def test_no_stage_imports_another():
   graph = _graph()
-  assert STAGE_MODULES <= set(graph)
-  assert sorted(f"{m} -> {o}" for m in STAGE_MODULES for o in graph[m] & STAGE_MODULES) == []
+  modules = _stage_modules()
+  assert modules <= set(graph)
+  assert sorted(f"{m} -> {o}" for m in modules for o in graph[m] & modules) == []
 
 
 def test_stage_outputs_are_named_only_in_the_registry():
   import re
 
-  from minitron_jax.run import pipeline, registry
+  from minitron_jax.run import registry
 
-  assert tuple(pipeline.RUNNERS) == registry.NAMES
   joined = re.compile(r'/ "(' + "|".join(registry.NAMES) + r')"')
   found = sorted(f"{name}: {match.group(0)}" for name, path in _modules().items()
                  if name != "run.registry" for match in joined.finditer(path.read_text()))

@@ -10,7 +10,7 @@ import pytest
 from minitron_jax.checkpoints import build
 from minitron_jax.inputs import data
 from minitron_jax.run import pipeline, run_config, stage_context
-from minitron_jax.training import teacher_store
+from minitron_jax.training import teacher_logits_store
 from minitron_jax.errors import ConfigError
 
 
@@ -37,11 +37,11 @@ def test_search_and_distill_run_from_the_stored_stream(tmp_path):
   tok = stage_context.load_tokenizer(cfg, config.vocab_size)
   online = data.make_iterator(stage_context.data_config(cfg, batch_size=cfg.distill.batch_size,
                                                  seq_len=cfg.distill.seq_len), tok, "train")
-  stored = teacher_store.dataset(tmp_path / "teacher_logits" / "train", cfg.distill.batch_size)
+  stored = teacher_logits_store.dataset(tmp_path / "teacher_logits" / "train", cfg.distill.batch_size)
   for expected, got in itertools.islice(zip(online, stored), rows // cfg.distill.batch_size):
-    for key in teacher_store.ROW_KEYS:
+    for key in teacher_logits_store.ROW_KEYS:
       np.testing.assert_array_equal(got[key], expected[key])
-  log_probs, indices, _ = teacher_store.teacher_outputs(config, params, expected, 32, 1.0)
+  log_probs, indices, _ = teacher_logits_store.teacher_outputs(config, params, expected, 32, 1.0)
   np.testing.assert_array_equal(got["teacher_indices"], indices)
   np.testing.assert_allclose(np.asarray(got["teacher_log_probs"], np.float32), log_probs,
                              rtol=2 ** -8, atol=1e-6)

@@ -81,6 +81,42 @@ def test_leftovers_of_a_killed_write_are_cleaned_or_put_back(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "x.json"]
 
 
+def test_published_outputs_replace_their_namesakes_and_leave_the_work_beside_them(tmp_path):
+  stage = tmp_path / "distill"
+  (stage / "checkpoints").mkdir(parents=True)  # resumable work, not an output
+  (stage / "hf").mkdir()
+  (stage / "hf" / "old.json").write_text("old")
+  (stage / "report.md").write_text("an earlier run's")
+  names = ("hf", "report.md", "summary.json")
+  with pytest.raises(RuntimeError, match="killed"):
+    with atomic.publish(stage, names, label="distill") as staging:
+      (staging / "summary.json").write_text("half")
+      raise RuntimeError("killed")
+  assert sorted(p.name for p in stage.iterdir()) == ["checkpoints", "hf", "report.md"]
+  with atomic.publish(stage, names, label="distill") as staging:
+    (staging / "hf").mkdir()
+    (staging / "hf" / "new.json").write_text("new")
+    (staging / "summary.json").write_text("done")
+  # hf replaced whole, the report this run did not write is gone, the work is untouched.
+  assert sorted(p.name for p in stage.iterdir()) == ["checkpoints", "hf", "summary.json"]
+  assert [p.name for p in (stage / "hf").iterdir()] == ["new.json"]
+  with pytest.raises(RuntimeError, match=r"wrote \['stray'\], which are not among its outputs"):
+    with atomic.publish(stage, names, label="distill") as staging:
+      (staging / "stray").write_text("?")
+  assert (stage / "summary.json").read_text() == "done"
+
+
+def test_the_done_marker_is_published_last(tmp_path, monkeypatch):
+  order = []
+  replace = atomic.os.replace
+  monkeypatch.setattr(atomic.os, "replace", lambda a, b: order.append(pathlib.Path(b).name)
+                      or replace(a, b))
+  with atomic.publish(tmp_path, ("model", "hf", "summary.json")) as staging:
+    for name in ("summary.json", "hf", "model"):
+      (staging / name).mkdir() if name != "summary.json" else (staging / name).write_text("{}")
+  assert order == ["model", "hf", "summary.json"]
+
+
 _WRITER = """
 import itertools, sys
 import jax

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from minitron_jax.core import distributed, preemption
-from minitron_jax.run import pipeline, workdir_lock
+from minitron_jax.core import distributed, preemption, workdir_lock
+from minitron_jax.run import pipeline, stages
 from minitron_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ import default  # noqa: E402  (configs/ is not a package)
 # A run holding the workdir in another process until a signal ends it.
 _HOLD = """
 import sys, time
-from minitron_jax.run import workdir_lock
+from minitron_jax.core import workdir_lock
 with workdir_lock.held(sys.argv[1]):
   print("held", flush=True)
   time.sleep(600)
@@ -133,7 +133,7 @@ def _config():
 
 
 def _stage_that_stops(calls: list):
-  def stage(ctx):
+  def stage(ctx, out):
     calls.append(json.loads(_lock(ctx.directory).read_text())["pid"])
     raise preemption.Preempted("stopped")
   return stage
@@ -142,7 +142,7 @@ def _stage_that_stops(calls: list):
 def test_the_pipeline_holds_the_workdir_and_refuses_a_second_run_before_any_stage(
     tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setitem(pipeline.RUNNERS, "check", _stage_that_stops(calls))
+  monkeypatch.setattr(stages.module("check"), "run", _stage_that_stops(calls))
   with pytest.raises(preemption.Preempted):
     pipeline.run(_config(), tmp_path, log=lambda line: None)
   assert calls == [os.getpid()] and not _lock(tmp_path).exists()  # held, then released
@@ -160,7 +160,7 @@ def test_the_pipeline_holds_the_workdir_and_refuses_a_second_run_before_any_stag
 
 def test_a_workdir_that_cannot_be_created_is_one_line_before_any_stage(tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setitem(pipeline.RUNNERS, "check", _stage_that_stops(calls))
+  monkeypatch.setattr(stages.module("check"), "run", _stage_that_stops(calls))
   (tmp_path / "file").write_text("")
   workdir = tmp_path / "file" / "run"
   with pytest.raises(ConfigError) as refused:

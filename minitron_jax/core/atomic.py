@@ -84,16 +84,71 @@ def directory(path: str | os.PathLike, collective: bool = True) -> Iterator[path
     yield staging
     sync(f"written {path}")
     if primary:
-      if path.exists():
-        # Two renames: a kill between them leaves the old output at the backup name, which
-        # `recover` (run by the next write, and by readers that care) moves back.
-        backup = _backup(path)
-        os.replace(path, backup)
-        os.replace(staging, path)
-        shutil.rmtree(backup)
-      else:
-        os.replace(staging, path)
+      _swap_in(staging, path)
     sync(f"renamed {path}")
+  except BaseException:
+    if primary:
+      shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def _swap_in(new: pathlib.Path, path: pathlib.Path) -> None:
+  """Renames `new` over `path`. A file goes in one rename; a directory in two (the old one is
+  moved aside first): a kill between them leaves the old output at the backup name, which
+  `recover` (run by the next write, and by readers that care) moves back."""
+  recover(path)
+  if path.exists() and (path.is_dir() or new.is_dir()):
+    backup = _backup(path)
+    os.replace(path, backup)
+    os.replace(new, path)
+    shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
+  else:
+    os.replace(new, path)
+
+
+def _remove(path: pathlib.Path) -> None:
+  recover(path)
+  if path.is_dir():
+    shutil.rmtree(path)
+  elif path.exists():
+    path.unlink()
+
+
+@contextlib.contextmanager
+def publish(directory: str | os.PathLike, names: tuple[str, ...],
+            label: str = "outputs") -> Iterator[pathlib.Path]:
+  """Yields an empty staging directory for the entries `names` of `directory`, which may hold
+  other things (a stage's resumable work) that stay as they are.
+
+  When the block ends without an error, each name the staging directory holds replaces its
+  namesake in `directory` (whole: a file or directory appears complete or not at all), each name
+  it does not hold is removed from `directory` (no output of an earlier run is left beside this
+  run's), in the order of `names`: the last one (a done marker) is never seen before the others.
+  An entry not in `names` is an error. Every process enters and gets the same staging directory;
+  the primary renames once all have written.
+  """
+  directory = pathlib.Path(directory).absolute()
+  staging = directory / f".{label}.tmp-staging"
+  primary = distributed.is_primary()
+  if primary:
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    staging.mkdir(mode=0o755)
+  distributed.barrier(f"staged {staging}")
+  try:
+    yield staging
+    distributed.barrier(f"written {staging}")
+    if primary:
+      unexpected = sorted(entry.name for entry in staging.iterdir() if entry.name not in names)
+      if unexpected:
+        raise RuntimeError(f"{label} wrote {unexpected}, which are not among its outputs {names}")
+      for name in names:
+        if (staging / name).exists():
+          _swap_in(staging / name, directory / name)
+        else:
+          _remove(directory / name)
+      staging.rmdir()
+    distributed.barrier(f"published {staging}")
   except BaseException:
     if primary:
       shutil.rmtree(staging, ignore_errors=True)

@@ -7,8 +7,9 @@
 there is one, with `config.prune.target`, working directly in the workdir. Stage k starts from
 stage k-1's distilled student; its teacher is the original model or that previous student.
 
-Nothing runs, and nothing is written, until `validate` finds every setting sound. Each stage's
-output appears whole or not at all (`atomic`), so a run killed at any moment reruns from the
+Nothing runs, and nothing is written, until `validate` finds every setting sound. Each stage is
+the module `run/stages/<name>.py` of its registry entry; its outputs are staged and published
+whole, its done marker last (`registry.staged`), so a run killed at any moment reruns from the
 stage it was in. One run at a time holds the workdir (`workdir_lock`). With several processes
 (see `distributed`) every process runs this same loop on a shared work directory; the primary
 one writes the files.
@@ -19,30 +20,13 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Callable
 
 import jax
 import ml_collections
 
-from minitron_jax.core import atomic, distributed
-from minitron_jax.run import (check, distill_stage, evaluate_stage, importance_stage, prune_stage,
-                              registry, report, search_stage, stage_context,
-                              teacher_correction_stage, teacher_logits, validate, workdir_lock)
+from minitron_jax.core import atomic, distributed, workdir_lock
+from minitron_jax.run import registry, stage_context, stages, validate
 from minitron_jax.run.stage_context import Context, ModelRef
-
-# stage name (registry.py: order, outputs, needs) -> function(Context) -> summary
-RUNNERS: dict[str, Callable] = {
-    "teacher_correction": teacher_correction_stage.run_teacher_correction,
-    "check": check.run,
-    "teacher_logits": teacher_logits.run,
-    "importance": importance_stage.run_importance,
-    "search": search_stage.run_search,
-    "prune": prune_stage.run_prune,
-    "distill": distill_stage.run_distill,
-    "evaluate": evaluate_stage.run_evaluate,
-    "report": report.run_report,
-}
-assert tuple(RUNNERS) == registry.NAMES, "every registered stage has one runner, in order"
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) -> None:
@@ -71,7 +55,8 @@ def _run_holding(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log) -> 
       log(f"[{name}] skipped: {marker} exists")
       return
     started = time.perf_counter()
-    RUNNERS[name](ctx)
+    with registry.staged(ctx.directory, name) as outputs:  # published whole, marker last
+      stages.runner(name)(ctx, outputs)
     timings[key] = time.perf_counter() - started
     atomic.write_json(timings_path, timings)
     distributed.barrier(f"after {key}")

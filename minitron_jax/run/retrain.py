@@ -1,5 +1,5 @@
 """A pruned student's retraining, as the distill, search and teacher-correction stages run it:
-distillation from the loaded teacher, or from the stored one (stored_teacher.py) when the
+distillation from the loaded teacher, or from the stored one (teacher_logits_inputs.py) when the
 teacher_logits stage is in the run.
 """
 
@@ -10,7 +10,7 @@ import pathlib
 
 from minitron_jax.inputs import data
 from minitron_jax.models import sharding
-from minitron_jax.run import stored_teacher
+from minitron_jax.run import teacher_logits_inputs
 from minitron_jax.run.stage_context import (Context, ModelRef, load, load_tokenizer, mesh_of,
                                             validation)
 from minitron_jax.run.stage_settings import retrain_settings
@@ -28,8 +28,8 @@ class OfflineTeacher:
 
 def teacher_for(ctx: Context, mesh):
   """(teacher config, params or None, OfflineTeacher or None): a stored teacher is never loaded."""
-  if stored_teacher.enabled(ctx.cfg):
-    return (stored_teacher.teacher_config(ctx.cfg, ctx.teacher), None,
+  if teacher_logits_inputs.enabled(ctx.cfg):
+    return (teacher_logits_inputs.teacher_config(ctx.cfg, ctx.teacher), None,
             OfflineTeacher(ctx.directory, ctx.teacher, ctx.distill_steps))
   return (*load(ctx.cfg, ctx.teacher, mesh), None)
 
@@ -46,7 +46,7 @@ def retrain(cfg, section, student_config, student, teacher_config, teacher, out:
                                 steps, skip_non_finite=run.loop.max_bad_steps > 0,
                                 offline_teacher=offline is not None)
   if offline is not None:
-    train_batches, validation_batches = stored_teacher.retrain_inputs(
+    train_batches, validation_batches = teacher_logits_inputs.retrain_inputs(
         cfg, offline.directory, offline.teacher, teacher_config, run.data.batch_size, steps,
         offline.distill_steps)
   else:

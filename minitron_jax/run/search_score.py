@@ -85,14 +85,15 @@ def check(cfg: ml_collections.ConfigDict, *, index: bool = True) -> list[str]:
   return []
 
 
-def scorer(cfg: ml_collections.ConfigDict, directory: pathlib.Path, mesh
+def scorer(cfg: ml_collections.ConfigDict, tasks_directory: pathlib.Path, mesh
            ) -> Callable[[ModelConfig, object, object], float]:
   """score(config, params, tokenizer) -> the configured task score of one model, on the mesh.
-  An `evaluate.tasks` entry is written as a harness task into directory/lm_eval_tasks first."""
+  An `evaluate.tasks` entry is written as a harness task into `tasks_directory` first."""
   score, section = parse(cfg.search), cfg.evaluate
   own = (task_config.load_tasks(_one_task(cfg, score.task)) if score.task in section.tasks
          else {})
-  manager = task_config.harness_index(section, [] if own else [score.task], own, directory)
+  manager = task_config.harness_index(section, [] if own else [score.task], own,
+                                       tasks_directory)
 
   def score_of(config: ModelConfig, params, tokenizer) -> float:
     scores = lm_eval_tasks.evaluate(

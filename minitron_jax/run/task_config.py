@@ -15,7 +15,6 @@ from minitron_jax.core import atomic
 from minitron_jax.evaluation import lm_eval_tasks, mc_tasks, stdlib_tasks
 from minitron_jax.errors import ConfigError
 
-HARNESS_TASKS = "lm_eval_tasks"  # inside a workdir: our tasks as harness YAML + JSONL
 
 STDLIB_TASK = "stdlib_next_line"
 
@@ -85,10 +84,10 @@ def write_harness_tasks(tasks: Mapping[str, list], directory: pathlib.Path) -> p
 
 
 def harness_index(section: ml_collections.ConfigDict, names: list[str], own: Mapping[str, list],
-                  directory: pathlib.Path):
+                  tasks_directory: pathlib.Path):
   """The harness's task index for `names` (harness tasks) and `own` (our tasks, written as
-  harness tasks into directory/HARNESS_TASKS first), with `evaluate.lm_eval.include_path`."""
+  harness tasks into `tasks_directory` first), with `evaluate.lm_eval.include_path`."""
   include = [section.lm_eval.include_path] if section.lm_eval.include_path else []
   if own:
-    include.insert(0, str(write_harness_tasks(own, directory / HARNESS_TASKS)))
+    include.insert(0, str(write_harness_tasks(own, tasks_directory)))
   return lm_eval_tasks.task_manager(include or None, [*names, *own])

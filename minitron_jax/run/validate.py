@@ -20,12 +20,11 @@ import ml_collections
 
 from minitron_jax.checkpoints import build, checkpoint, hf
 from minitron_jax.compress import importance, prune, search
-from minitron_jax.evaluation import evaluate
 from minitron_jax.inputs import data
 from minitron_jax.models import config as config_lib, sharding
-from minitron_jax.run import (evaluate_stage, registry, search_score, stage_context,
-                              stage_settings, stored_teacher)
-from minitron_jax.training import teacher_store
+from minitron_jax.run import (registry, stage_context, stage_settings, stages,
+                              teacher_logits_inputs)
+from minitron_jax.training import teacher_logits_store
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.errors import ConfigError
 
@@ -87,19 +86,12 @@ class _Validation:
     plan = self.attempt("compression", stage_context.compression_plan, self.cfg, self.workdir)
     if source is not None and plan and self.stages & set(registry.COMPRESSION_STAGES):
       self.compression(source, plan)
-    if plan and stored_teacher.enabled(self.cfg):
-      self.stored_teacher(plan[0])
-    if "evaluate" in self.stages:
-      section = self.cfg.evaluate
-      problems = evaluate_stage.check_tasks(section) + evaluate_stage.check_prompts(section)
-      problems += evaluate_stage.check_lm_eval(section)
-      for problem in problems:
-        self.note(*problem.split(": ", 1))
-    if "search" in self.stages:
-      for problem in search_score.check(self.cfg):
-        self.note(*problem.split(": ", 1))
-      self.attempt("evaluate", evaluate.check_scoring, batch_size=self.cfg.evaluate.batch_size,
-                   max_length=self.cfg.evaluate.max_length)
+    if plan and teacher_logits_inputs.enabled(self.cfg):
+      self.teacher_logits_store(plan[0])
+    for name in registry.NAMES:  # the checks each stage makes of its own settings
+      if name in self.stages:
+        for problem in stages.problems(name, self.cfg):
+          self.note(*problem.split(": ", 1))
     return self.problems
 
   # --------------------------------------------------------------------------- settings
@@ -137,11 +129,6 @@ class _Validation:
     if cfg.export_dtype not in config_lib.DTYPES:
       self.note("export_dtype", f"{cfg.export_dtype!r} is not supported; allowed: "
                 f"{config_lib.DTYPES}")
-    if stored_teacher.enabled(cfg):
-      self.attempt("teacher_logits", stored_teacher.check_section, cfg)
-      if not self.stages & {"distill", "search"}:
-        self.note("stages", "teacher_logits stores the teacher for distill and search, and "
-                  "neither runs; allowed: 'distill' or 'search' in stages with it")
     section = cfg.importance
     if "importance" in self.stages or cfg.prune.iterative_rounds > 1:
       if not isinstance(section.num_samples, int) or section.num_samples < 1:
@@ -181,11 +168,11 @@ class _Validation:
       self.attempt("distill", stage_context.data_config, cfg, batch_size=section.batch_size,
                    seq_len=section.seq_len)
       if source is not None:
-        offline = stored_teacher.enabled(cfg) and name != "teacher_correction"
+        offline = teacher_logits_inputs.enabled(cfg) and name != "teacher_correction"
         self.attempt(name, stage_settings.retrain_settings, cfg, section, source, source, steps, **loop,
                      offline=offline)
 
-  def stored_teacher(self, step: dict) -> None:
+  def teacher_logits_store(self, step: dict) -> None:
     """A first stage's teacher store written by an earlier run must suit this one (later stages'
     teachers exist only once the run reaches them; they are checked there)."""
     if step["teacher"] != "original":
@@ -193,14 +180,14 @@ class _Validation:
     ref = stage_context.original_ref(self.cfg, self.workdir)
     if ref.path is not None and not checkpoint.is_saved_model(ref.path):
       return
-    config = self.attempt("model", stored_teacher.teacher_config, self.cfg, ref)
+    config = self.attempt("model", teacher_logits_inputs.teacher_config, self.cfg, ref)
     for split in ("train", "validation"):
-      stored_path = registry.path(step["directory"], stored_teacher.STAGE, split)
+      stored_path = registry.path(step["directory"], teacher_logits_inputs.STAGE, split)
       if config is None or not (stored_path / "metadata.json").is_file():
         continue
-      expected = self.attempt("teacher_logits", stored_teacher.expected_metadata, self.cfg, ref,
+      expected = self.attempt("teacher_logits", teacher_logits_inputs.expected_metadata, self.cfg, ref,
                               config, split, step["distill_steps"])
-      stored = self.attempt(str(stored_path), teacher_store.StoreMetadata.load, stored_path)
+      stored = self.attempt(str(stored_path), teacher_logits_store.StoreMetadata.load, stored_path)
       if expected is not None and stored is not None:
         self.attempt(str(stored_path), stored.check_matches, expected, expected.num_rows)
 
@@ -221,7 +208,7 @@ class _Validation:
         for shape in produced:
           for teacher in teachers:
             self.attempt("distill", stage_settings.retrain_settings, self.cfg, self.cfg.distill, shape,
-                         teacher, steps, offline=stored_teacher.enabled(self.cfg))
+                         teacher, steps, offline=teacher_logits_inputs.enabled(self.cfg))
       students = list(produced)
       if not students:
         return  # later stages' shapes are unknown; their problems show once this one is fixed
@@ -281,7 +268,7 @@ class _Validation:
         self.attempt("search", stage_settings.retrain_settings, self.cfg, self.cfg.distill, shape,
                      teacher, section.retrain_steps, eval_steps=section.eval_steps,
                      checkpoint_every=section.retrain_steps,
-                     offline=stored_teacher.enabled(self.cfg))
+                     offline=teacher_logits_inputs.enabled(self.cfg))
     return [candidate.target for candidate in candidates]
 
   def pruned_shape(self, where: str, source: ModelConfig, target: dict, *, iterative: bool

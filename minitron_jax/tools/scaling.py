@@ -22,7 +22,7 @@ import numpy as np
 from minitron_jax.compress import importance
 from minitron_jax.models import model, sharding
 from minitron_jax.objectives import sparse_kld
-from minitron_jax.training import distill, teacher_store
+from minitron_jax.training import distill, teacher_logits_store
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.objectives.losses import LossConfig
 
@@ -128,7 +128,7 @@ def build(program: str, setup: Setup, mesh) -> Program:
                                   distill.OptimizerConfig(), 10, offline_teacher=offline)
     student = sharding.shard_params(student_cfg, model.init(student_cfg, 1), mesh)
     if offline:
-      outputs = teacher_store.teacher_outputs(teacher_cfg, teacher, host_batch, setup.top_k, 1.0)
+      outputs = teacher_logits_store.teacher_outputs(teacher_cfg, teacher, host_batch, setup.top_k, 1.0)
       host_batch = dict(host_batch, **{name: np.asarray(x) for name, x in zip(
           ("teacher_log_probs", "teacher_indices", "teacher_tail"), outputs)})
     batch = place(host_batch)

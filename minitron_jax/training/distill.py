@@ -100,7 +100,7 @@ def check_models(student_config: ModelConfig, teacher_config: ModelConfig | None
                  loss_config: LossConfig, offline_teacher: bool = False) -> None:
   """Whether the loss can be computed between these two architectures (shapes only).
 
-  offline_teacher: batches carry a stored teacher's top-k (teacher_store.py) instead of the
+  offline_teacher: batches carry a stored teacher's top-k (teacher_logits_store.py) instead of the
   teacher running; only the forward-KL logit loss can be computed from it."""
   if offline_teacher:
     if loss_config.uses_hidden or loss_config.logit_loss != "forward_kl" or loss_config.top_k:
@@ -357,7 +357,7 @@ class MetricsLog:
       self.writer.close()
 
 
-# A stored teacher's top-k ride along with the tokens (teacher_store.py), kept in their dtypes.
+# A stored teacher's top-k ride along with the tokens (teacher_logits_store.py), kept in their dtypes.
 _TEACHER_KEYS = ("teacher_log_probs", "teacher_indices", "teacher_tail")
 
 

@@ -3,24 +3,17 @@
 
 from __future__ import annotations
 
-import pathlib
 import time
 
 from minitron_jax.compress import importance
-from minitron_jax.core import atomic
 from minitron_jax.models import sharding
 from minitron_jax.run import registry, stage_context
 from minitron_jax.run.stage_context import Context, load, mesh_of
 from minitron_jax.run.stage_settings import estimate_options
 
 
-def run_importance(ctx: Context) -> dict:
-  with atomic.directory(registry.path(ctx.directory, "importance", "directory")) as staging:
-    return _importance(ctx, staging)
-
-
-def _importance(ctx: Context, staging: pathlib.Path) -> dict:
-  cfg, out = ctx.cfg, registry.path(ctx.directory, "importance", "directory")
+def run(ctx: Context, out: registry.Outputs) -> dict:
+  cfg = ctx.cfg
   started = time.perf_counter()
   mesh = mesh_of(cfg)
   config, params = load(cfg, ctx.source, mesh)
@@ -31,6 +24,6 @@ def _importance(ctx: Context, staging: pathlib.Path) -> dict:
   scores = importance.estimate(
       config, params, batches, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
       log=ctx.log, **estimate_options(cfg))
-  scores.save(staging)
-  ctx.log(f"[importance] done in {time.perf_counter() - started:.1f}s; scores in {out}")
+  scores.save(out.staging)
+  ctx.log(f"[importance] done in {time.perf_counter() - started:.1f}s; scores in {out.final()}")
   return scores.summary()

@@ -4,7 +4,6 @@ orbax checkpoint and a Hugging Face export, with the zero-shot validation loss o
 
 from __future__ import annotations
 
-import pathlib
 import time
 
 from minitron_jax.checkpoints import checkpoint, hf
@@ -27,13 +26,8 @@ def chosen_target(ctx: Context) -> dict:
   return dict(ctx.target)
 
 
-def run_prune(ctx: Context) -> dict:
-  with atomic.directory(registry.path(ctx.directory, "prune", "directory")) as staging:
-    return _prune(ctx, staging)
-
-
-def _prune(ctx: Context, staging: pathlib.Path) -> dict:
-  cfg, out = ctx.cfg, registry.path(ctx.directory, "prune", "directory")
+def run(ctx: Context, out: registry.Outputs) -> dict:
+  cfg = ctx.cfg
   started = time.perf_counter()
   config, params = load(cfg, ctx.source, mesh_of(cfg))
   target = chosen_target(ctx)
@@ -59,16 +53,16 @@ def _prune(ctx: Context, staging: pathlib.Path) -> dict:
   ctx.log(f"[prune] {config.num_params():,} -> {pruned_config.num_params():,} parameters "
           f"({pruned_config.num_params() / config.num_params():.1%}); zero-shot validation loss "
           f"{losses['source']:.4f} -> {losses['pruned']:.4f}")
-  hf.save(registry.inside(staging, "prune", "hf"), pruned_config, pruned, dtype=cfg.export_dtype,
+  hf.save(out.staged("hf"), pruned_config, pruned, dtype=cfg.export_dtype,
           tokenizer=stage_context.load_tokenizer(cfg, pruned_config.vocab_size))
-  checkpoint.save_model(registry.inside(staging, "prune", "model"),
+  checkpoint.save_model(out.staged("model"),
                         pruned_config.replace(dtype="float32", remat="none"), pruned)
   summary = dict(source=config.to_dict(), pruned=pruned_config.to_dict(), target=target,
                  source_params=config.num_params(), pruned_params=pruned_config.num_params(),
                  source_validation_loss=losses["source"], pruned_validation_loss=losses["pruned"],
                  reinitialized=reinitialize,
                  seconds=time.perf_counter() - started)
-  atomic.write_json(registry.inside(staging, "prune", "summary"), summary)
-  ctx.log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out / 'model'}, "
-          f"Hugging Face export in {out / 'hf'}")
+  atomic.write_json(out.staged("summary"), summary)
+  ctx.log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out.final('model')}, "
+          f"Hugging Face export in {out.final('hf')}")
   return summary

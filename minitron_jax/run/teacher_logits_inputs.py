@@ -17,7 +17,7 @@ from minitron_jax.checkpoints import build, checkpoint
 from minitron_jax.errors import ConfigError
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.run import registry, stage_context
-from minitron_jax.training import teacher_store
+from minitron_jax.training import teacher_logits_store
 
 STAGE = "teacher_logits"
 _STREAM_SETTINGS_ASIDE = ("batch_size", "read_threads", "read_buffer")  # rows do not depend on them
@@ -29,9 +29,9 @@ def enabled(cfg: ml_collections.ConfigDict) -> bool:
 
 def check_section(cfg: ml_collections.ConfigDict) -> None:
   section = cfg.teacher_logits
-  if section.dtype not in teacher_store.STORE_DTYPES:
+  if section.dtype not in teacher_logits_store.STORE_DTYPES:
     raise ConfigError(f"teacher_logits.dtype={section.dtype!r} is not supported; allowed: "
-                      f"{sorted(teacher_store.STORE_DTYPES)}")
+                      f"{sorted(teacher_logits_store.STORE_DTYPES)}")
   for name in ("k", "rows_per_shard", "batch_size"):
     value = section[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -64,7 +64,7 @@ def train_rows(cfg: ml_collections.ConfigDict, distill_steps: int | None) -> int
 
 
 def expected_metadata(cfg: ml_collections.ConfigDict, ref, config: ModelConfig, split: str,
-                      distill_steps: int | None = None) -> teacher_store.StoreMetadata:
+                      distill_steps: int | None = None) -> teacher_logits_store.StoreMetadata:
   """What the store of `split` ("train" or "validation") must have been made from."""
   section = cfg.teacher_logits
   if split == "train":
@@ -77,7 +77,7 @@ def expected_metadata(cfg: ml_collections.ConfigDict, ref, config: ModelConfig, 
   fields = {k: v for k, v in dataclasses.asdict(stream).items()
             if k not in _STREAM_SETTINGS_ASIDE}
   fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-  return teacher_store.StoreMetadata(
+  return teacher_logits_store.StoreMetadata(
       teacher=_teacher_description(cfg, ref), teacher_config=config.to_dict(),
       tokenizer=str(cfg.tokenizer or cfg.model.hf_path), data={"split": split, **fields},
       seq_len=stream.seq_len, k=min(section.k, config.vocab_size),
@@ -92,10 +92,10 @@ def retrain_inputs(cfg: ml_collections.ConfigDict, directory: pathlib.Path, ref,
   """(train batch iterator, validation batches) from this stage's stores, each checked."""
   for split, needed in (("train", steps * batch_size), ("validation", None)):
     expected = expected_metadata(cfg, ref, config, split, distill_steps)
-    stored = teacher_store.StoreMetadata.load(registry.path(directory, STAGE, split))
+    stored = teacher_logits_store.StoreMetadata.load(registry.path(directory, STAGE, split))
     stored.check_matches(expected, expected.num_rows if needed is None else needed)
-  train = iter(teacher_store.dataset(registry.path(directory, STAGE, "train"),
+  train = iter(teacher_logits_store.dataset(registry.path(directory, STAGE, "train"),
                                      batch_size).to_iter_dataset())
-  validation = list(teacher_store.dataset(registry.path(directory, STAGE, "validation"),
+  validation = list(teacher_logits_store.dataset(registry.path(directory, STAGE, "validation"),
                                           int(cfg.data.batch_size)))
   return train, validation

@@ -1,10 +1,11 @@
 """The `teacher_logits` stage: the teacher's top-k over the distillation stream, stored once
-(teacher_store.py), so search retraining and distillation read it instead of running the teacher.
+(training/teacher_logits_store.py), so search retraining and distillation read it instead of
+running the teacher.
 
 Putting the stage in `config.stages` is the switch: search and distill of that compression stage
 then train from `<stage dir>/teacher_logits/train` (rows in the order the online run reads them)
 and validate on `<stage dir>/teacher_logits/validation` (the run's fixed validation batches), and
-never load the teacher (stored_teacher.py reads and checks the stores).
+never load the teacher (run/teacher_logits_inputs.py reads and checks the stores).
 """
 
 from __future__ import annotations
@@ -12,16 +13,30 @@ from __future__ import annotations
 import time
 
 from minitron_jax.core import atomic
+from minitron_jax.errors import ConfigError
 from minitron_jax.inputs import data
 from minitron_jax.models import sharding
-from minitron_jax.run import registry, stage_context
-from minitron_jax.run.stored_teacher import STAGE, expected_metadata
-from minitron_jax.training import teacher_store
+from minitron_jax.run import registry, stage_context, teacher_logits_inputs
+from minitron_jax.run.teacher_logits_inputs import STAGE, expected_metadata
+from minitron_jax.training import teacher_logits_store
 
 
-def run(ctx) -> dict:
+def check(cfg) -> list[str]:
+  """The store's settings, and that a stage reads it."""
+  problems = []
+  try:
+    teacher_logits_inputs.check_section(cfg)
+  except ConfigError as e:
+    problems.append(f"{STAGE}: {e}")
+  if not set(cfg.stages) & {"distill", "search"}:
+    problems.append(f"stages: {STAGE} stores the teacher for distill and search, and neither "
+                    "runs; allowed: 'distill' or 'search' in stages with it")
+  return problems
+
+
+def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
   """Writes (or finishes) both stores of this compression stage; its summary marks it done."""
-  cfg, out = ctx.cfg, registry.path(ctx.directory, STAGE, "directory")
+  cfg = ctx.cfg
   started = time.perf_counter()
   mesh = stage_context.mesh_of(cfg)
   config, params = stage_context.load(cfg, ctx.teacher, mesh)
@@ -39,14 +54,14 @@ def run(ctx) -> dict:
     ctx.log(f"[{STAGE}] {split}: top-{meta.k} of the {ctx.teacher.label} teacher over "
             f"{meta.num_rows} rows of {meta.seq_len} tokens, {meta.bytes_per_token} bytes/token")
     split_started = time.perf_counter()
-    written = teacher_store.write(registry.path(ctx.directory, STAGE, split), meta, config,
-                                  params, batches, batch_size=cfg.teacher_logits.batch_size,
-                                  batch_sharding=shard, log=ctx.log)
+    written = teacher_logits_store.write(out.work(split), meta, config, params, batches,
+                                         batch_size=cfg.teacher_logits.batch_size,
+                                         batch_sharding=shard, log=ctx.log)
     seconds = time.perf_counter() - split_started
     summary[split] = dict(rows=written.num_rows, tokens=written.num_rows * written.seq_len,
                           bytes_per_token=written.bytes_per_token, seconds=seconds,
                           stream_sha256=written.stream_sha256)
   summary.update(k=meta.k, dtype=meta.dtype, seconds=time.perf_counter() - started)
-  atomic.write_json(registry.path(ctx.directory, STAGE), summary)
-  ctx.log(f"[{STAGE}] done in {summary['seconds']:.1f}s; stores in {out}")
+  atomic.write_json(out.staged("summary"), summary)
+  ctx.log(f"[{STAGE}] done in {summary['seconds']:.1f}s; stores in {out.final()}")
   return summary

@@ -18,13 +18,8 @@ from minitron_jax.models import model, sharding
 from minitron_jax.run import registry, stage_context
 
 
-def run(ctx: stage_context.Context) -> dict:
-  with atomic.directory(registry.path(ctx.directory, "check", "directory")) as staging:
-    return _run(ctx, staging)
-
-
-def _run(ctx: stage_context.Context, staging) -> dict:
-  cfg, log, out = ctx.cfg, ctx.log, registry.path(ctx.directory, "check", "directory")
+def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
+  cfg, log = ctx.cfg, ctx.log
   started = time.perf_counter()
   mesh = stage_context.mesh_of(cfg)
   log(f"[check] mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
@@ -40,8 +35,8 @@ def _run(ctx: stage_context.Context, staging) -> dict:
     losses.append(importance.lm_loss(config, params, [placed]))
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
 
-  log(f"[check] exporting to {out / 'hf'}")
-  exported = registry.inside(staging, "check", "hf")
+  log(f"[check] exporting to {out.final('hf')}")
+  exported = out.staged("hf")
   hf.save(exported, config, params, dtype=cfg.export_dtype,  # gathered weight by weight
           tokenizer=stage_context.load_tokenizer(cfg, config.vocab_size))
   reloaded_config, reloaded = hf.load(exported, param_dtype=config.param_dtype)
@@ -64,10 +59,10 @@ def _run(ctx: stage_context.Context, staging) -> dict:
                  tokens_scored=int(sum((b["segment_ids"] != 0).sum() for b in batches)),
                  hf_round_trip_relative_error=round_trip_error,
                  devices=jax.device_count(), seconds=time.perf_counter() - started)
-  atomic.write_json(registry.inside(staging, "check", "metrics"), metrics)
-  atomic.write_text(registry.inside(staging, "check", "report"), _report(config, metrics))
+  atomic.write_json(out.staged("metrics"), metrics)
+  atomic.write_text(out.staged("report"), _report(config, metrics))
   log(f"[check] done in {metrics['seconds']:.1f}s: loss {metrics['validation_loss']:.4f}, "
-      f"round-trip error {round_trip_error:.2g}; report at {out / 'report.md'}")
+      f"round-trip error {round_trip_error:.2g}; report at {out.final('report')}")
   return metrics
 
 

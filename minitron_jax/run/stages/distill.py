@@ -12,9 +12,9 @@ from minitron_jax.run import registry, retrain
 from minitron_jax.run.stage_context import Context, ModelRef, load, load_tokenizer, mesh_of
 
 
-def run_distill(ctx: Context) -> dict:
+def run(ctx: Context, out: registry.Outputs) -> dict:
   """Retrains the pruned student (directory/prune/model) from ctx.teacher."""
-  cfg, out = ctx.cfg, registry.path(ctx.directory, "distill", "directory")
+  cfg = ctx.cfg
   started = time.perf_counter()
   section = cfg.distill
   steps = ctx.distill_steps or section.steps
@@ -26,16 +26,16 @@ def run_distill(ctx: Context) -> dict:
           f"{student_config.num_params():,}, teacher ({ctx.teacher.label}"
           f"{', stored top-k' if offline else ''}) {teacher_config.num_params():,} parameters")
   trained, final = retrain.retrain(cfg, section, student_config, student, teacher_config,
-                                   teacher, out, steps, ctx.log, offline=offline)
+                                   teacher, out.final(), steps, ctx.log, offline=offline)
   trained = distributed.to_host(trained)
   saved_config = student_config.replace(dtype="float32", remat="none")
-  checkpoint.save_model(registry.path(ctx.directory, "distill", "model"), saved_config, trained)
-  hf.save(registry.path(ctx.directory, "distill", "hf"), saved_config, trained,
+  checkpoint.save_model(out.staged("model"), saved_config, trained)
+  hf.save(out.staged("hf"), saved_config, trained,
           dtype=cfg.export_dtype,
           tokenizer=load_tokenizer(cfg, saved_config.vocab_size))
   summary = dict(steps=steps, student_params=student_config.num_params(), **final,
                  seconds=time.perf_counter() - started)
-  atomic.write_json(registry.path(ctx.directory, "distill"), summary)
+  atomic.write_json(out.staged("summary"), summary)
   ctx.log(f"[distill] done in {summary['seconds']:.1f}s: validation loss {final['val_ce']:.4f}; "
-          f"model in {out / 'model'}, Hugging Face export in {out / 'hf'}")
+          f"model in {out.final('model')}, Hugging Face export in {out.final('hf')}")
   return summary

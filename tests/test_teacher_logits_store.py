@@ -8,7 +8,7 @@ import pytest
 
 from minitron_jax.models import config as config_lib
 from minitron_jax.models import model
-from minitron_jax.training import teacher_store
+from minitron_jax.training import teacher_logits_store
 from minitron_jax.errors import ConfigError
 
 SEQ_LEN, ROWS, K = 16, 10, 8
@@ -29,7 +29,7 @@ def _meta(config, **changes):
                 data=dict(source="synthetic", seed=0), seq_len=SEQ_LEN, k=K, temperature=1.0,
                 dtype="bfloat16", vocab_size=config.vocab_size, num_rows=ROWS, rows_per_shard=4,
                 stream_sha256="")
-  return teacher_store.StoreMetadata(**{**fields, **changes})
+  return teacher_logits_store.StoreMetadata(**{**fields, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,9 @@ def teacher():
 
 def test_stored_rows_equal_the_online_teacher(tmp_path, teacher):
   config, params = teacher
-  meta = teacher_store.write(tmp_path, _meta(config), config, params, _batches(), batch_size=3)
+  meta = teacher_logits_store.write(tmp_path, _meta(config), config, params, _batches(), batch_size=3)
   assert meta.num_shards == 3 and len(meta.stream_sha256) == 64
-  stored = list(teacher_store.dataset(tmp_path, batch_size=5))
+  stored = list(teacher_logits_store.dataset(tmp_path, batch_size=5))
   assert len(stored) == 2  # 10 rows, in stream order
   online = _batches()
   expected_rows = [next(online) for _ in range(3)]
@@ -51,8 +51,8 @@ def test_stored_rows_equal_the_online_teacher(tmp_path, teacher):
     rows = slice(5 * i, 5 * i + 5)
     np.testing.assert_array_equal(batch["tokens"], tokens[rows])
     full = {key: np.concatenate([b[key] for b in expected_rows])[rows]
-            for key in teacher_store.ROW_KEYS}
-    log_probs, indices, tail = teacher_store.teacher_outputs(config, params, full, K, 1.0)
+            for key in teacher_logits_store.ROW_KEYS}
+    log_probs, indices, tail = teacher_logits_store.teacher_outputs(config, params, full, K, 1.0)
     np.testing.assert_array_equal(batch["teacher_indices"], indices)
     # The store ran the teacher 3 rows at a time, this 5: equal up to float rounding (and the
     # store's bfloat16).
@@ -66,18 +66,18 @@ def test_stored_rows_equal_the_online_teacher(tmp_path, teacher):
 
 def test_resumed_write_equals_an_uninterrupted_one(tmp_path, teacher):
   config, params = teacher
-  whole = teacher_store.write(tmp_path / "whole", _meta(config), config, params, _batches())
-  partial = teacher_store.write(tmp_path / "resumed", _meta(config), config, params, _batches(),
+  whole = teacher_logits_store.write(tmp_path / "whole", _meta(config), config, params, _batches())
+  partial = teacher_logits_store.write(tmp_path / "resumed", _meta(config), config, params, _batches(),
                                 stop_after_shards=2)
   assert not (tmp_path / "resumed" / "metadata.json").exists() and partial.stream_sha256 == ""
-  resumed = teacher_store.write(tmp_path / "resumed", _meta(config), config, params, _batches())
+  resumed = teacher_logits_store.write(tmp_path / "resumed", _meta(config), config, params, _batches())
   assert resumed == whole
   for shard in range(whole.num_shards):
-    name = teacher_store.shard_path(tmp_path / "whole", shard).name
+    name = teacher_logits_store.shard_path(tmp_path / "whole", shard).name
     assert ((tmp_path / "whole" / name).read_bytes()
             == (tmp_path / "resumed" / name).read_bytes())
   # Complete: a rerun checks and returns it without touching the teacher.
-  assert teacher_store.write(tmp_path / "whole", _meta(config), config, None, iter(())) == whole
+  assert teacher_logits_store.write(tmp_path / "whole", _meta(config), config, None, iter(())) == whole
 
 
 @pytest.mark.parametrize("change,message", [
@@ -88,7 +88,7 @@ def test_resumed_write_equals_an_uninterrupted_one(tmp_path, teacher):
 ])
 def test_a_store_made_for_another_run_is_refused(tmp_path, teacher, change, message):
   config, params = teacher
-  made = teacher_store.write(tmp_path, _meta(config), config, params, _batches())
+  made = teacher_logits_store.write(tmp_path, _meta(config), config, params, _batches())
   wanted = dataclasses.replace(_meta(config), **change)
   with pytest.raises(ConfigError, match=message):
     made.check_matches(wanted, wanted.num_rows)
@@ -97,7 +97,7 @@ def test_a_store_made_for_another_run_is_refused(tmp_path, teacher, change, mess
 def test_a_stream_shorter_than_the_store_is_one_line(tmp_path, teacher):
   config, params = teacher
   with pytest.raises(ConfigError, match="the data stream ended before 10 rows"):
-    teacher_store.write(tmp_path, _meta(config), config, params,
+    teacher_logits_store.write(tmp_path, _meta(config), config, params,
                         [next(_batches()) for _ in range(2)])
 
 
@@ -114,15 +114,15 @@ def test_distillation_from_a_full_vocabulary_store_equals_online_distillation(tm
   student = model.init(student_config, seed=5)
   loss = LossConfig(temperature=2.0)
   meta = _meta(config, k=config.vocab_size, temperature=2.0, num_rows=4)
-  teacher_store.write(tmp_path, meta, config, params, _batches())
-  batch = next(iter(teacher_store.dataset(tmp_path, batch_size=4)))
+  teacher_logits_store.write(tmp_path, meta, config, params, _batches())
+  batch = next(iter(teacher_logits_store.dataset(tmp_path, batch_size=4)))
   online = distill.Distiller(student_config, config, loss, distill.OptimizerConfig(), 4)
   offline = distill.Distiller(student_config, None, loss, distill.OptimizerConfig(), 4,
                               offline_teacher=True)
-  row_batch = {key: batch[key] for key in teacher_store.ROW_KEYS}
+  row_batch = {key: batch[key] for key in teacher_logits_store.ROW_KEYS}
   exact = dict(row_batch, **dict(zip(
       ("teacher_log_probs", "teacher_indices", "teacher_tail"),
-      teacher_store.teacher_outputs(config, params, row_batch, config.vocab_size, 2.0))))
+      teacher_logits_store.teacher_outputs(config, params, row_batch, config.vocab_size, 2.0))))
   trainable = online.init_state(student)["trainable"]
   (online_loss, _), online_grads = jax.value_and_grad(online.loss_terms, has_aux=True)(
       trainable, params, row_batch)

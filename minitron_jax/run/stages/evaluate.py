@@ -25,7 +25,7 @@ from minitron_jax.core import atomic, distributed
 from minitron_jax.evaluation import evaluate, lm_eval_tasks
 from minitron_jax.models import generate, sharding
 from minitron_jax.run import registry, stage_context, task_config
-from minitron_jax.run.task_config import check_tasks, load_tasks  # noqa: F401  (validate uses them)
+from minitron_jax.run.task_config import check_tasks, load_tasks
 from minitron_jax.errors import ConfigError
 from minitron_jax.run.stage_context import Context
 
@@ -107,14 +107,20 @@ def _fenced(text: str) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
-def run_evaluate(ctx: Context) -> dict:
-  cfg, out = ctx.cfg, registry.path(ctx.directory, "evaluate", "directory")
+def check(cfg: ml_collections.ConfigDict) -> list[str]:
+  """This stage's problems for validation, one line each ("setting: message")."""
+  section = cfg.evaluate
+  return check_tasks(section) + check_prompts(section) + check_lm_eval(section)
+
+
+def run(ctx: Context, out: registry.Outputs) -> dict:
+  cfg = ctx.cfg
   section = cfg.evaluate
   mesh = stage_context.mesh_of(cfg)
   tasks = load_tasks(section)
   names, own = harness_names(section)
   manager = (task_config.harness_index(section, names, {name: tasks[name] for name in own},
-                                       ctx.directory) if names or own else None)
+                                       out.work("harness_tasks")) if names or own else None)
   place = lambda x: distributed.put(x, sharding.batch_sharding(mesh, x.shape))  # noqa: E731
   results, completions = {}, {}
   for label, ref in stage_context.models_of(cfg, ctx.directory).items():
@@ -146,23 +152,21 @@ def run_evaluate(ctx: Context) -> dict:
           if not k.startswith("lm_eval/")]
   harness = [k for k in dict.fromkeys(k for m in results.values() for k in m)
              if k.startswith("lm_eval/")]
-  with atomic.directory(out) as staging:
-    atomic.write_text(registry.inside(staging, "evaluate", "table"),
-                      evaluate.markdown_table(results, ours))
-    if harness:
-      fewshot = section.lm_eval.num_fewshot
-      shots = "each task's own" if fewshot is None else fewshot
-      header = (f"lm-evaluation-harness {lm_eval_version()} through our backend; num_fewshot="
-                f"{shots}, limit={task_config.limit_of(section.lm_eval.limit) or 'none'}.\n\n")
-      table = evaluate.markdown_table(
-          results, harness, header_names={k: k.removeprefix("lm_eval/") for k in harness})
-      atomic.write_text(registry.inside(staging, "evaluate", "lm_eval"), header + table)
-    if completions:
-      atomic.write_json(registry.inside(staging, "evaluate", "completions_json"),
-                        dict(prompts=list(section.prompts), completions=completions))
-      atomic.write_text(registry.inside(staging, "evaluate", "completions"),
-                        completions_markdown(section.prompts, completions))
-    atomic.write_json(registry.inside(staging, "evaluate", "metrics"), results)
+  atomic.write_text(out.staged("table"), evaluate.markdown_table(results, ours))
+  if harness:
+    fewshot = section.lm_eval.num_fewshot
+    shots = "each task's own" if fewshot is None else fewshot
+    header = (f"lm-evaluation-harness {lm_eval_version()} through our backend; num_fewshot="
+              f"{shots}, limit={task_config.limit_of(section.lm_eval.limit) or 'none'}.\n\n")
+    table = evaluate.markdown_table(
+        results, harness, header_names={k: k.removeprefix("lm_eval/") for k in harness})
+    atomic.write_text(out.staged("lm_eval"), header + table)
+  if completions:
+    atomic.write_json(out.staged("completions_json"),
+                      dict(prompts=list(section.prompts), completions=completions))
+    atomic.write_text(out.staged("completions"),
+                      completions_markdown(section.prompts, completions))
+  atomic.write_json(out.staged("metrics"), results)
   return results
 
 

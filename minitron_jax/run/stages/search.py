@@ -9,6 +9,8 @@ import time
 
 from minitron_jax.compress import importance, prune, search
 from minitron_jax.core import atomic, distributed, preemption
+from minitron_jax.errors import ConfigError
+from minitron_jax.evaluation import evaluate
 from minitron_jax.models import sharding
 from minitron_jax.run import registry, retrain, search_score
 from minitron_jax.run.stage_context import Context, load, load_tokenizer, mesh_of, validation
@@ -16,9 +18,19 @@ from minitron_jax.run.stage_settings import (prune_options, retrain_settings, se
                                              search_space)
 
 
-def run_search(ctx: Context) -> dict:
+def check(cfg) -> list[str]:
+  """The search's score settings and the scoring they need, one line per problem."""
+  problems = search_score.check(cfg)
+  try:
+    evaluate.check_scoring(batch_size=cfg.evaluate.batch_size, max_length=cfg.evaluate.max_length)
+  except ConfigError as e:
+    problems.append(f"evaluate: {e}")
+  return problems
+
+
+def run(ctx: Context, out: registry.Outputs) -> dict:
   """Paper §3: prune every feasible candidate, distil each briefly, keep the best."""
-  cfg, out = ctx.cfg, registry.path(ctx.directory, "search", "directory")
+  cfg = ctx.cfg
   started = time.perf_counter()
   section = cfg.search
   mesh = mesh_of(cfg)
@@ -35,10 +47,12 @@ def run_search(ctx: Context) -> dict:
           f"{'no retraining' if before else f'{section.retrain_steps} steps each'}"
           f"{'' if score is None else f', ranked by {score.name}'}")
   # Saved evaluations of another ranking are not reused: each score has its own progress file.
-  progress = out / ("progress.json" if score is None else f"progress.{score.slug}.json")
+  progress = out.work("progress")
+  if score is not None:
+    progress = progress.with_name(f"progress.{score.slug}.json")
   done = json.loads(progress.read_text()) if progress.exists() else {}
-  out.mkdir(parents=True, exist_ok=True)
-  score_of = None if score is None else search_score.scorer(cfg, out, mesh)
+  score_of = (None if score is None
+              else search_score.scorer(cfg, out.work("harness_tasks"), mesh))
   tok = load_tokenizer(cfg, config.vocab_size)
 
   def evaluate(candidate) -> dict[int, float]:
@@ -49,7 +63,7 @@ def run_search(ctx: Context) -> dict:
     if before:  # Model Optimizer's way: score the pruned candidate as it is
       loss = importance.lm_loss(pruned_config, pruned, validation(cfg, config.vocab_size))
       return {0: loss}, score_of(pruned_config, pruned, tok)
-    run_dir = out / "candidates" / candidate.name
+    run_dir = out.work("candidates") / candidate.name
     trained, _ = retrain.retrain(cfg, cfg.distill, pruned_config, pruned, teacher_config, teacher,
                           run_dir, section.retrain_steps, ctx.log, eval_steps=section.eval_steps,
                           checkpoint_every=section.retrain_steps,
@@ -76,8 +90,8 @@ def run_search(ctx: Context) -> dict:
     result = search.run_search(candidates, evaluate, eval_steps, done=dict(done),
                                on_result=save_progress,
                                score_name=None if score is None else score.name, log=ctx.log)
-  atomic.write_text(registry.path(ctx.directory, "search", "report"), result.to_markdown())
-  atomic.write_text(registry.path(ctx.directory, "search", "result"), result.to_json())
+  atomic.write_text(out.staged("report"), result.to_markdown())
+  atomic.write_text(out.staged("result"), result.to_json())
   ctx.log(f"[search] best {result.best.name} ({result.best.num_params:,} parameters) in "
-          f"{time.perf_counter() - started:.0f}s; table in {out / 'report.md'}")
+          f"{time.perf_counter() - started:.0f}s; table in {out.final('report')}")
   return {"best": result.best.name, "seconds": time.perf_counter() - started}

@@ -13,18 +13,19 @@ from minitron_jax.run.stage_context import Context, ModelRef, load, mesh_of
 from minitron_jax.run.stage_settings import teacher_correction_section
 
 
-def run_teacher_correction(ctx: Context) -> dict:
+def run(ctx: Context, out: registry.Outputs) -> dict:
   """Follow-up paper (2408.11796): fine-tune the teacher briefly on the distillation data."""
-  cfg, out = ctx.cfg, registry.path(ctx.directory, "teacher_correction", "directory")
+  cfg = ctx.cfg
   started = time.perf_counter()
   section = cfg.teacher_correction
   config, params = load(cfg, ModelRef(), mesh_of(cfg))
   corrected_section = teacher_correction_section(cfg)
   ctx.log(f"[teacher_correction] {section.steps} cross-entropy steps on the original model")
-  trained, final = retrain.retrain(cfg, corrected_section, config, params, config, params, out,
-                            section.steps, ctx.log, label="teacher_correction")
-  checkpoint.save_model(registry.path(ctx.directory, "teacher_correction", "model"),
+  trained, final = retrain.retrain(cfg, corrected_section, config, params, config, params,
+                                   out.final(), section.steps, ctx.log,
+                                   label="teacher_correction")
+  checkpoint.save_model(out.staged("model"),
                         config.replace(dtype="float32", remat="none"), distributed.to_host(trained))
   summary = dict(steps=section.steps, **final, seconds=time.perf_counter() - started)
-  atomic.write_json(registry.path(ctx.directory, "teacher_correction"), summary)
+  atomic.write_json(out.staged("summary"), summary)
   return summary
