@@ -14,7 +14,7 @@ import numpy as np
 from minitron_jax.models import config as config_lib
 from minitron_jax.core import preemption
 from minitron_jax.models import model
-from minitron_jax.training import distill
+from minitron_jax.training import distill, loop
 from minitron_jax.objectives.losses import LossConfig
 
 
@@ -42,10 +42,10 @@ def main(workdir: str, steps: int, delay: float):
   distiller = distill.Distiller(
       student_config, teacher_config, LossConfig(hidden_loss="cosine"),
       distill.OptimizerConfig(peak_lr=1e-2, warmup_steps=2), steps)
-  loop = distill.LoopConfig(steps=steps, log_every=1, eval_every=5, checkpoint_every=2)
+  settings = loop.LoopConfig(steps=steps, log_every=1, eval_every=5, checkpoint_every=2)
   try:
-    distill.train(distiller, student, teacher, iterator, batches(2, 1), loop, workdir,
-                  log=lambda line: print(line, flush=True))
+    loop.train(distiller, student, teacher, iterator, batches(2, 1), settings, workdir,
+               log=lambda line: print(line, flush=True))
   except preemption.Preempted as stopped:
     print(f"preempted: {stopped}", flush=True)
     sys.exit(preemption.EXIT_CODE)

@@ -21,7 +21,7 @@ import pytest
 from minitron_jax.models import config as config_lib
 from minitron_jax.core import preemption
 from minitron_jax.models import model, moe, sharding
-from minitron_jax.training import distill
+from minitron_jax.training import distill, loop
 from minitron_jax.errors import ConfigError
 from minitron_jax.objectives.losses import LossConfig
 
@@ -211,13 +211,13 @@ def test_a_non_finite_step_leaves_the_state_untouched():
   jax.tree.map(np.testing.assert_array_equal, {k: state[k] for k in before}, before)
 
 
-def _loop_with_a_bad_step(tmp_path, bad_step, **loop):
-  """distill.train on distill_job's data where step `bad_step` sees a NaN teacher."""
+def _loop_with_a_bad_step(tmp_path, bad_step, **settings):
+  """loop.train on distill_job's data where step `bad_step` sees a NaN teacher."""
   teacher, student = _models()
   poisoned = jax.tree.map(lambda w: jnp.full_like(w, jnp.nan), teacher)
   distiller = distill.Distiller(STUDENT_CONFIG, TEACHER_CONFIG, LossConfig(),
                                 distill.OptimizerConfig(warmup_steps=2), 6,
-                                skip_non_finite=bool(loop.get("max_bad_steps")))
+                                skip_non_finite=bool(settings.get("max_bad_steps")))
   step_fn, calls = distiller.train_step, []
 
   def train_step(state, teacher_params, batch):
@@ -227,15 +227,15 @@ def _loop_with_a_bad_step(tmp_path, bad_step, **loop):
   distiller.train_step = train_step
   iterator = iter(grain.MapDataset.source(distill_job.batches(6, 0)).to_iter_dataset())
   lines = []
-  result = distill.train(distiller, student, teacher, iterator, distill_job.batches(1, 1),
-                         distill.LoopConfig(steps=6, log_every=1, eval_every=6,
-                                            checkpoint_every=2, **loop),
-                         tmp_path, log=lines.append)
+  result = loop.train(distiller, student, teacher, iterator, distill_job.batches(1, 1),
+                      loop.LoopConfig(steps=6, log_every=1, eval_every=6, checkpoint_every=2,
+                                      **settings),
+                      tmp_path, log=lines.append)
   return result, lines
 
 
 def test_divergence_stops_before_the_bad_state_is_saved(tmp_path):
-  with pytest.raises(distill.Diverged) as caught:
+  with pytest.raises(loop.Diverged) as caught:
     _loop_with_a_bad_step(tmp_path, bad_step=3)
   message = str(caught.value)
   assert "\n" not in message and message.startswith("[distill] diverged at step 3 (loss nan")
@@ -254,10 +254,10 @@ def test_a_learning_rate_that_diverges_stops_the_run(tmp_path):
   teacher, student = _models()
   distiller = _distiller(steps=20, peak_lr=1e4, warmup_steps=0)
   iterator = iter(grain.MapDataset.source(distill_job.batches(20, 0)).to_iter_dataset())
-  with pytest.raises(distill.Diverged, match=r"diverged at step (\d+)") as caught:
-    distill.train(distiller, student, teacher, iterator, distill_job.batches(1, 1),
-                  distill.LoopConfig(steps=20, log_every=5, eval_every=20, checkpoint_every=2),
-                  tmp_path, log=lambda line: None)
+  with pytest.raises(loop.Diverged, match=r"diverged at step (\d+)") as caught:
+    loop.train(distiller, student, teacher, iterator, distill_job.batches(1, 1),
+               loop.LoopConfig(steps=20, log_every=5, eval_every=20, checkpoint_every=2),
+               tmp_path, log=lambda line: None)
   bad = int(re.search(r"diverged at step (\d+)", str(caught.value)).group(1))
   assert all(step < bad for step in _saved_steps(tmp_path))
 
@@ -265,10 +265,9 @@ def test_a_learning_rate_that_diverges_stops_the_run(tmp_path):
 def _train_tiny(directory, steps, log=None):
   teacher, student = _models()
   iterator = iter(grain.MapDataset.source(distill_job.batches(8, 0)).to_iter_dataset())
-  return distill.train(_distiller(steps=8), student, teacher, iterator, distill_job.batches(1, 1),
-                       distill.LoopConfig(steps=steps, log_every=1, eval_every=8,
-                                          checkpoint_every=2),
-                       directory, log=log or (lambda line: None))
+  return loop.train(_distiller(steps=8), student, teacher, iterator, distill_job.batches(1, 1),
+                    loop.LoopConfig(steps=steps, log_every=1, eval_every=8, checkpoint_every=2),
+                    directory, log=log or (lambda line: None))
 
 
 def test_resume_ignores_a_torn_metrics_line_and_a_half_written_checkpoint(tmp_path):
@@ -382,7 +381,7 @@ def test_bad_settings_are_one_line_errors():
   with pytest.raises(ConfigError, match="no teacher was given"):
     distill.Distiller(STUDENT_CONFIG, None, LossConfig(), distill.OptimizerConfig(), 1)
   with pytest.raises(ConfigError, match=r"eval steps \[9\] are outside the run's steps 1..8"):
-    distill.LoopConfig(steps=8, eval_steps=(9,))
+    loop.LoopConfig(steps=8, eval_steps=(9,))
   with pytest.raises(ConfigError, match="max_bad_steps=1 needs a Distiller with skip_non_finite"):
-    distill.train(_distiller(), None, None, iter(()), [],
-                  distill.LoopConfig(steps=1, max_bad_steps=1), "/nonexistent")
+    loop.train(_distiller(), None, None, iter(()), [],
+               loop.LoopConfig(steps=1, max_bad_steps=1), "/nonexistent")

@@ -18,7 +18,7 @@ from minitron_jax.checkpoints import checkpoint, hf
 from minitron_jax.compress import importance
 from minitron_jax.core import atomic, preemption
 from minitron_jax.run import pipeline
-from minitron_jax.training import distill
+from minitron_jax.training import distill, loop
 from minitron_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -348,7 +348,7 @@ def test_sigterm_between_search_candidates_stops_after_saving_progress(tmp_path)
 
 @pytest.mark.parametrize("raised, code, line", [
     (ConfigError("bad setting"), 2, "error: bad setting"),
-    (distill.Diverged("[distill] diverged at step 5"), 3, "error: [distill] diverged at step 5"),
+    (loop.Diverged("[distill] diverged at step 5"), 3, "error: [distill] diverged at step 5"),
     (preemption.Preempted("[distill] stopped"), 143, "preempted: [distill] stopped"),
 ])
 def test_main_ends_each_fault_in_one_line_and_its_exit_code(monkeypatch, capsys, raised, code,

@@ -31,7 +31,7 @@ def _write(path: pathlib.Path, value) -> None:
 
 
 def _metrics(path: pathlib.Path, steps=6, objective=0.9, cut_short=False) -> None:
-  """As distill.MetricsLog writes them: training metrics every 2 steps, validation at the end."""
+  """As loop.MetricsLog writes them: training metrics every 2 steps, validation at the end."""
   lines = []
   for step in range(2, steps + 1, 2):
     record = {"step": step, "logit_loss": objective / step, "loss": objective / step,

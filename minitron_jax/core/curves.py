@@ -1,5 +1,5 @@
 """Loss curves of training runs, drawn from the records each training loop writes to its
-`metrics.jsonl` (distill.MetricsLog): cross-entropy and the training objective over tokens seen,
+`metrics.jsonl` (loop.MetricsLog): cross-entropy and the training objective over tokens seen,
 against reference levels, in panels side by side (two to a row).
 
 A table gives the end points; only a curve shows whether a run had finished improving, diverged

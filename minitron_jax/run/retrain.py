@@ -14,7 +14,7 @@ from minitron_jax.run import teacher_logits_inputs
 from minitron_jax.run.stage_context import (Context, ModelRef, load, load_tokenizer, mesh_of,
                                             validation)
 from minitron_jax.run.stage_settings import retrain_settings
-from minitron_jax.training import distill
+from minitron_jax.training import distill, loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,6 @@ def retrain(cfg, section, student_config, student, teacher_config, teacher, out:
     tok = load_tokenizer(cfg, run.student_config.vocab_size)
     train_batches = data.make_iterator(run.data, tok, "train")
     validation_batches = validation(cfg, run.student_config.vocab_size)
-  return distill.train(distiller, student, teacher, train_batches, validation_batches, run.loop,
+  return loop.train(distiller, student, teacher, train_batches, validation_batches, run.loop,
                        out, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
                        log=log, label=label)

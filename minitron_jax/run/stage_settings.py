@@ -16,6 +16,7 @@ from minitron_jax.models.config import ModelConfig
 from minitron_jax.objectives.losses import LossConfig
 from minitron_jax.run.stage_context import data_config
 from minitron_jax.training import distill
+from minitron_jax.training.loop import LoopConfig
 
 
 def estimate_options(cfg: ml_collections.ConfigDict) -> dict:
@@ -60,8 +61,8 @@ def optimizer_config(section: ml_collections.ConfigDict,
 
 
 def loop_config(section: ml_collections.ConfigDict, steps: int, eval_steps=(),
-                checkpoint_every=None) -> distill.LoopConfig:
-  return distill.LoopConfig(steps=steps, log_every=section.log_every,
+                checkpoint_every=None) -> LoopConfig:
+  return LoopConfig(steps=steps, log_every=section.log_every,
                             eval_every=section.eval_every, eval_steps=tuple(eval_steps),
                             checkpoint_every=checkpoint_every or section.checkpoint_every,
                             keep_checkpoints=section.keep_checkpoints,
@@ -76,7 +77,7 @@ class RetrainSettings:
   teacher_config: ModelConfig | None  # None when the loss needs no teacher
   losses: LossConfig
   optimizer: distill.OptimizerConfig
-  loop: distill.LoopConfig
+  loop: LoopConfig
   data: data.DataConfig
 
 
