@@ -27,7 +27,7 @@ with optional.exit_when_missing("the main job (python -m minitron_jax.main)"):
   from minitron_jax.core import distributed, preemption
   from minitron_jax.run import pipeline, run_config, validate
   from minitron_jax.errors import ConfigError
-  from minitron_jax.training.distill import Diverged
+  from minitron_jax.training.loop import Diverged
 
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3

@@ -20,7 +20,7 @@ import pytest
 
 from minitron_jax.models import config as config_lib
 from minitron_jax.core import preemption
-from minitron_jax.models import model, moe, sharding
+from minitron_jax.models import model, moe, partitioning, sharding
 from minitron_jax.training import distill, loop
 from minitron_jax.errors import ConfigError
 from minitron_jax.objectives.losses import LossConfig
@@ -120,7 +120,7 @@ def test_sharded_steps_match_one_device():
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
   teacher, student = _models()
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
   batches = distill_job.batches(3, 0)
   distiller = _distiller(LossConfig(hidden_loss="cosine"))
 
@@ -136,7 +136,7 @@ def test_sharded_steps_match_one_device():
   sharded_teacher = sharding.shard_params(TEACHER_CONFIG, teacher, mesh)
   sharded_student = sharding.shard_params(STUDENT_CONFIG, student, mesh)
   losses, state = run(sharded_teacher, sharded_student, lambda b: {
-      k: jax.device_put(v, sharding.batch_sharding(mesh, v.shape)) for k, v in b.items()})
+      k: jax.device_put(v, partitioning.batch_sharding(mesh, v.shape)) for k, v in b.items()})
   np.testing.assert_allclose(losses, reference, rtol=1e-5)
   q_proj = state["trainable"]["student"]["layers"]["attn"]["q_proj"]
   assert len(q_proj.sharding.device_set) == 8

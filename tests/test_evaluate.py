@@ -18,7 +18,7 @@ from minitron_jax.models import config as config_lib
 from minitron_jax.checkpoints import hf
 from minitron_jax.compress import importance
 from minitron_jax.evaluation import evaluate, stdlib_tasks
-from minitron_jax.models import model, sharding
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.errors import ConfigError
 from minitron_jax.evaluation.evaluate import MultipleChoiceExample
 from minitron_jax.inputs.tokenizer import ByteTokenizer
@@ -375,11 +375,11 @@ def test_scoring_on_the_mesh_equals_one_device(tiny, mesh_sizes):
   options = dict(tasks=tasks, perplexity_batches=batches, batch_size=8, max_length=48,
                  pad_to_multiple=16)
   want = evaluate.evaluate_model(config, params, BYTES, **options)
-  mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_sizes))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_sizes))
   with jax.set_mesh(mesh):
     got = evaluate.evaluate_model(
         config, sharding.shard_params(config, params, mesh), BYTES,
-        place=lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape)), **options)
+        place=lambda x: jax.device_put(x, partitioning.batch_sharding(mesh, x.shape)), **options)
   assert got.keys() == want.keys()
   for key, value in want.items():
     assert got[key] == pytest.approx(value, rel=1e-5), key

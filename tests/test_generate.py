@@ -18,7 +18,7 @@ from hf_reference import hf_config, hf_model, torch
 from test_gemma import OPTIONS as GEMMA_OPTIONS
 from minitron_jax.checkpoints import hf
 from minitron_jax.inputs import tokenizer
-from minitron_jax.models import generate, model, sharding
+from minitron_jax.models import generate, model, partitioning, sharding
 from minitron_jax.errors import ConfigError
 
 PROMPTS = [[5, 9, 100, 3, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [42, 1]]
@@ -162,7 +162,7 @@ def test_a_batch_split_over_the_mesh_generates_the_same_tokens():
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (tests/conftest.py sets --xla_force_host_platform_device_count)")
   _, config, params = _loaded("qwen3")
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
   with jax.set_mesh(mesh):
     ours = generate.generate(config, sharding.shard_params(config, params, mesh),
                              PROMPTS + PROMPTS[:1], max_new_tokens=NEW)

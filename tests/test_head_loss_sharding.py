@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from minitron_jax.models import sharding
+from minitron_jax.models import partitioning
 from minitron_jax.objectives import chunked_ce
 from minitron_jax.objectives.fused_kld import fused_kld
 from minitron_jax.objectives.sparse_kld import sparse_kld, teacher_top_k
@@ -80,8 +80,8 @@ LOSSES = {
 
 def _place(mesh, hs, ws, ht, wt, mask):
   """As training places them: weights by their logical axes, batches over the batch axes."""
-  head = NamedSharding(mesh, sharding.logical_to_spec(("embed", "vocab"), ws.shape, mesh))
-  rows = lambda x: sharding.batch_sharding(mesh, x.shape)  # noqa: E731
+  head = NamedSharding(mesh, partitioning.logical_to_spec(("embed", "vocab"), ws.shape, mesh))
+  rows = lambda x: partitioning.batch_sharding(mesh, x.shape)  # noqa: E731
   return (jax.device_put(hs, rows(hs)), jax.device_put(ws, head), jax.device_put(ht, rows(ht)),
           jax.device_put(wt, NamedSharding(mesh, P())), jax.device_put(mask, rows(mask)))
 
@@ -100,7 +100,7 @@ def test_values_and_gradients_equal_one_device(loss_name, mesh_name):
   args = _inputs()
   loss = LOSSES[loss_name]
   value, (d_hs, d_ws) = _value_and_grads(loss, args)
-  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES[mesh_name]))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(**MESHES[mesh_name]))
   mesh_value, (mesh_d_hs, mesh_d_ws) = _value_and_grads(loss, args, mesh)
   np.testing.assert_allclose(mesh_value, value, rtol=2e-6)
   # Partial sums add in another order across devices: float32 round-off only.
@@ -121,7 +121,7 @@ def _collectives(hlo: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize("mesh_name", ["data8", "fsdp8", "data4_tensor2"])
 def test_no_device_gathers_the_hidden_states(mesh_name):
   hs, ws, ht, wt, mask = _inputs()
-  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES[mesh_name]))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(**MESHES[mesh_name]))
   fn = jax.jit(jax.value_and_grad(LOSSES["fused"], argnums=(0, 1)))
   with jax.set_mesh(mesh):
     hlo = fn.lower(*_place(mesh, hs, ws, ht, wt, mask)).compile().as_text()
@@ -140,9 +140,9 @@ def test_teacher_top_k_equals_one_device(mesh_name, k):
   logits = np.einsum("btd,dv->btv", ht, wt)
   fn = jax.jit(lambda z: teacher_top_k(z, k, 1.7))
   want = fn(logits)
-  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES[mesh_name]))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(**MESHES[mesh_name]))
   with jax.set_mesh(mesh):
-    spec = sharding.logical_to_spec(("batch", "length", "vocab"), logits.shape, mesh)
+    spec = partitioning.logical_to_spec(("batch", "length", "vocab"), logits.shape, mesh)
     got = fn(jax.device_put(logits, NamedSharding(mesh, spec)))
   np.testing.assert_array_equal(got[1], want[1])
   for got_part, want_part in ((got[0], want[0]), (got[2], want[2])):

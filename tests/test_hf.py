@@ -178,11 +178,11 @@ def test_export_of_sharded_params_streams_and_equals_the_host_export(tmp_path):
   import safetensors.numpy
 
   from minitron_jax.models import config as config_lib
-  from minitron_jax.models import sharding
+  from minitron_jax.models import partitioning, sharding
 
   config = config_lib.tiny("llama")
   params = model.init(config, 0)
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=4, tensor=2))
   hf.save(tmp_path / "host", config, jax.tree.map(np.asarray, params), max_shard_bytes=20_000)
   hf.save(tmp_path / "mesh", config, sharding.shard_params(config, params, mesh),
           max_shard_bytes=20_000)

@@ -9,7 +9,7 @@ import pytest
 
 from minitron_jax.models import config as config_lib
 from minitron_jax.compress import importance
-from minitron_jax.models import model, sharding
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.errors import ConfigError
 from minitron_jax.compress.importance import Aggregation
 
@@ -164,10 +164,10 @@ def test_sharded_over_data_axis_matches_one_device(setup):
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
   config, params, batches = setup
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=1, tensor=2))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=4, fsdp=1, tensor=2))
   sharded = sharding.shard_params(config, params, mesh)
   result = importance.estimate(config, sharded, batches,
-                               batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape))
+                               batch_sharding=lambda shape: partitioning.batch_sharding(mesh, shape))
   reference = importance.estimate(config, params, batches)
   for axis in importance.WIDTH_AXES:
     np.testing.assert_allclose(result.per_layer(axis), reference.per_layer(axis), rtol=1e-5)

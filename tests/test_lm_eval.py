@@ -192,7 +192,7 @@ def test_generation_cuts_long_prompts_from_the_left_as_the_hf_backend(short):
 def test_a_mesh_in_context_splits_the_batches_and_changes_nothing(ours):
   import jax
 
-  from minitron_jax.models import sharding
+  from minitron_jax.models import partitioning
 
   pairs = [(f"Question: {d['question']}\nAnswer:", " " + c) for d in MC for c in d["choices"]]
   scoring = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i)
@@ -200,7 +200,7 @@ def test_a_mesh_in_context_splits_the_batches_and_changes_nothing(ours):
   generating = [Instance(request_type="generate_until", doc={}, idx=i,
                          arguments=(d["prompt"], dict(until=["."], max_gen_toks=6)))
                 for i, d in enumerate(GEN)]
-  with jax.set_mesh(sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))):
+  with jax.set_mesh(partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))):
     split = MinitronLM(config=ours.config, params=ours.params, tokenizer=ours.tokenizer,
                        batch_size=4)
     assert len(jax.tree.leaves(split.params)[0].sharding.device_set) == 8

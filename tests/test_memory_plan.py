@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minitron_jax.compress import importance
-from minitron_jax.models import model, sharding
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.run import run_config, stage_settings
 from minitron_jax.tools import memory_plan
 from minitron_jax.training import distill
@@ -21,7 +21,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.fixture(scope="module")
 def mesh():
-  return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  return partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def _batch(mesh, batch_size, seq_len):
   tokens = np.random.default_rng(0).integers(0, 256, (batch_size, seq_len)).astype(np.int32)
   arrays = dict(tokens=tokens, segment_ids=np.ones_like(tokens),
                 positions=np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape))
-  return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.shape)) for k, v in arrays.items()}
+  return {k: jax.device_put(v, partitioning.batch_sharding(mesh, v.shape)) for k, v in arrays.items()}
 
 
 def test_state_bytes_are_the_real_states_shard_bytes(planned, real, mesh):

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from minitron_jax.models import config as config_lib
-from minitron_jax.models import model, moe, sharding
+from minitron_jax.models import model, moe, partitioning, sharding
 from minitron_jax.tools import scaling
 
 B, T, D, E, F, K = 8, 6, 8, 8, 4, 2
@@ -43,9 +43,9 @@ def _dense(x, gate, up, down, logits):
 
 
 def _place(mesh, x, gate, up, down, logits):
-  rows = lambda a: jax.device_put(a, sharding.batch_sharding(mesh, a.shape))  # noqa: E731
+  rows = lambda a: jax.device_put(a, partitioning.batch_sharding(mesh, a.shape))  # noqa: E731
   weight = lambda a, axes: jax.device_put(  # noqa: E731
-      a, NamedSharding(mesh, sharding.logical_to_spec(axes, a.shape, mesh)))
+      a, NamedSharding(mesh, partitioning.logical_to_spec(axes, a.shape, mesh)))
   return (rows(x), weight(gate, ("experts", "embed", "moe_mlp")),
           weight(up, ("experts", "embed", "moe_mlp")),
           weight(down, ("experts", "moe_mlp", "embed")), rows(logits))
@@ -63,7 +63,7 @@ def test_values_and_gradients_equal_one_device_and_the_dense_reference(mesh_name
   want_value, want_grads = jax.jit(jax.value_and_grad(_loss(_dense), argnums=(0, 1, 2, 3, 4)))(
       *args)
   one_value, one_grads = grad(*args)
-  mesh = sharding.make_mesh(sharding.MeshConfig(**MESHES[mesh_name]))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(**MESHES[mesh_name]))
   with jax.set_mesh(mesh):
     placed = _place(mesh, *args)
     value, grads = grad(*placed)
@@ -86,7 +86,7 @@ def test_a_capacity_factor_drops_per_device():
   """With a capacity factor each device's experts take C of its own pairs: at E/K, C is the
   device's tokens and nothing drops; below it some pairs drop and the output stays finite."""
   args = _inputs()
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, expert=4))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
   with jax.set_mesh(mesh):
     placed = _place(mesh, *args)
     roomy = jax.jit(lambda *a: _layer(*a, factor=E / K)[0])(*placed)
@@ -102,11 +102,11 @@ def test_a_mixture_model_on_an_expert_mesh_equals_one_device():
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (8, 12)))
   loss = lambda p, tokens: jnp.sum(jnp.sin(model.apply(config, p, tokens)))  # noqa: E731
   want = jax.jit(jax.value_and_grad(loss))(params, tokens)
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, expert=4))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, expert=4))
   with jax.set_mesh(mesh):
     got = jax.jit(jax.value_and_grad(loss))(
         sharding.shard_params(config, params, mesh),
-        jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape)))
+        jax.device_put(tokens, partitioning.batch_sharding(mesh, tokens.shape)))
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   # Per-device partial sums add in another order: round-off relative to each gradient's scale.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minitron_jax.models import config as config_lib
-from minitron_jax.models import model, sharding
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.training import distill
 from minitron_jax.errors import ConfigError
 from minitron_jax.objectives.losses import LossConfig
@@ -23,7 +23,7 @@ import distill_job  # noqa: E402
 def mesh():
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (tests/conftest.py sets --xla_force_host_platform_device_count)")
-  return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  return partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
 
 
 def _one_device_and_sharded(family, mesh):
@@ -33,7 +33,7 @@ def _one_device_and_sharded(family, mesh):
   params = model.init(config, 0)
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, 256, (4, 16)))
   expected = model.apply(config, params, tokens)
-  placed = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
+  placed = jax.device_put(tokens, partitioning.batch_sharding(mesh, tokens.shape))
   forward = lambda sharded: model.apply(config, sharded, placed)
   return config, sharding.shard_params(config, params, mesh), forward, expected
 
@@ -57,19 +57,19 @@ def test_sharded_init_places_params_directly(mesh):
 
 def test_indivisible_dimension_is_replicated(mesh):
   # One KV head cannot be split over tensor=2, so that axis is replicated instead of failing.
-  spec = sharding.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 1, 16), mesh)
+  spec = partitioning.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 1, 16), mesh)
   assert spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
   # The batch also goes over `expert`, of size 1 here (a no-op split).
-  assert sharding.batch_sharding(mesh, (4, 8)).spec == jax.sharding.PartitionSpec(
+  assert partitioning.batch_sharding(mesh, (4, 8)).spec == jax.sharding.PartitionSpec(
       ("data", "fsdp", "expert"), None)
-  assert sharding.batch_sharding(mesh, (2, 8)).spec == jax.sharding.PartitionSpec(
+  assert partitioning.batch_sharding(mesh, (2, 8)).spec == jax.sharding.PartitionSpec(
       ("data", "expert"), None)
 
 
 @pytest.mark.parametrize("mesh_config, devices, message", [
-    (sharding.MeshConfig(data=3, fsdp=1, tensor=1), 8, "needs 3 devices; 8 are available"),
-    (sharding.MeshConfig(data=-1, fsdp=3, tensor=1), 8, "does not divide 8 devices"),
-    (sharding.MeshConfig(data=-1, fsdp=-1, tensor=1), 8, "at most one -1"),
+    (partitioning.MeshConfig(data=3, fsdp=1, tensor=1), 8, "needs 3 devices; 8 are available"),
+    (partitioning.MeshConfig(data=-1, fsdp=3, tensor=1), 8, "does not divide 8 devices"),
+    (partitioning.MeshConfig(data=-1, fsdp=-1, tensor=1), 8, "at most one -1"),
 ])
 def test_bad_mesh_is_a_one_line_error(mesh_config, devices, message):
   with pytest.raises(ConfigError, match=message):
@@ -77,9 +77,9 @@ def test_bad_mesh_is_a_one_line_error(mesh_config, devices, message):
 
 
 def test_mesh_fills_the_free_axis():
-  assert sharding.MeshConfig(data=-1, fsdp=2, tensor=2).shape(8) == (2, 2, 2, 1)
-  assert sharding.MeshConfig().shape(8) == (8, 1, 1, 1)
-  assert sharding.MeshConfig(data=2, expert=4).shape(8) == (2, 1, 1, 4)
+  assert partitioning.MeshConfig(data=-1, fsdp=2, tensor=2).shape(8) == (2, 2, 2, 1)
+  assert partitioning.MeshConfig().shape(8) == (8, 1, 1, 1)
+  assert partitioning.MeshConfig(data=2, expert=4).shape(8) == (2, 1, 1, 4)
 
 
 def test_activations_are_split_over_the_batch_under_fsdp():
@@ -87,11 +87,11 @@ def test_activations_are_split_over_the_batch_under_fsdp():
   FSDP-split weights and gives every device the whole batch."""
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=8, tensor=1))
   config = config_lib.tiny("llama")
   params = sharding.shard_params(config, model.init(config, 0), mesh)
   tokens = np.random.RandomState(0).randint(0, 256, (8, 16)).astype(np.int32)
-  tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
+  tokens = jax.device_put(tokens, partitioning.batch_sharding(mesh, tokens.shape))
 
   def per_device_rows(mesh_in_context):
     with jax.set_mesh(mesh_in_context):
@@ -107,11 +107,11 @@ def test_activations_are_split_over_the_batch_under_fsdp():
 def expert_mesh():
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (tests/conftest.py sets --xla_force_host_platform_device_count)")
-  return sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=2, expert=2))
+  return partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=1, tensor=2, expert=2))
 
 
 def _place_batch(mesh, batch):
-  return {k: jax.device_put(v, sharding.batch_sharding(mesh, v.shape)) for k, v in batch.items()}
+  return {k: jax.device_put(v, partitioning.batch_sharding(mesh, v.shape)) for k, v in batch.items()}
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])  # qwen2_moe: a shared expert

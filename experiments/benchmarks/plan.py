@@ -101,7 +101,7 @@ def main(argv):
   os.environ["JAX_PLATFORMS"] = "cpu"
   import jax  # noqa: E402  (after the device count is set)
 
-  from minitron_jax.models import sharding
+  from minitron_jax.models import partitioning
   from minitron_jax.tools import memory_plan
 
   if jax.device_count() != devices:
@@ -113,7 +113,7 @@ def main(argv):
   try:
     if _SEQ.value is not None:
       cfg.distill.seq_len = cfg.importance.seq_len = _SEQ.value
-    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_sizes))
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_sizes))
     names = tuple(_PROGRAMS.value or memory_plan.PROGRAMS)
     programs = memory_plan.programs(cfg, mesh, _STAGE.value, names)
     hbm = int(_HBM.value * 2**30)

@@ -153,7 +153,7 @@ def check_scoring(*, batch_size: int = 16, max_length: int = 512, pad_to_multipl
 
 
 # Host batch array -> the array the model runs on: jnp.asarray (one device) by default; on a
-# mesh, split over the batch axes (sharding.batch_sharding via distributed.put), so each device
+# mesh, split over the batch axes (partitioning.batch_sharding via distributed.put), so each device
 # scores its rows with the params where training placed them.
 Place = Callable[[np.ndarray], jax.Array]
 

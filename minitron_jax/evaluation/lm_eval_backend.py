@@ -45,7 +45,7 @@ from lm_eval.api.registry import register_model
 from minitron_jax.checkpoints import checkpoint, gguf_checkpoint, hf
 from minitron_jax.core import distributed
 from minitron_jax.evaluation import evaluate
-from minitron_jax.models import generate, sharding
+from minitron_jax.models import generate, partitioning, sharding
 from minitron_jax.inputs import tokenizer as tokenizer_lib
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.errors import ConfigError
@@ -242,7 +242,7 @@ class MinitronLM(LM):
   def _place(self, array: np.ndarray) -> jax.Array:
     if self._mesh is None:
       return jnp.asarray(array)
-    return distributed.put(array, sharding.batch_sharding(self._mesh, array.shape))
+    return distributed.put(array, partitioning.batch_sharding(self._mesh, array.shape))
 
   def _score(self, sequences) -> tuple[np.ndarray, np.ndarray]:
     if not sequences:

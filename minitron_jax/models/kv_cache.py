@@ -17,10 +17,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from minitron_jax.models import sharding
+from minitron_jax.models import partitioning
 from minitron_jax.models.config import ModelConfig
 
-# Logical axes of the keys and values (sharding.LOGICAL_RULES): batch over the data axes, heads
+# Logical axes of the keys and values (partitioning.LOGICAL_RULES): batch over the data axes, heads
 # over the tensor axis, as the activations and the k/v projections that write them are split.
 _AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
@@ -69,4 +69,4 @@ def _shard(x: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, sharding.logical_to_spec(_AXES, x.shape, mesh))
+  return jax.lax.with_sharding_constraint(x, partitioning.logical_to_spec(_AXES, x.shape, mesh))

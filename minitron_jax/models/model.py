@@ -356,7 +356,7 @@ class Decoder(nnx.Module):
 
 
 def shard_batch_axis(x: jax.Array) -> jax.Array:
-  """x [B,...] with B split as `sharding.batch_sharding` splits a batch, over the mesh in context
+  """x [B,...] with B split as `partitioning.batch_sharding` splits a batch, over the mesh in context
   (`jax.set_mesh`); unchanged without a mesh.
 
   Without it GSPMD follows the weights, whose embed axis FSDP splits, and every device holds

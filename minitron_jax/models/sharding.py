@@ -1,5 +1,5 @@
-"""Weights and batches placed on the mesh; the mesh and its logical-axis rules are in
-partitioning.py (re-exported here, where callers have always found them)."""
+"""Weights placed on the mesh: a NamedSharding for every weight from its logical axes, and params
+put there. The mesh, its logical-axis rules and a batch's sharding are partitioning.py's."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from jax.sharding import Mesh, NamedSharding
 from minitron_jax.core import distributed
 from minitron_jax.models import model as model_lib
 from minitron_jax.models.config import ModelConfig
-from minitron_jax.models.partitioning import (LOGICAL_RULES, MESH_AXES, MeshConfig,  # noqa: F401
-                                       batch_sharding, logical_to_spec, make_mesh)
+from minitron_jax.models.partitioning import LOGICAL_RULES, logical_to_spec
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh, rules=LOGICAL_RULES):

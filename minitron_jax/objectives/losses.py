@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import optax
 
 from minitron_jax.errors import ConfigError
-from minitron_jax.objectives.fused_kld import fused_kld, naive_kld  # noqa: F401  (public re-export)
 
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "mse", "cosine", "none")
 HIDDEN_LOSSES = ("none", "cosine", "mse")

@@ -9,7 +9,7 @@ import dataclasses
 import pathlib
 
 from minitron_jax.inputs import data
-from minitron_jax.models import sharding
+from minitron_jax.models import partitioning
 from minitron_jax.run import teacher_logits_inputs
 from minitron_jax.run.stage_context import (Context, ModelRef, load, load_tokenizer, mesh_of,
                                             validation)
@@ -54,5 +54,5 @@ def retrain(cfg, section, student_config, student, teacher_config, teacher, out:
     train_batches = data.make_iterator(run.data, tok, "train")
     validation_batches = validation(cfg, run.student_config.vocab_size)
   return loop.train(distiller, student, teacher, train_batches, validation_batches, run.loop,
-                       out, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
+                       out, batch_sharding=lambda shape: partitioning.batch_sharding(mesh, shape),
                        log=log, label=label)

@@ -17,7 +17,7 @@ import ml_collections
 
 from minitron_jax.checkpoints import build, checkpoint
 from minitron_jax.inputs import data, tokenizer
-from minitron_jax.models import sharding
+from minitron_jax.models import partitioning, sharding
 from minitron_jax.errors import ConfigError
 from minitron_jax.run import registry
 
@@ -42,7 +42,7 @@ class Context:
 
 
 def mesh_of(cfg: ml_collections.ConfigDict):
-  return sharding.make_mesh(sharding.MeshConfig(**cfg.mesh))
+  return partitioning.make_mesh(partitioning.MeshConfig(**cfg.mesh))
 
 
 def load(cfg: ml_collections.ConfigDict, ref: ModelRef, mesh):

@@ -21,7 +21,7 @@ import ml_collections
 from minitron_jax.checkpoints import build, checkpoint, hf
 from minitron_jax.compress import importance, prune, search
 from minitron_jax.inputs import data
-from minitron_jax.models import config as config_lib, sharding
+from minitron_jax.models import config as config_lib, partitioning
 from minitron_jax.run import (registry, stage_context, stage_settings, stages,
                               teacher_logits_inputs)
 from minitron_jax.training import teacher_logits_store
@@ -117,7 +117,7 @@ class _Validation:
     return source
 
   def mesh(self) -> None:
-    mesh = self.attempt("mesh", stage_settings.settings, sharding.MeshConfig, self.cfg.mesh.to_dict(),
+    mesh = self.attempt("mesh", stage_settings.settings, partitioning.MeshConfig, self.cfg.mesh.to_dict(),
                         "mesh")
     if mesh is not None:
       self.attempt("mesh", mesh.shape, jax.device_count())

@@ -31,7 +31,7 @@ import ml_collections
 
 from minitron_jax.checkpoints import build
 from minitron_jax.compress import importance, prune
-from minitron_jax.models import model, sharding
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.run import stage_context, stage_settings
 from minitron_jax.training import distill
 from minitron_jax.models.config import ModelConfig
@@ -148,7 +148,7 @@ def abstract_params(config: ModelConfig, mesh) -> dict:
 def abstract_batch(mesh, global_batch: int, seq_len: int) -> dict:
   """tokens / segment_ids / positions as the training loop places them."""
   shape = (global_batch, seq_len)
-  struct = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh, shape))
+  struct = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=partitioning.batch_sharding(mesh, shape))
   return {"tokens": struct, "segment_ids": struct, "positions": struct}
 
 

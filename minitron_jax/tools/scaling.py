@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from minitron_jax.compress import importance
-from minitron_jax.models import model, sharding
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.objectives import sparse_kld
 from minitron_jax.training import distill, teacher_logits_store
 from minitron_jax.models.config import ModelConfig
@@ -120,7 +120,7 @@ def build(program: str, setup: Setup, mesh) -> Program:
     teacher_cfg, student_cfg = _moe(teacher_cfg), _moe(student_cfg)
   teacher = sharding.shard_params(teacher_cfg, model.init(teacher_cfg, 0), mesh)
   host_batch = _batch(setup)
-  place = lambda b: {k: jax.device_put(v, sharding.batch_sharding(mesh, v.shape))  # noqa: E731
+  place = lambda b: {k: jax.device_put(v, partitioning.batch_sharding(mesh, v.shape))  # noqa: E731
                      for k, v in b.items()}
   if program in ("distill_online", "distill_offline", "distill_moe"):
     offline = program == "distill_offline"
@@ -179,6 +179,6 @@ def measure(program: str, setup: Setup, mesh, repeats: int = 3) -> Measurement:
 
 def mesh_of(sizes: dict[str, int], devices=None):
   """A mesh of the given axis sizes (others 1) on the first prod(sizes) devices."""
-  config = sharding.MeshConfig(**{"data": 1, **sizes})
+  config = partitioning.MeshConfig(**{"data": 1, **sizes})
   count = int(np.prod(list(sizes.values()) or [1]))
-  return sharding.make_mesh(config, (devices or jax.devices())[:count])
+  return partitioning.make_mesh(config, (devices or jax.devices())[:count])

@@ -22,7 +22,7 @@ import jax
 
 from minitron_jax.models import model, moe
 from minitron_jax.models.config import ModelConfig
-from minitron_jax.objectives import losses, sparse_kld
+from minitron_jax.objectives import fused_kld, losses, sparse_kld
 from minitron_jax.objectives.losses import LossConfig
 
 Batch = dict[str, jax.Array]  # tokens, segment_ids, positions: [B,T] int32 (+ a stored teacher's)
@@ -97,7 +97,7 @@ class FusedLogitKLD(Term):
 
   def __call__(self, passes: Passes) -> jax.Array:
     student, teacher = passes.student_config, passes.teacher_config
-    return losses.fused_kld(
+    return fused_kld.fused_kld(
         passes.student_hidden, model.lm_head_kernel(student, passes.student),
         passes.teacher_hidden, model.lm_head_kernel(teacher, passes.teacher),
         temperature=self.cfg.temperature, mask=passes.mask, chunk_size=self.cfg.chunk_size,

@@ -14,7 +14,7 @@ import numpy as np
 from minitron_jax.checkpoints import hf
 from minitron_jax.compress import importance
 from minitron_jax.core import atomic, distributed
-from minitron_jax.models import model, sharding
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.run import registry, stage_context
 
 
@@ -30,7 +30,7 @@ def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
   batches = stage_context.validation(cfg, config.vocab_size)
   losses = []
   for i, batch in enumerate(batches):
-    placed = {k: distributed.put(v, sharding.batch_sharding(mesh, v.shape))
+    placed = {k: distributed.put(v, partitioning.batch_sharding(mesh, v.shape))
               for k, v in batch.items()}
     losses.append(importance.lm_loss(config, params, [placed]))
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
@@ -43,7 +43,7 @@ def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
   reloaded_config = reloaded_config.replace(dtype=config.dtype, remat=config.remat)
   # Both models on the mesh, as training places them; only the probe's logits come back.
   probe_tokens = batches[0]["tokens"]
-  probe = distributed.put(probe_tokens, sharding.batch_sharding(mesh, probe_tokens.shape))
+  probe = distributed.put(probe_tokens, partitioning.batch_sharding(mesh, probe_tokens.shape))
   original_logits = distributed.to_host(model.apply(config, params, probe))
   reloaded_logits = distributed.to_host(model.apply(
       reloaded_config, sharding.shard_params(reloaded_config, reloaded, mesh), probe))

@@ -23,7 +23,7 @@ import ml_collections
 from minitron_jax.checkpoints import checkpoint
 from minitron_jax.core import atomic, distributed
 from minitron_jax.evaluation import evaluate, lm_eval_tasks
-from minitron_jax.models import generate, sharding
+from minitron_jax.models import generate, partitioning
 from minitron_jax.run import registry, stage_context, task_config
 from minitron_jax.run.task_config import check_tasks, load_tasks
 from minitron_jax.errors import ConfigError
@@ -121,7 +121,7 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   names, own = harness_names(section)
   manager = (task_config.harness_index(section, names, {name: tasks[name] for name in own},
                                        out.work("harness_tasks")) if names or own else None)
-  place = lambda x: distributed.put(x, sharding.batch_sharding(mesh, x.shape))  # noqa: E731
+  place = lambda x: distributed.put(x, partitioning.batch_sharding(mesh, x.shape))  # noqa: E731
   results, completions = {}, {}
   for label, ref in stage_context.models_of(cfg, ctx.directory).items():
     if ref.path is not None and not checkpoint.is_saved_model(ref.path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from minitron_jax.compress import importance
-from minitron_jax.models import sharding
+from minitron_jax.models import partitioning
 from minitron_jax.run import registry, stage_context
 from minitron_jax.run.stage_context import Context, load, mesh_of
 from minitron_jax.run.stage_settings import estimate_options
@@ -22,7 +22,7 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
           f"{cfg.importance.seq_len} tokens, {config.num_params():,}-parameter {ctx.source.label} "
           "model")
   scores = importance.estimate(
-      config, params, batches, batch_sharding=lambda shape: sharding.batch_sharding(mesh, shape),
+      config, params, batches, batch_sharding=lambda shape: partitioning.batch_sharding(mesh, shape),
       log=ctx.log, **estimate_options(cfg))
   scores.save(out.staging)
   ctx.log(f"[importance] done in {time.perf_counter() - started:.1f}s; scores in {out.final()}")

@@ -15,7 +15,7 @@ import time
 from minitron_jax.core import atomic
 from minitron_jax.errors import ConfigError
 from minitron_jax.inputs import data
-from minitron_jax.models import sharding
+from minitron_jax.models import partitioning
 from minitron_jax.run import registry, stage_context, teacher_logits_inputs
 from minitron_jax.run.teacher_logits_inputs import STAGE, expected_metadata
 from minitron_jax.training import teacher_logits_store
@@ -42,7 +42,7 @@ def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
   config, params = stage_context.load(cfg, ctx.teacher, mesh)
   config = config.replace(dtype=cfg.distill.dtype)
   tok = stage_context.load_tokenizer(cfg, config.vocab_size)
-  shard = lambda shape: sharding.batch_sharding(mesh, shape)
+  shard = lambda shape: partitioning.batch_sharding(mesh, shape)
   summary = {}
   for split in ("train", "validation"):
     meta = expected_metadata(cfg, ctx.teacher, config, split, ctx.distill_steps)
