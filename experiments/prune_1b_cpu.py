@@ -21,7 +21,7 @@ _SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
 
 def main(argv):
   del argv
-  config = config_lib.llama3_2_1b()
+  config = config_lib.preset("llama3_2_1b")
   timings = {}
   started = time.perf_counter()
   params = jax.block_until_ready(model.init(config, 0))

@@ -113,11 +113,11 @@ def test_building_the_same_model_again_reuses_its_program(compiled):
 
 
 @pytest.mark.parametrize("preset, published", [
-    (config_lib.llama3_2_1b, 1_235_814_400),  # Llama-3.2-1B model card
-    (config_lib.llama3_1_8b, 8_030_261_248),  # Llama-3.1-8B model card
+    ("llama3_2_1b", 1_235_814_400),  # Llama-3.2-1B model card
+    ("llama3_1_8b", 8_030_261_248),  # Llama-3.1-8B model card
 ])
 def test_preset_param_counts_match_published(preset, published):
-  config = preset()
+  config = config_lib.preset(preset)
   assert config.num_params() == published
   abstract = model.abstract_params(config)
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)) == published
@@ -137,7 +137,7 @@ def test_config_errors_name_the_value(change, message):
 
 
 def test_one_billion_parameter_forward_on_cpu():
-  config = config_lib.llama3_2_1b()
+  config = config_lib.preset("llama3_2_1b")
   params = model.init(config, 0)
   tokens = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (1, 16)))
   logits = model.apply(config, params, tokens)
@@ -149,7 +149,7 @@ def test_one_billion_parameter_forward_on_cpu():
 def test_flops_count_llama_1b_by_hand():
   from minitron_jax.models import flops
 
-  config = config_lib.llama3_2_1b()
+  config = config_lib.preset("llama3_2_1b")
   # Per layer: q 2048x2048, k and v 2048x512, o 2048x2048, MLP 3 x 2048x8192; head 2048x128256.
   # Norm scales (2 per layer, 1 final) count too; the tied embedding is the head.
   per_layer = 2048 * 2048 * 2 + 2048 * 512 * 2 + 3 * 2048 * 8192 + 2 * 2048

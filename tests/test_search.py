@@ -503,7 +503,7 @@ def _shape(candidate):
 
 
 def test_paper_space_8b():
-  source = config_lib.nemotron4_15b()
+  source = config_lib.preset("nemotron4_15b")
   candidates = search.enumerate_candidates(source, search.paper_space_15b_to_8b())
   # The paper reports 15 (Table 20). With exact counts and 8B ± 5% = 7.6B..8.4B we get 18: 13 of
   # the paper's 15, plus 5 between 7.69B and 7.78B; the paper's other 2 are above 8.4B (8.43B,
@@ -521,13 +521,13 @@ def test_paper_space_8b():
 
 
 def test_a_narrower_window_reproduces_table_20_exactly():
-  candidates = search.enumerate_candidates(config_lib.nemotron4_15b(),
+  candidates = search.enumerate_candidates(config_lib.preset("nemotron4_15b"),
                                            search.table20_window_space_15b_to_8b())
   assert {_shape(c) for c in candidates} == TABLE_20
 
 
 def test_paper_space_4b():
-  candidates = search.enumerate_candidates(config_lib.nemotron4_15b(),
+  candidates = search.enumerate_candidates(config_lib.preset("nemotron4_15b"),
                                            search.paper_space_15b_to_4b())
   assert len(candidates) == 18  # the paper's count too (its 4B list is not printed)
   assert all(3_800_000_000 <= c.num_params <= 4_200_000_000 for c in candidates)

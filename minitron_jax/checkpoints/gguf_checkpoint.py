@@ -15,14 +15,16 @@ from typing import Any
 
 import numpy as np
 
+from minitron_jax import families
 from minitron_jax.errors import ConfigError
 
 SUFFIX = ".gguf"
-# GGUF architecture -> Hugging Face model_type. llama.cpp writes Mistral models as "llama"; like
-# transformers, we call a llama file Mistral when its general.name says so.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-# Architectures whose converter permutes Q/K rows for llama.cpp's interleaved RoPE.
-_PERMUTED_QK = ("llama",)
+# GGUF general.architecture -> the families whose files carry it (each family's file says).
+ARCHITECTURES: dict[str, tuple[families.Family, ...]] = {}
+for _family in families.ALL.values():
+  if _family.gguf_architecture:
+    ARCHITECTURES[_family.gguf_architecture] = (
+        *ARCHITECTURES.get(_family.gguf_architecture, ()), _family)
 
 _TOP_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -145,12 +147,10 @@ def hf_config(reader) -> dict[str, Any]:
                       f"{head_dim}; allowed: full rotary for {arch}")
   theta = float(field(reader, f"{arch}.rope.freq_base", 10000.0))
   embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-  family = ARCHITECTURES[arch]
-  if arch == "llama" and "mistral" in str(field(reader, "general.name", "")).lower():
-    family = "mistral"
+  family = _family_of(arch, str(field(reader, "general.name", "")))
   config = dict(
       gguf_architecture=arch,
-      model_type=family,
+      model_type=family.hf_model_type,
       vocab_size=int(field(reader, f"{arch}.vocab_size", int(embed.shape[-1]))),
       hidden_size=hidden,
       intermediate_size=int(need("feed_forward_length")),
@@ -162,13 +162,21 @@ def hf_config(reader) -> dict[str, Any]:
       max_position_embeddings=int(field(reader, f"{arch}.context_length", 8192)),
       rope_parameters=_rope_parameters(reader, arch, head_dim, theta),
       tie_word_embeddings="output.weight" not in names,
-      attention_bias=family == "llama" and any(n.endswith("attn_q.bias") for n in names),
+      attention_bias=any(n.endswith("attn_q.bias") for n in names),
   )
   for key, token in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
     value = field(reader, f"tokenizer.ggml.{token}_token_id")
     if value is not None:
       config[key] = int(value)
   return config
+
+
+def _family_of(arch: str, name: str) -> families.Family:
+  """The family of a file of `arch`: like transformers, the one whose marker the file's
+  general.name holds (a "llama" file named Mistral is Mistral), else the one without a marker."""
+  candidates = ARCHITECTURES[arch]
+  marked = [f for f in candidates if f.gguf_name_marker and f.gguf_name_marker in name.lower()]
+  return (marked or [f for f in candidates if not f.gguf_name_marker])[0]
 
 
 def _hf_name(name: str) -> str | None:
@@ -190,7 +198,7 @@ def hf_tensors(reader, config: dict[str, Any]) -> dict[str, np.ndarray]:
   """Every weight, dequantised to float32 and laid out as the HF checkpoint stores it."""
   import gguf
 
-  permute = config["gguf_architecture"] in _PERMUTED_QK
+  permute = families.BY_MODEL_TYPE[config["model_type"]].gguf_permuted_qk
   tensors = {}
   for tensor in reader.tensors:
     if tensor.name == _ROPE_FREQS:

@@ -368,7 +368,7 @@ PAPER_MLP_EXPANSION = (2.5, 3.0, 3.5, 4.0)
 def paper_space_15b_to_8b(**overrides) -> SearchSpace:
   """Table 13, Minitron 8B row: Nemotron-4 15B -> 8B ± 5% (7.6B..8.4B).
 
-  On `config.nemotron4_15b()` this yields 18 candidates; the paper reports 15 (Table 20), 13 of
+  On `config.preset("nemotron4_15b")` this yields 18 candidates; the paper reports 15 (Table 20), 13 of
   which are among our 18. The paper's 15 are exactly the grid points whose exact count (ours) lies
   in (7.772B, 8.551B): two of them (L32-D5120-H32-F12800 at 8.494B, L31-D4608-H32-F16128 at
   8.430B) are above 8.4B, and the five of ours the paper lacks (7.69B..7.77B) are below its lowest
@@ -385,7 +385,7 @@ def paper_space_15b_to_8b(**overrides) -> SearchSpace:
 def paper_space_15b_to_4b(**overrides) -> SearchSpace:
   """Table 13, Minitron 4B row: Nemotron-4 15B -> 4B ± 5% (3.8B..4.2B).
 
-  On `config.nemotron4_15b()` this yields 18 candidates, as many as the paper reports (its 4B
+  On `config.preset("nemotron4_15b")` this yields 18 candidates, as many as the paper reports (its 4B
   list is not printed, so which ones cannot be checked). The released Minitron 4B shape
   (L32-D3072-H24-G8-F9216, 4.19B) is the largest of them.
   """

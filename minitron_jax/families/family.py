@@ -3,7 +3,7 @@ shares, the defaults its `config.json` leaves out, and small hooks for what only
 
 A family's own file builds one `Family`; checkpoints/hf_config.py reads and writes `config.json`
 through it, checkpoints/hf.py names tensors through it, and models/config.py takes its tiny test
-model from it. Hooks take plain `config.json` dicts and a ModelConfig read by attribute, so this
+model and its named presets from it. Hooks take plain `config.json` dicts and a ModelConfig read by attribute, so this
 package imports nothing of the model.
 """
 
@@ -105,6 +105,15 @@ class Family:
   unwrap: Callable[[HfDict], dict[str, Any]] | None = None
   unwrap_tensors: Callable[[Mapping[str, Any], str], dict[str, Any]] | None = None
   hf_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # llama.cpp: the `general.architecture` its GGUF files carry ("" for none we read); among
+  # families sharing one, the word a file's general.name holds for this family (llama.cpp
+  # writes Mistral as "llama"); whether its converter permuted Q/K rows for interleaved RoPE.
+  gguf_architecture: str = ""
+  gguf_name_marker: str = ""
+  gguf_permuted_qk: bool = False
+  # Named real architectures of the family (models/config.py's presets): name -> the
+  # ModelConfig fields beyond model_fields(hidden_size), as plain values (rope_scaling a dict).
+  presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
   @property
   def hf_model_type(self) -> str:
@@ -124,6 +133,11 @@ class Family:
     if self.post_norms:
       fields["query_pre_attn_scalar"] = 256.0  # Gemma 2/3's head_dim, transformers' default
     return fields
+
+  def preset_fields(self, name: str) -> dict[str, Any]:
+    """The ModelConfig fields of the family's preset `name`."""
+    preset = self.presets[name]
+    return {**self.model_fields(preset["hidden_size"]), **preset}
 
   def tiny_fields(self, hidden: int | None = None, layers: int | None = None) -> dict[str, Any]:
     """The family's tiny test model (few hundred thousand parameters) at this width and depth

@@ -96,6 +96,14 @@ def tiny(hidden: int, layers: int) -> dict:
               sliding_window_layers=windows.every_nth_global(layers, 2))
 
 
+PRESETS = {
+    "gemma3_1b": dict(
+        vocab_size=262144, hidden_size=1152, num_layers=26, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, intermediate_size=6912, rope_theta=1e6,
+        local_rope_theta=10000.0, sliding_window=512,
+        sliding_window_layers=windows.every_nth_global(26, 6), max_position_embeddings=32768),
+}
+
 GEMMA3 = Family(
     name="gemma3", architecture="Gemma3ForCausalLM", model_type="gemma3_text", **{
         **gemma.TRAITS, "refused_fields": (*gemma.TRAITS["refused_fields"],
@@ -106,4 +114,4 @@ GEMMA3 = Family(
     windows=lambda hf, layers, family: windows.gemma(
         hf, layers, pattern=int(hf.get("sliding_window_pattern") or 6)),
     rope=rope, fields_to_hf=to_hf, tiny=tiny, wrapper_model_type="gemma3",
-    unwrap=text_config, unwrap_tensors=text_tensors, hf_defaults=TEXT_DEFAULTS)
+    unwrap=text_config, unwrap_tensors=text_tensors, hf_defaults=TEXT_DEFAULTS, presets=PRESETS)

@@ -16,4 +16,5 @@ def tiny(hidden: int, layers: int) -> dict:
 MISTRAL = Family(
     name="mistral", architecture="MistralForCausalLM", allows=frozenset({"sliding_window"}),
     windows=windows.every_layer, bias_rule=no_biases,
-    fields_to_hf=lambda config, hf: {**hf, "sliding_window": config.sliding_window}, tiny=tiny)
+    fields_to_hf=lambda config, hf: {**hf, "sliding_window": config.sliding_window}, tiny=tiny,
+    gguf_architecture="llama", gguf_name_marker="mistral", gguf_permuted_qk=True)

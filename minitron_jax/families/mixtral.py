@@ -33,6 +33,14 @@ def tiny(hidden: int, layers: int) -> dict:
               rope_theta=1e6)
 
 
+PRESETS = {
+    "mixtral_8x7b": dict(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, intermediate_size=14336, num_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=14336, norm_topk_prob=True, rope_theta=1e6,
+        max_position_embeddings=32768),
+}
+
 MIXTRAL = Family(
     name="mixtral", architecture="MixtralForCausalLM", moe=True,
     allows=frozenset({"sliding_window"}), windows=windows.every_layer, bias_rule=no_biases,
@@ -40,4 +48,4 @@ MIXTRAL = Family(
     layer_tensors={("moe", "router"): ("block_sparse_moe.gate.weight", 1), **{
         ("moe", ours): (f"block_sparse_moe.experts.{{e}}.{theirs}.weight", ("experts", 1))
         for ours, theirs in _EXPERT_NAMES.items()}},
-    tiny=tiny)
+    tiny=tiny, presets=PRESETS)

@@ -19,4 +19,5 @@ QWEN2 = Family(
     name="qwen2", architecture="Qwen2ForCausalLM",
     allows=frozenset({"sliding_window", "per_layer_windows"}),
     biases=lambda hf: (True, False), bias_rule=_bias_rule, windows=windows.qwen,
-    fields_to_hf=lambda config, hf: {**hf, **windows.qwen_to_hf(config)}, tiny=tiny)
+    fields_to_hf=lambda config, hf: {**hf, **windows.qwen_to_hf(config)}, tiny=tiny,
+    gguf_architecture="qwen2")

@@ -15,4 +15,4 @@ QWEN3 = Family(
     allows=frozenset({"sliding_window", "per_layer_windows"}), windows=windows.qwen,
     fields_to_hf=lambda config, hf: {**hf, "attention_bias": config.qkv_bias,
                                      **windows.qwen_to_hf(config)},
-    tiny=tiny)
+    tiny=tiny, gguf_architecture="qwen3")

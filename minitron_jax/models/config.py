@@ -275,69 +275,18 @@ def dtype_bytes(dtype: str) -> int:
   return MEMORY_DTYPES[dtype]
 
 
-def _preset(defaults: dict[str, Any], overrides: dict[str, Any]) -> ModelConfig:
-  return ModelConfig(**{**defaults, **overrides})
+def preset(name: str, **overrides) -> ModelConfig:
+  """A named real architecture (its fields live in its family's file), with overrides."""
+  if name not in PRESETS:
+    raise ConfigError(f"preset={name!r} is unknown; allowed: {sorted(PRESETS)}")
+  return PRESETS[name](**overrides)
 
 
-_LLAMA3_ROPE = RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
-
-
-def llama3_2_1b(**overrides) -> ModelConfig:
-  return _preset(dict(
-      family="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_attention_heads=32,
-      num_key_value_heads=8, head_dim=64, intermediate_size=8192, norm_eps=1e-5,
-      rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, tie_word_embeddings=True,
-      max_position_embeddings=131072), overrides)
-
-
-def llama3_1_8b(**overrides) -> ModelConfig:
-  return _preset(dict(
-      family="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_attention_heads=32,
-      num_key_value_heads=8, head_dim=128, intermediate_size=14336, norm_eps=1e-5,
-      rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-      max_position_embeddings=131072), overrides)
-
-
-def nemotron4_15b(**overrides) -> ModelConfig:
-  return _preset(dict(
-      family="nemotron", vocab_size=256000, hidden_size=6144, num_layers=32, num_attention_heads=48,
-      num_key_value_heads=8, head_dim=128, intermediate_size=24576, activation="relu2",
-      gated_mlp=False, norm="layernorm1p", norm_eps=1e-5, partial_rotary_factor=0.5,
-      max_position_embeddings=4096), overrides)
-
-
-def gemma2_2b(**overrides) -> ModelConfig:
-  return _preset(dict(
-      families.GEMMA2.model_fields(2304), vocab_size=256000, hidden_size=2304, num_layers=26,
-      num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
-      attn_logit_softcap=50.0, final_logit_softcap=30.0, rope_theta=10000.0, sliding_window=4096,
-      sliding_window_layers=families.windows.every_nth_global(26, 2),
-      max_position_embeddings=8192), overrides)
-
-
-def gemma3_1b(**overrides) -> ModelConfig:
-  return _preset(dict(
-      families.GEMMA3.model_fields(1152), vocab_size=262144, hidden_size=1152, num_layers=26,
-      num_attention_heads=4, num_key_value_heads=1, head_dim=256, intermediate_size=6912,
-      rope_theta=1e6, local_rope_theta=10000.0, sliding_window=512,
-      sliding_window_layers=families.windows.every_nth_global(26, 6),
-      max_position_embeddings=32768), overrides)
-
-
-def mixtral_8x7b(**overrides) -> ModelConfig:
-  return _preset(dict(
-      family="mixtral", vocab_size=32000, hidden_size=4096, num_layers=32, num_attention_heads=32,
-      num_key_value_heads=8, head_dim=128, intermediate_size=14336, num_experts=8,
-      num_experts_per_tok=2, moe_intermediate_size=14336, norm_topk_prob=True,
-      rope_theta=1e6, max_position_embeddings=32768), overrides)
-
-
-def qwen3_30b_a3b(**overrides) -> ModelConfig:
-  return _preset(dict(
-      family="qwen3_moe", vocab_size=151936, hidden_size=2048, num_layers=48,
-      num_attention_heads=32, num_key_value_heads=4, head_dim=128, intermediate_size=6144,
-      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
-      qk_norm=True, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960), overrides)
+def _named(family: families.Family, name: str):
+  def build(**overrides) -> ModelConfig:
+    return ModelConfig.from_dict(family.preset_fields(name)).replace(**overrides)
+  build.__name__ = name
+  return build
 
 
 def tiny(family: str = "llama", **overrides) -> ModelConfig:
@@ -345,16 +294,11 @@ def tiny(family: str = "llama", **overrides) -> ModelConfig:
   sizes and traits come from the family's file in families/)."""
   fields = families.get(family).tiny_fields(overrides.get("hidden_size"),
                                             overrides.get("num_layers"))
-  return _preset(fields, overrides)
+  return ModelConfig(**{**fields, **overrides})
 
 
-PRESETS = {
-    "llama3_2_1b": llama3_2_1b,
-    "llama3_1_8b": llama3_1_8b,
-    "nemotron4_15b": nemotron4_15b,
-    "gemma2_2b": gemma2_2b,
-    "gemma3_1b": gemma3_1b,
-    "mixtral_8x7b": mixtral_8x7b,
-    "qwen3_30b_a3b": qwen3_30b_a3b,
-    "tiny": tiny,
-}
+# preset name -> function(**overrides) -> ModelConfig: the families' named architectures and
+# each family's tiny test model.
+PRESETS = {name: _named(family, name) for family in families.ALL.values()
+           for name in family.presets}
+PRESETS["tiny"] = tiny
