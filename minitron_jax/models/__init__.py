@@ -1,8 +1,9 @@
-"""The decoder: its config and presets, layers, attention kernels, mixtures of experts, the
-logical-axis partitioning and mesh placement, KV-cache generation and FLOP counts.
+"""The decoder: its config and presets, its blocks each beside their kernels (attention, moe;
+layers: params, norms, the MLP; rope), the logical-axis partitioning and mesh placement, KV-cache
+generation and FLOP counts.
 
-Modules: attention, config, flops, generate, kv_cache, model, moe, moe_parallel, partitioning,
-sharding, tokamax_kernels.
+Modules: attention, config, flops, generate, kv_cache, layers, model, moe, moe_parallel,
+partitioning, rope, sharding, tokamax_kernels.
 """
 
 __all__ = [
@@ -11,10 +12,12 @@ __all__ = [
     'flops',
     'generate',
     'kv_cache',
+    'layers',
     'model',
     'moe',
     'moe_parallel',
     'partitioning',
+    'rope',
     'sharding',
     'tokamax_kernels',
 ]

@@ -1,4 +1,6 @@
-"""Causal, packed, windowed grouped-query attention behind one function, with several kernels.
+"""The attention block (`Attention`: projections, qk-norm, RoPE, the output projection) and the
+causal, packed, windowed grouped-query attention it calls, behind one function (`attend`), with
+several kernels.
 
 Every implementation computes the same masked softmax: query t sees key s when s <= t, both carry
 the same nonzero segment id (0 marks padding), and t - s < window. With `softcap` (Gemma 2) the
@@ -31,9 +33,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from minitron_jax.models import tokamax_kernels
-from minitron_jax.models.config import ATTENTION_IMPLEMENTATIONS
+from minitron_jax.models import layers, rope, tokamax_kernels
+from minitron_jax.models.config import ATTENTION_IMPLEMENTATIONS, ModelConfig
 from minitron_jax.errors import ConfigError
 
 NO_WINDOW = int(np.iinfo(np.int32).max)
@@ -365,3 +368,65 @@ def _splash(q, k, v, segment_ids, window, scale, block_size, softcap, *, interpr
   out = jax.vmap(one_row)(qp, kp, vp, seg)  # [B,K,G,T,H]
   out = jnp.einsum("BKGTH->BTKGH", out)[:, :t]
   return jnp.where((segment_ids != 0)[:, :, None, None, None], out, 0).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- the block
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention; query head n reads key/value head n // queries_per_group."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, n, k, h = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                  config.head_dim)
+    dtype = jnp.dtype(config.param_dtype)
+    self.config = config
+    self.q_proj = layers.param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
+    self.k_proj = layers.param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+    self.v_proj = layers.param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+    self.o_proj = layers.param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
+    if config.qkv_bias:
+      self.q_bias = layers.param(rngs, (n, h), ("q_heads", "head_dim"), dtype, "zeros")
+      self.k_bias = layers.param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, "zeros")
+      self.v_bias = layers.param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, "zeros")
+    if config.o_bias:
+      self.o_bias = layers.param(rngs, (d,), ("embed",), dtype, "zeros")
+    if config.qk_norm:
+      kind = "rms1p" if config.norm == "rms1p" else "rms"  # Gemma 3 offsets these by one too
+      self.q_norm = layers.Norm(h, kind, config.norm_eps, dtype, rngs, axis="head_dim")
+      self.k_norm = layers.Norm(h, kind, config.norm_eps, dtype, rngs, axis="head_dim")
+
+  def __call__(self, x, cos, sin, segment_ids, window, cache=None):
+    """x [B,T,D], segment_ids [B,T], window (int or traced int32) -> (output [B,T,D],
+    per-head output [B,T,N,H], updated cache).
+
+    `cache`: this layer's kv_cache.KVCache (None: none, and None comes back). x's keys and
+    values are written into it, and its queries attend to whatever it says they see."""
+    cfg = self.config
+    dt = x.dtype
+
+    def project(name: str) -> jax.Array:
+      y = jnp.einsum("BTD,DKH->BTKH", x, getattr(self, f"{name}_proj")[...].astype(dt))
+      if cfg.qkv_bias:
+        y = y + getattr(self, f"{name}_bias")[...].astype(dt)
+      return y
+
+    q, k, v = project("q"), project("k"), project("v")
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = rope.apply_rotary(q, cos, sin), rope.apply_rotary(k, cos, sin)
+    key_segment_ids, query_start = None, 0
+    if cache is not None:
+      cache, (k, v, key_segment_ids, query_start) = cache.update(k, v, segment_ids)
+    b, t, _, h = q.shape
+    q = q.reshape(b, t, cfg.num_key_value_heads, cfg.queries_per_group, h)
+    scale = (cfg.query_pre_attn_scalar or h) ** -0.5
+    heads = attend(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
+                             implementation=cfg.attention, block_size=cfg.attention_block_size,
+                             softcap=cfg.attn_logit_softcap, key_segment_ids=key_segment_ids,
+                             query_start=query_start)
+    heads = heads.reshape(b, t, cfg.num_attention_heads, h)
+    out = jnp.einsum("BTNH,NHD->BTD", heads, self.o_proj[...].astype(dt))
+    if cfg.o_bias:
+      out = out + self.o_bias[...].astype(dt)
+    return out, heads, cache

@@ -1,5 +1,8 @@
 """The decoder in Flax NNX, with a pure-function face: params are a plain nested dict.
 
+A layer is an attention block (attention.py) and an MLP (layers.py) or a mixture of experts
+(moe.py), each with its norms; the embedding, the scanned layer stack and the head are here.
+
 Layers are stacked on a leading `layers` axis and run with `lax.scan`, so depth pruning is a slice
 and compile time does not grow with depth. Axis letters used in einsum strings:
   B batch, T query positions, S key positions, D hidden, V vocab, F MLP intermediate,
@@ -16,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minitron_jax.models import attention, moe, partitioning
+from minitron_jax.models import attention, layers, moe, partitioning, rope
 from minitron_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -31,242 +34,20 @@ Params = dict[str, Any]
 # Generation (`decode`) adds kv_cache: the layer's kv_cache.KVCache holding the new tokens too.
 Intermediates = dict[str, jax.Array]
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
-}
-
-
-def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
-  if init == "normal":
-    value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)
-  elif init == "ones":
-    value = jnp.ones(shape, dtype)
-  else:
-    value = jnp.zeros(shape, dtype)
-  return nnx.Param(value, axes=axes)
-
-
-class Norm(nnx.Module):
-  """RMSNorm; Gemma's RMSNorm (rms1p) or Nemotron's LayerNorm1P, whose stored scale is offset by
-  one. Computed in float32 and multiplied by the scale before casting back, as transformers does."""
-
-  def __init__(self, size: int, kind: str, eps: float, dtype, rngs: nnx.Rngs, axis: str):
-    self.kind, self.eps = kind, eps
-    self.scale = _param(rngs, (size,), (axis,), dtype, "ones" if kind == "rms" else "zeros")
-    self.bias = _param(rngs, (size,), (axis,), dtype, "zeros") if kind == "layernorm1p" else None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    if self.kind in ("rms", "rms1p"):
-      y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-      scale = self.scale[...].astype(jnp.float32)
-      y = y * (1.0 + scale if self.kind == "rms1p" else scale)
-    else:
-      centred = x32 - jnp.mean(x32, -1, keepdims=True)
-      y = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + self.eps)
-      y = y * (self.scale[...].astype(jnp.float32) + 1.0) + self.bias[...].astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
-  """Per-pair inverse frequencies [rotary_dim/2], computed in float32 as the reference does.
-
-  `local`: those of the sliding-window layers, at local_rope_theta and unscaled (Gemma 3)."""
-  dim = config.rotary_dim
-  theta = config.local_rope_theta if local else config.rope_theta
-  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-  inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
-  scaling = None if local else config.rope_scaling
-  if scaling is None:
-    return inv_freq
-  if scaling.kind == "linear":
-    return (inv_freq / np.float32(scaling.factor)).astype(np.float32)
-  # llama3: keep high frequencies, divide low ones by `factor`, interpolate in between.
-  old_len = scaling.original_max_position_embeddings
-  low_wavelen = old_len / scaling.low_freq_factor
-  high_wavelen = old_len / scaling.high_freq_factor
-  wavelen = 2 * np.pi / inv_freq
-  scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-  smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-      scaling.high_freq_factor - scaling.low_freq_factor)
-  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rotary_tables(config: ModelConfig, positions: jax.Array,
-                  local: bool = False) -> tuple[jax.Array, jax.Array]:
-  """cos, sin of shape [B,T,rotary_dim] in float32 (the two halves repeat, as in rotate-half RoPE)."""
-  inv_freq = rope_inverse_frequencies(config, local)
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-  angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x [B,T,heads,H]; rotates the first rotary_dim channels and passes the rest through."""
-  rot = cos.shape[-1]
-  x_rot, x_pass = x[..., :rot], x[..., rot:]
-  first, second = jnp.split(x_rot, 2, axis=-1)
-  rotated = jnp.concatenate([-second, first], axis=-1)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-  x_rot = (x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
-  return jnp.concatenate([x_rot, x_pass], axis=-1)
-
-
-class Attention(nnx.Module):
-  """Grouped-query attention; query head n reads key/value head n // queries_per_group."""
-
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-    d, n, k, h = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                  config.head_dim)
-    dtype = jnp.dtype(config.param_dtype)
-    self.config = config
-    self.q_proj = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), dtype)
-    self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
-    self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
-    self.o_proj = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), dtype)
-    if config.qkv_bias:
-      self.q_bias = _param(rngs, (n, h), ("q_heads", "head_dim"), dtype, "zeros")
-      self.k_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, "zeros")
-      self.v_bias = _param(rngs, (k, h), ("kv_heads", "head_dim"), dtype, "zeros")
-    if config.o_bias:
-      self.o_bias = _param(rngs, (d,), ("embed",), dtype, "zeros")
-    if config.qk_norm:
-      kind = "rms1p" if config.norm == "rms1p" else "rms"  # Gemma 3 offsets these by one too
-      self.q_norm = Norm(h, kind, config.norm_eps, dtype, rngs, axis="head_dim")
-      self.k_norm = Norm(h, kind, config.norm_eps, dtype, rngs, axis="head_dim")
-
-  def __call__(self, x, cos, sin, segment_ids, window, cache=None):
-    """x [B,T,D], segment_ids [B,T], window (int or traced int32) -> (output [B,T,D],
-    per-head output [B,T,N,H], updated cache).
-
-    `cache`: this layer's kv_cache.KVCache (None: none, and None comes back). x's keys and
-    values are written into it, and its queries attend to whatever it says they see."""
-    cfg = self.config
-    dt = x.dtype
-
-    def project(name: str) -> jax.Array:
-      y = jnp.einsum("BTD,DKH->BTKH", x, getattr(self, f"{name}_proj")[...].astype(dt))
-      if cfg.qkv_bias:
-        y = y + getattr(self, f"{name}_bias")[...].astype(dt)
-      return y
-
-    q, k, v = project("q"), project("k"), project("v")
-    if cfg.qk_norm:
-      q, k = self.q_norm(q), self.k_norm(k)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    key_segment_ids, query_start = None, 0
-    if cache is not None:
-      cache, (k, v, key_segment_ids, query_start) = cache.update(k, v, segment_ids)
-    b, t, _, h = q.shape
-    q = q.reshape(b, t, cfg.num_key_value_heads, cfg.queries_per_group, h)
-    scale = (cfg.query_pre_attn_scalar or h) ** -0.5
-    heads = attention.attend(q, k, v, segment_ids=segment_ids, window=window, scale=scale,
-                             implementation=cfg.attention, block_size=cfg.attention_block_size,
-                             softcap=cfg.attn_logit_softcap, key_segment_ids=key_segment_ids,
-                             query_start=query_start)
-    heads = heads.reshape(b, t, cfg.num_attention_heads, h)
-    out = jnp.einsum("BTNH,NHD->BTD", heads, self.o_proj[...].astype(dt))
-    if cfg.o_bias:
-      out = out + self.o_bias[...].astype(dt)
-    return out, heads, cache
-
-
-class MLP(nnx.Module):
-  """Gated (SwiGLU-style) or plain (Nemotron relu²) feed-forward block; `width` and `axis` name
-  another one of its kind (a mixture's shared expert)."""
-
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs, width: int | None = None,
-               axis: str = "mlp"):
-    d, f = config.hidden_size, width or config.intermediate_size
-    dtype = jnp.dtype(config.param_dtype)
-    self.config = config
-    if config.gated_mlp:
-      self.gate_proj = _param(rngs, (d, f), ("embed", axis), dtype)
-    self.up_proj = _param(rngs, (d, f), ("embed", axis), dtype)
-    self.down_proj = _param(rngs, (f, d), (axis, "embed"), dtype)
-    if config.mlp_bias:
-      if config.gated_mlp:
-        self.gate_bias = _param(rngs, (f,), (axis,), dtype, "zeros")
-      self.up_bias = _param(rngs, (f,), (axis,), dtype, "zeros")
-      self.down_bias = _param(rngs, (d,), ("embed",), dtype, "zeros")
-
-  def __call__(self, x) -> tuple[jax.Array, jax.Array]:
-    """x [B,T,D] -> (output [B,T,D], activation [B,T,F] that feeds down_proj)."""
-    cfg, dt = self.config, x.dtype
-
-    def project(name: str) -> jax.Array:
-      y = jnp.einsum("BTD,DF->BTF", x, getattr(self, f"{name}_proj")[...].astype(dt))
-      return y + getattr(self, f"{name}_bias")[...].astype(dt) if cfg.mlp_bias else y
-
-    act = _ACTIVATIONS[cfg.activation](project("up") if not cfg.gated_mlp else project("gate"))
-    if cfg.gated_mlp:
-      act = act * project("up")
-    out = jnp.einsum("BTF,FD->BTD", act, self.down_proj[...].astype(dt))
-    if cfg.mlp_bias:
-      out = out + self.down_bias[...].astype(dt)
-    return out, act
-
-
-class MixtureOfExperts(nnx.Module):
-  """A router picks each token's top-k of `num_experts` gated MLPs and mixes their outputs by
-  its softmax weights (moe.py dispatches them); Qwen2-MoE adds a shared expert every token
-  passes through, scaled by sigmoid(x . shared_gate)."""
-
-  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-    d, e, f = config.hidden_size, config.num_experts, config.moe_intermediate_size
-    dtype = jnp.dtype(config.param_dtype)
-    self.config = config
-    self.router = _param(rngs, (d, e), ("embed", "experts"), dtype)
-    self.gate_proj = _param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), dtype)
-    self.up_proj = _param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), dtype)
-    self.down_proj = _param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), dtype)
-    if config.shared_expert_intermediate_size:
-      self.shared = MLP(config, rngs, width=config.shared_expert_intermediate_size,
-                        axis="shared_mlp")
-      self.shared_gate = _param(rngs, (d, 1), ("embed", "unit"), dtype)
-
-  def __call__(self, x) -> tuple[jax.Array, Intermediates]:
-    """x [B,T,D] -> (output [B,T,D], the routing intermediates listed at the top of model.py)."""
-    cfg, dt = self.config, x.dtype
-    # Routing is discontinuous: logits rounded to bf16 would flip near-tied experts, so they
-    # keep float32 (transformers rounds them to the compute dtype; fp32 runs are identical).
-    logits = jnp.einsum("BTD,DE->BTE", x, self.router[...].astype(dt),
-                        preferred_element_type=jnp.float32)
-    weights, indices = moe.route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
-    weights = weights.astype(dt)  # transformers casts them to the router's dtype too
-    outputs, act = moe.experts(x, indices, self.gate_proj[...].astype(dt),
-                               self.up_proj[...].astype(dt), self.down_proj[...].astype(dt),
-                               _ACTIVATIONS[cfg.activation], cfg.moe_capacity_factor,
-                               implementation=cfg.moe_dispatch)
-    out = jnp.einsum("BTKD,BTK->BTD", outputs, weights)
-    inter = dict(router_logits=logits, expert_index=indices, expert_weight=weights,
-                 expert_act=act, expert_output=outputs)
-    if cfg.shared_expert_intermediate_size:
-      shared, inter["shared_act"] = self.shared(x)
-      gate = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x, self.shared_gate[...].astype(dt)))
-      out = out + gate * shared
-    return out, inter
-
-
 class DecoderLayer(nnx.Module):
   """Pre-norm attention and MLP blocks; with post_norms each output is normalised again (Gemma 2/3)."""
 
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.param_dtype)
-    norm = lambda: Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
+    norm = lambda: layers.Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
     self.post_norms = config.post_norms
     self.attn_norm = norm()
-    self.attn = Attention(config, rngs)
+    self.attn = attention.Attention(config, rngs)
     self.mlp_norm = norm()
     if config.is_moe:
-      self.moe = MixtureOfExperts(config, rngs)
+      self.moe = moe.MixtureOfExperts(config, rngs)
     else:
-      self.mlp = MLP(config, rngs)
+      self.mlp = layers.MLP(config, rngs)
     if config.post_norms:
       self.attn_post_norm = norm()
       self.mlp_post_norm = norm()
@@ -300,7 +81,7 @@ class Decoder(nnx.Module):
   def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
     dtype = jnp.dtype(config.param_dtype)
     self.config = config
-    self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
+    self.embed = layers.param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), dtype)
 
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -308,9 +89,9 @@ class Decoder(nnx.Module):
       return DecoderLayer(config, rngs)
 
     self.layers = make_layers(rngs)
-    self.final_norm = Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
+    self.final_norm = layers.Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
     if not config.tie_word_embeddings:
-      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+      self.lm_head = layers.param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
                             dtype)
 
   def __call__(self, tokens, segment_ids, positions, intermediates_fn=None, cache=None):
@@ -324,10 +105,10 @@ class Decoder(nnx.Module):
     if cfg.embedding_scale is not None:
       # transformers rounds the scale to the compute dtype first (sqrt(3072) is 55.5 in bf16).
       x = x * jnp.asarray(cfg.embedding_scale, jnp.float32).astype(dt)
-    tables = rotary_tables(cfg, positions)
+    tables = rope.rotary_tables(cfg, positions)
     local_layers = cfg.local_rope_layers()
     # Gemma 3: local layers rotate at their own base; one table per kind, picked per layer.
-    local_tables = rotary_tables(cfg, positions, local=True) if any(local_layers) else None
+    local_tables = rope.rotary_tables(cfg, positions, local=True) if any(local_layers) else None
     windows = [attention.NO_WINDOW if w is None else w for w in cfg.layer_windows()]
     # One window for every layer stays a Python int, which the fused kernels need; mixed
     # windows (Qwen2/3 layer_types) ride the scan as a traced int32 per layer.
@@ -356,8 +137,8 @@ class Decoder(nnx.Module):
 
 
 def shard_batch_axis(x: jax.Array) -> jax.Array:
-  """x [B,...] with B split as `partitioning.batch_sharding` splits a batch, over the mesh in context
-  (`jax.set_mesh`); unchanged without a mesh.
+  """x [B,...] with B split as `partitioning.batch_sharding` splits a batch, over the mesh in
+  context (`jax.set_mesh`); unchanged without a mesh.
 
   Without it GSPMD follows the weights, whose embed axis FSDP splits, and every device holds
   (and computes) the whole batch's activations.

@@ -1,5 +1,5 @@
-"""Sparse mixture-of-experts pieces as pure functions: top-k routing, grouped expert matmuls and
-the router's load-balancing loss.
+"""The mixture-of-experts block (`MixtureOfExperts`) and its pieces as pure functions: top-k
+routing, grouped expert matmuls and the router's load-balancing loss.
 
 Axis letters (as in model.py): B batch, T positions, D hidden, E experts, K experts per token
 (top-k), F expert width, M = B*T*K routed (token, expert) pairs.
@@ -33,8 +33,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from minitron_jax.models import moe_parallel, tokamax_kernels
+from minitron_jax.models import layers, moe_parallel, tokamax_kernels
+from minitron_jax.models.config import ModelConfig
 
 # Whether "auto" runs tokamax's grouped matmul on a GPU whose kernel takes both directions
 # (off until measured on a GPU; see the module docstring).
@@ -152,3 +154,47 @@ def load_balancing_loss(router_logits: jax.Array, top_k: int,
   tokens_per_expert = jnp.sum(counts * weight, axis=(0, 1, 2)) / rows  # [E]
   prob_per_expert = jnp.sum(probs * weight, axis=(0, 1, 2)) / rows  # [E]
   return num_experts * jnp.sum(tokens_per_expert * prob_per_expert)
+
+
+# ----------------------------------------------------------------------------- the block
+
+
+class MixtureOfExperts(nnx.Module):
+  """A router picks each token's top-k of `num_experts` gated MLPs and mixes their outputs by
+  its softmax weights (`experts` dispatches them); Qwen2-MoE adds a shared expert every token
+  passes through, scaled by sigmoid(x . shared_gate)."""
+
+  def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    d, e, f = config.hidden_size, config.num_experts, config.moe_intermediate_size
+    dtype = jnp.dtype(config.param_dtype)
+    self.config = config
+    self.router = layers.param(rngs, (d, e), ("embed", "experts"), dtype)
+    self.gate_proj = layers.param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), dtype)
+    self.up_proj = layers.param(rngs, (e, d, f), ("experts", "embed", "moe_mlp"), dtype)
+    self.down_proj = layers.param(rngs, (e, f, d), ("experts", "moe_mlp", "embed"), dtype)
+    if config.shared_expert_intermediate_size:
+      self.shared = layers.MLP(config, rngs, width=config.shared_expert_intermediate_size,
+                        axis="shared_mlp")
+      self.shared_gate = layers.param(rngs, (d, 1), ("embed", "unit"), dtype)
+
+  def __call__(self, x) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [B,T,D] -> (output [B,T,D], the routing intermediates listed at the top of model.py)."""
+    cfg, dt = self.config, x.dtype
+    # Routing is discontinuous: logits rounded to bf16 would flip near-tied experts, so they
+    # keep float32 (transformers rounds them to the compute dtype; fp32 runs are identical).
+    logits = jnp.einsum("BTD,DE->BTE", x, self.router[...].astype(dt),
+                        preferred_element_type=jnp.float32)
+    weights, indices = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    weights = weights.astype(dt)  # transformers casts them to the router's dtype too
+    outputs, act = experts(x, indices, self.gate_proj[...].astype(dt),
+                               self.up_proj[...].astype(dt), self.down_proj[...].astype(dt),
+                               layers.ACTIVATIONS[cfg.activation], cfg.moe_capacity_factor,
+                               implementation=cfg.moe_dispatch)
+    out = jnp.einsum("BTKD,BTK->BTD", outputs, weights)
+    inter = dict(router_logits=logits, expert_index=indices, expert_weight=weights,
+                 expert_act=act, expert_output=outputs)
+    if cfg.shared_expert_intermediate_size:
+      shared, inter["shared_act"] = self.shared(x)
+      gate = jax.nn.sigmoid(jnp.einsum("BTD,DO->BTO", x, self.shared_gate[...].astype(dt)))
+      out = out + gate * shared
+    return out, inter
