@@ -62,29 +62,30 @@ def _run_holding(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log) -> 
     distributed.barrier(f"after {key}")
 
   # Every stage computes on the run's mesh; the model pins activations to its batch axes.
-  with jax.set_mesh(stage_context.mesh_of(cfg)):
-    _run_stages(cfg, workdir, run_stage, log)
+  mesh = stage_context.mesh_of(cfg)
+  with jax.set_mesh(mesh):
+    _run_stages(cfg, workdir, mesh, run_stage, log)
 
 
-def _run_stages(cfg, workdir: pathlib.Path, run_stage, log) -> None:
+def _run_stages(cfg, workdir: pathlib.Path, mesh, run_stage, log) -> None:
   original = stage_context.original_ref(cfg, workdir)
-  base = Context(cfg=cfg, directory=workdir, source=original, teacher=original, log=log)
+  base = Context(cfg=cfg, directory=workdir, mesh=mesh, source=original, teacher=original,
+                 log=log)
   for name in registry.BEFORE_COMPRESSION:
     if name in cfg.stages:
-      run_stage(name, base if name == "check" else Context(cfg=cfg, directory=workdir, log=log),
-                name)
+      run_stage(name, base if name == "check" else Context(cfg, workdir, mesh, log=log), name)
 
   previous = original
   for step in stage_context.compression_plan(cfg, workdir):
-    ctx = Context(cfg=cfg, directory=step["directory"], source=previous,
-                  teacher=original if step["teacher"] == "original" else previous,
-                  target=step["target"], distill_steps=step["distill_steps"], log=log)
+    ctx = Context(cfg=cfg, directory=step.directory, mesh=mesh, source=previous,
+                  teacher=original if step.teacher == "original" else previous, step=step,
+                  log=log)
     for name in registry.COMPRESSION_STAGES:
       if name in cfg.stages:
-        run_stage(name, ctx, f"{step['name']}/{name}" if step["name"] else name)
+        run_stage(name, ctx, step.key(name))
     produced = "distill" if "distill" in cfg.stages else "prune"
-    previous = ModelRef(registry.path(step["directory"], produced, "model"),
-                        f"{step['name'] or 'stage'} {produced}")
+    previous = ModelRef(registry.path(step.directory, produced, "model"),
+                        f"{step.name or 'stage'} {produced}")
 
   for name in registry.AFTER_COMPRESSION:
     if name in cfg.stages:

@@ -130,7 +130,8 @@ class Outputs:
   def staged(self, output: str) -> pathlib.Path:
     entry = BY_NAME[self.stage]
     if output not in entry.outputs:
-      raise KeyError(f"stage {self.stage!r} publishes no {output!r}; it has {sorted(entry.outputs)}")
+      raise KeyError(f"stage {self.stage!r} publishes no {output!r}; it has "
+                     f"{sorted(entry.outputs)}")
     return self.staging / pathlib.PurePosixPath(entry.outputs[output]).name
 
   def work(self, output: str) -> pathlib.Path:

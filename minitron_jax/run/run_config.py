@@ -206,7 +206,7 @@ def base_config(options: dict[str, str] | None = None) -> ml_collections.ConfigD
                      mode="context")))
   config.evaluate.batch_size = 32
   config.evaluate.max_length = 128  # the shipped teacher was trained on 128-byte windows
-  # lm-evaluation-harness (run/stages/evaluate.py): its tasks, and ours run through it (own_tasks: the
+  # lm-evaluation-harness (stages/evaluate.py): its tasks, and ours run through it (own_tasks: the
   # harness's accuracy then equals our evaluator's, shown side by side in the report).
   config.evaluate.lm_eval = ml_collections.ConfigDict(dict(
       tasks="",  # comma-separated harness tasks or groups: "hellaswag,arc_easy"

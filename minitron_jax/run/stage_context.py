@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import pathlib
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import ml_collections
 
@@ -31,14 +31,49 @@ class ModelRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompressionStep:
+  """One compression stage of the plan: its name ("" when the run has one, unnamed, working in
+  the workdir itself), its directory, its target, its teacher ("original": the model compression
+  starts from; "previous": the student the stage before produced) and its distillation steps
+  (None: distill.steps)."""
+
+  name: str
+  directory: pathlib.Path
+  target: Mapping[str, Any]
+  teacher: str = "original"
+  distill_steps: int | None = None
+
+  @property
+  def prefix(self) -> str:
+    """The stage's name and a space, to put before a label; "" for the unnamed one."""
+    return f"{self.name} " if self.name else ""
+
+  def key(self, stage: str) -> str:
+    """`stage` of this compression stage, as timings and logs name it."""
+    return f"{self.name}/{stage}" if self.name else stage
+
+
+@dataclasses.dataclass(frozen=True)
 class Context:
+  """What a stage runs with: the run's settings, the directory it runs in, the mesh every stage
+  computes on (built once by the pipeline), the models it starts from and learns from, and the
+  compression stage it belongs to (None for a stage run once per run)."""
+
   cfg: ml_collections.ConfigDict
   directory: pathlib.Path
+  mesh: Any = None
   source: ModelRef = ModelRef()
   teacher: ModelRef = ModelRef()
-  target: dict | None = None
-  distill_steps: int | None = None
+  step: CompressionStep | None = None
   log: Callable[[str], None] = print
+
+  @property
+  def target(self) -> Mapping[str, Any] | None:
+    return None if self.step is None else self.step.target
+
+  @property
+  def distill_steps(self) -> int | None:
+    return None if self.step is None else self.step.distill_steps
 
 
 def mesh_of(cfg: ml_collections.ConfigDict):
@@ -87,12 +122,13 @@ def validation(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
 TEACHER_CHOICES = ("original", "previous")
 
 
-def compression_plan(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[dict]:
-  """One dict per compression stage: name, directory, target, teacher, distill_steps."""
+def compression_plan(cfg: ml_collections.ConfigDict,
+                     workdir: pathlib.Path) -> tuple[CompressionStep, ...]:
+  """The compression stages `config.compression` lists (one, unnamed, in the workdir, with
+  `config.prune.target`, when it lists none)."""
   entries = list(cfg.get("compression", ()) or ())
   if not entries:
-    return [dict(name="", directory=workdir, target=dict(cfg.prune.target), teacher="original",
-                 distill_steps=None)]
+    return (CompressionStep("", workdir, dict(cfg.prune.target)),)
   plan = []
   for index, entry in enumerate(entries):
     entry = dict(entry)
@@ -101,10 +137,10 @@ def compression_plan(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> l
     if teacher not in TEACHER_CHOICES:
       raise ConfigError(f"compression stage {name!r} teacher={teacher!r} is not allowed; "
                         f"allowed: {TEACHER_CHOICES}")
-    plan.append(dict(name=name, directory=workdir / f"{index + 1}_{name}",
-                     target=dict(entry.get("target", {})), teacher=teacher,
-                     distill_steps=entry.get("distill_steps")))
-  return plan
+    plan.append(CompressionStep(name, workdir / f"{index + 1}_{name}",
+                                dict(entry.get("target", {})), teacher,
+                                entry.get("distill_steps")))
+  return tuple(plan)
 
 
 def models_of(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, ModelRef]:
@@ -113,10 +149,9 @@ def models_of(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
   original = original_ref(cfg, workdir)
   refs = {"teacher": original}
   for step in compression_plan(cfg, workdir):
-    prefix = f"{step['name']} " if step["name"] else ""
     for kind in ("prune", "distill"):
-      path = registry.path(step["directory"], kind, "model")
-      label = f"{prefix}{'pruned' if kind == 'prune' else 'distilled'}"
+      path = registry.path(step.directory, kind, "model")
+      label = f"{step.prefix}{'pruned' if kind == 'prune' else 'distilled'}"
       refs[label] = ModelRef(path, label)
   return refs
 

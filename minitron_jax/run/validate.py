@@ -117,8 +117,8 @@ class _Validation:
     return source
 
   def mesh(self) -> None:
-    mesh = self.attempt("mesh", stage_settings.settings, partitioning.MeshConfig, self.cfg.mesh.to_dict(),
-                        "mesh")
+    mesh = self.attempt("mesh", stage_settings.settings, partitioning.MeshConfig,
+                        self.cfg.mesh.to_dict(), "mesh")
     if mesh is not None:
       self.attempt("mesh", mesh.shape, jax.device_count())
 
@@ -172,39 +172,40 @@ class _Validation:
         self.attempt(name, stage_settings.retrain_settings, cfg, section, source, source, steps, **loop,
                      offline=offline)
 
-  def teacher_logits_store(self, step: dict) -> None:
+  def teacher_logits_store(self, step: stage_context.CompressionStep) -> None:
     """A first stage's teacher store written by an earlier run must suit this one (later stages'
     teachers exist only once the run reaches them; they are checked there)."""
-    if step["teacher"] != "original":
+    if step.teacher != "original":
       return
     ref = stage_context.original_ref(self.cfg, self.workdir)
     if ref.path is not None and not checkpoint.is_saved_model(ref.path):
       return
     config = self.attempt("model", teacher_logits_inputs.teacher_config, self.cfg, ref)
     for split in ("train", "validation"):
-      stored_path = registry.path(step["directory"], teacher_logits_inputs.STAGE, split)
+      stored_path = registry.path(step.directory, teacher_logits_inputs.STAGE, split)
       if config is None or not (stored_path / "metadata.json").is_file():
         continue
-      expected = self.attempt("teacher_logits", teacher_logits_inputs.expected_metadata, self.cfg, ref,
-                              config, split, step["distill_steps"])
+      expected = self.attempt("teacher_logits", teacher_logits_inputs.expected_metadata, self.cfg,
+                              ref, config, split, step.distill_steps)
       stored = self.attempt(str(stored_path), teacher_logits_store.StoreMetadata.load, stored_path)
       if expected is not None and stored is not None:
         self.attempt(str(stored_path), stored.check_matches, expected, expected.num_rows)
 
   # --------------------------------------------------------------------------- the plan
 
-  def compression(self, source: ModelConfig, plan: list[dict]) -> None:
+  def compression(self, source: ModelConfig,
+                  plan: tuple[stage_context.CompressionStep, ...]) -> None:
     """Walks the plan stage by stage with every shape each stage can start from."""
     students = [source]  # the shapes this stage may start from (several after a search)
     for index, step in enumerate(plan):
-      where = f"compression[{index}] ({step['name']})" if step["name"] else "prune.target"
-      teachers = [source] if step["teacher"] == "original" else students
+      where = f"compression[{index}] ({step.name})" if step.name else "prune.target"
+      teachers = [source] if step.teacher == "original" else students
       produced: dict[ModelConfig, None] = {}
       for student in students:
         for shape in self.stage_outputs(where, step, student, teachers):
           produced[shape] = None
       if "distill" in self.stages:
-        steps = step["distill_steps"] or self.cfg.distill.steps
+        steps = step.distill_steps or self.cfg.distill.steps
         for shape in produced:
           for teacher in teachers:
             self.attempt("distill", stage_settings.retrain_settings, self.cfg, self.cfg.distill, shape,
@@ -213,10 +214,10 @@ class _Validation:
       if not students:
         return  # later stages' shapes are unknown; their problems show once this one is fixed
 
-  def stage_outputs(self, where: str, step: dict, source: ModelConfig,
+  def stage_outputs(self, where: str, step: stage_context.CompressionStep, source: ModelConfig,
                     teachers: list[ModelConfig]) -> list[ModelConfig]:
     """The shapes one compression stage can produce from `source`, after checking its settings."""
-    directory = step["directory"]
+    directory = step.directory
     saved = registry.path(directory, "prune", "model")
     if checkpoint.is_saved_model(saved):  # pruned on an earlier run; its shape is what it is
       config = self.attempt(str(saved), checkpoint.load_config, saved)
@@ -226,8 +227,8 @@ class _Validation:
                    **stage_settings.estimate_options(self.cfg))
     if "search" in self.stages:
       targets = self.search_targets(where, step, source, teachers)
-    elif step["target"]:
-      targets = [step["target"]]
+    elif step.target:
+      targets = [step.target]
     else:
       self.note(where, "is empty; allowed: the sizes to prune to (or 'search' in stages)")
       return []
@@ -248,10 +249,10 @@ class _Validation:
     if problem:
       self.note("stages", problem)
 
-  def search_targets(self, where: str, step: dict, source: ModelConfig,
+  def search_targets(self, where: str, step: stage_context.CompressionStep, source: ModelConfig,
                      teachers: list[ModelConfig]) -> list[dict]:
     """Every candidate the search can pick (its pick, if it ran), its retraining checked."""
-    directory = step["directory"]
+    directory = step.directory
     result = registry.path(directory, "search", "result")
     if result.exists():
       best = self.attempt(str(result),

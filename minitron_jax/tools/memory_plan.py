@@ -263,8 +263,8 @@ def stage_models(cfg: ml_collections.ConfigDict, stage: int = 0
   for index, step in enumerate(plan[:stage + 1]):
     if index:
       source = student
-    teacher = original if step["teacher"] == "original" else source
-    student = prune.target_config(source, prune.validate_target(source, step["target"]))
+    teacher = original if step.teacher == "original" else source
+    student = prune.target_config(source, prune.validate_target(source, step.target))
   return source, student, teacher
 
 

@@ -21,7 +21,7 @@ from minitron_jax.run import registry, stage_context
 def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
   cfg, log = ctx.cfg, ctx.log
   started = time.perf_counter()
-  mesh = stage_context.mesh_of(cfg)
+  mesh = ctx.mesh
   log(f"[check] mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
   config, params = stage_context.load(cfg, ctx.source, mesh)
   log(f"[check] {config.family} model: {config.num_layers} layers, hidden {config.hidden_size}, "

@@ -9,7 +9,8 @@ import time
 from minitron_jax.checkpoints import checkpoint, hf
 from minitron_jax.core import atomic, distributed
 from minitron_jax.run import registry, retrain
-from minitron_jax.run.stage_context import Context, ModelRef, load, load_tokenizer, mesh_of
+from minitron_jax.run.stage_context import Context, ModelRef, load, load_tokenizer
+from minitron_jax.run.stage_settings import retrain_settings
 
 
 def run(ctx: Context, out: registry.Outputs) -> dict:
@@ -18,15 +19,16 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   started = time.perf_counter()
   section = cfg.distill
   steps = ctx.distill_steps or section.steps
-  mesh = mesh_of(cfg)
-  teacher_config, teacher, offline = retrain.teacher_for(ctx, mesh)
+  mesh = ctx.mesh
+  teacher_config, teacher, offline = retrain.teacher_for(ctx)
   student_config, student = load(
       cfg, ModelRef(registry.path(ctx.directory, "prune", "model"), "pruned"), mesh)
   ctx.log(f"[distill] {steps} steps of {section.batch_size}x{section.seq_len} tokens; student "
           f"{student_config.num_params():,}, teacher ({ctx.teacher.label}"
           f"{', stored top-k' if offline else ''}) {teacher_config.num_params():,} parameters")
-  trained, final = retrain.retrain(cfg, section, student_config, student, teacher_config,
-                                   teacher, out.final(), steps, ctx.log, offline=offline)
+  settings = retrain_settings(cfg, section, student_config, teacher_config, steps,
+                              offline=offline is not None)
+  trained, final = retrain.retrain(ctx, settings, student, teacher, out.final(), offline=offline)
   trained = distributed.to_host(trained)
   saved_config = student_config.replace(dtype="float32", remat="none")
   checkpoint.save_model(out.staged("model"), saved_config, trained)

@@ -116,7 +116,7 @@ def check(cfg: ml_collections.ConfigDict) -> list[str]:
 def run(ctx: Context, out: registry.Outputs) -> dict:
   cfg = ctx.cfg
   section = cfg.evaluate
-  mesh = stage_context.mesh_of(cfg)
+  mesh = ctx.mesh
   tasks = load_tasks(section)
   names, own = harness_names(section)
   manager = (task_config.harness_index(section, names, {name: tasks[name] for name in own},

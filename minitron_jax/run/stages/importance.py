@@ -8,14 +8,14 @@ import time
 from minitron_jax.compress import importance
 from minitron_jax.models import partitioning
 from minitron_jax.run import registry, stage_context
-from minitron_jax.run.stage_context import Context, load, mesh_of
+from minitron_jax.run.stage_context import Context, load
 from minitron_jax.run.stage_settings import estimate_options
 
 
 def run(ctx: Context, out: registry.Outputs) -> dict:
   cfg = ctx.cfg
   started = time.perf_counter()
-  mesh = mesh_of(cfg)
+  mesh = ctx.mesh
   config, params = load(cfg, ctx.source, mesh)
   batches = stage_context.calibration(cfg, config.vocab_size)
   ctx.log(f"[importance] {len(batches) * cfg.importance.batch_size} calibration samples of "

@@ -12,7 +12,7 @@ from minitron_jax.core import atomic, distributed
 from minitron_jax.errors import ConfigError
 from minitron_jax.models import model
 from minitron_jax.run import registry, stage_context
-from minitron_jax.run.stage_context import Context, load, mesh_of, validation
+from minitron_jax.run.stage_context import Context, load, validation
 from minitron_jax.run.stage_settings import estimate_options, prune_options
 
 
@@ -29,7 +29,7 @@ def chosen_target(ctx: Context) -> dict:
 def run(ctx: Context, out: registry.Outputs) -> dict:
   cfg = ctx.cfg
   started = time.perf_counter()
-  config, params = load(cfg, ctx.source, mesh_of(cfg))
+  config, params = load(cfg, ctx.source, ctx.mesh)
   target = chosen_target(ctx)
   if cfg.prune.iterative_rounds > 1:
     # Paper Table 10: re-estimate on the partly pruned model between rounds.

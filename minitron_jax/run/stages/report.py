@@ -35,18 +35,17 @@ def run(ctx: Context, out: registry.Outputs) -> str:
   rows = []
   teacher_loss = None
   for step in plan:
-    pruned = _read(registry.path(step["directory"], "prune", "summary"))
-    distilled = _read(registry.path(step["directory"], "distill", "summary"))
+    pruned = _read(registry.path(step.directory, "prune", "summary"))
+    distilled = _read(registry.path(step.directory, "distill", "summary"))
     if pruned is None:
       continue
     teacher_loss = teacher_loss if teacher_loss is not None else pruned["source_validation_loss"]
     if not rows:
       rows.append(("teacher", pruned["source_params"], pruned["source_validation_loss"]))
-    name = f"{step['name']} " if step["name"] else ""
-    rows.append((f"{name}pruned (zero-shot)", pruned["pruned_params"],
+    rows.append((f"{step.prefix}pruned (zero-shot)", pruned["pruned_params"],
                  pruned["pruned_validation_loss"]))
     if distilled is not None:
-      rows.append((f"{name}distilled ({distilled['steps']} steps)", distilled["student_params"],
+      rows.append((f"{step.prefix}distilled ({distilled['steps']} steps)", distilled["student_params"],
                    distilled["val_ce"]))
   if rows:
     lines += ["## Validation loss", "",
@@ -62,9 +61,9 @@ def run(ctx: Context, out: registry.Outputs) -> str:
     if written.exists():
       lines += [f"## {title}", "", written.read_text().strip(), ""]
   for step in plan:
-    search_report = registry.path(step["directory"], "search", "report")
+    search_report = registry.path(step.directory, "search", "report")
     if search_report.exists():
-      lines += [f"## Architecture search {step['name']}".rstrip(), "",
+      lines += [f"## Architecture search {step.name}".rstrip(), "",
                 search_report.read_text().strip(), ""]
   timings = _read(workdir / "timings.json") or {}
   if timings:
@@ -97,13 +96,13 @@ def _teachers(workdir: pathlib.Path, plan: list[dict]) -> list:
   """(label, validation loss or None) of each compression stage's teacher: the original (its
   loss from the first stage's prune summary, else from the check stage) or, for
   teacher='previous', the model the stage started from."""
-  first = _read_quietly(registry.path(plan[0]["directory"], "prune", "summary")) if plan else {}
+  first = _read_quietly(registry.path(plan[0].directory, "prune", "summary")) if plan else {}
   original = first.get("source_validation_loss",
                        _read_quietly(registry.path(workdir, "check", "metrics")).get("validation_loss"))
   found = []
   for step in plan:
-    if step["teacher"] == "previous":
-      pruned = _read_quietly(registry.path(step["directory"], "prune", "summary"))
+    if step.teacher == "previous":
+      pruned = _read_quietly(registry.path(step.directory, "prune", "summary"))
       found.append(("teacher (previous stage)", pruned.get("source_validation_loss")))
     else:
       found.append(("teacher", original))
@@ -116,12 +115,12 @@ def distill_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> lis
   tokens = tokens_per_step(cfg)
   panels = []
   for step, (teacher_label, teacher_loss) in zip(plan, _teachers(workdir, plan)):
-    records = curves.read_metrics(registry.path(step["directory"], "distill", "metrics"))
+    records = curves.read_metrics(registry.path(step.directory, "distill", "metrics"))
     if not records:
       continue
-    pruned = _read_quietly(registry.path(step["directory"], "prune", "summary")).get("pruned_validation_loss")
+    pruned = _read_quietly(registry.path(step.directory, "prune", "summary")).get("pruned_validation_loss")
     series, objective, styles = curves.loss_series(records, tokens, start=pruned)
-    panels.append(curves.Panel(step["name"], series,
+    panels.append(curves.Panel(step.name, series,
                         curves.finite({teacher_label: teacher_loss, "pruned (zero-shot)": pruned}),
                         styles, objective))
   return panels
@@ -135,9 +134,9 @@ def search_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list
   tokens = tokens_per_step(cfg)
   panels = []
   for step, (teacher_label, teacher_loss) in zip(plan, _teachers(workdir, plan)):
-    candidates = registry.path(step["directory"], "search", "candidates")
+    candidates = registry.path(step.directory, "search", "candidates")
     runs = sorted(p.parent for p in candidates.glob("*/metrics.jsonl"))
-    best = _read_quietly(registry.path(step["directory"], "search", "result")).get("best")
+    best = _read_quietly(registry.path(step.directory, "search", "result")).get("best")
     series, objective, styles = {}, {}, {}
     for index, run in enumerate(runs):
       records = curves.read_metrics(run / "metrics.jsonl")
@@ -162,8 +161,8 @@ def search_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list
       continue
     # The search never scores a candidate before retraining it; the prune stage scores the one
     # it chose.
-    pruned = _read_quietly(registry.path(step["directory"], "prune", "summary")).get("pruned_validation_loss")
-    panels.append(curves.Panel(step["name"], series, curves.finite(
+    pruned = _read_quietly(registry.path(step.directory, "prune", "summary")).get("pruned_validation_loss")
+    panels.append(curves.Panel(step.name, series, curves.finite(
         {teacher_label: teacher_loss, "chosen, pruned (zero-shot)": pruned}), styles, objective))
   return panels
 

@@ -13,7 +13,7 @@ from minitron_jax.errors import ConfigError
 from minitron_jax.evaluation import evaluate
 from minitron_jax.models import sharding
 from minitron_jax.run import registry, retrain, search_score
-from minitron_jax.run.stage_context import Context, load, load_tokenizer, mesh_of, validation
+from minitron_jax.run.stage_context import Context, load, load_tokenizer, validation
 from minitron_jax.run.stage_settings import (prune_options, retrain_settings, search_candidates,
                                              search_space)
 
@@ -33,9 +33,9 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   cfg = ctx.cfg
   started = time.perf_counter()
   section = cfg.search
-  mesh = mesh_of(cfg)
+  mesh = ctx.mesh
   config, params = load(cfg, ctx.source, mesh)
-  teacher_config, teacher, offline = retrain.teacher_for(ctx, mesh)
+  teacher_config, teacher, offline = retrain.teacher_for(ctx)
   host_params = distributed.to_host(params)
   scores = importance.Scores.load(registry.path(ctx.directory, "importance", "directory"))
   candidates = search_candidates(cfg, config)
@@ -64,19 +64,19 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
       loss = importance.lm_loss(pruned_config, pruned, validation(cfg, config.vocab_size))
       return {0: loss}, score_of(pruned_config, pruned, tok)
     run_dir = out.work("candidates") / candidate.name
-    trained, _ = retrain.retrain(cfg, cfg.distill, pruned_config, pruned, teacher_config, teacher,
-                          run_dir, section.retrain_steps, ctx.log, eval_steps=section.eval_steps,
-                          checkpoint_every=section.retrain_steps,
-                          label=f"search {candidate.name}", offline=offline)
+    settings = retrain_settings(cfg, cfg.distill, pruned_config, teacher_config,
+                                section.retrain_steps, eval_steps=section.eval_steps,
+                                checkpoint_every=section.retrain_steps,
+                                offline=offline is not None)
+    trained, _ = retrain.retrain(ctx, settings, pruned, teacher, run_dir,
+                                 label=f"search {candidate.name}", offline=offline)
     distributed.barrier(f"searched {candidate.name}")  # the primary wrote metrics.jsonl
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}
     losses = {s: losses[s] for s in section.eval_steps}
     if score_of is None:
       return losses
-    student_config = retrain_settings(cfg, cfg.distill, pruned_config, teacher_config,
-                                      section.retrain_steps).student_config
-    return losses, score_of(student_config, trained, tok)
+    return losses, score_of(settings.student_config, trained, tok)
 
   def save_progress(candidate, losses) -> None:  # a killed search resumes after this candidate
     done[candidate.name] = losses

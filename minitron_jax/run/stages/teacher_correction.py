@@ -9,8 +9,8 @@ import time
 from minitron_jax.checkpoints import checkpoint
 from minitron_jax.core import atomic, distributed
 from minitron_jax.run import registry, retrain
-from minitron_jax.run.stage_context import Context, ModelRef, load, mesh_of
-from minitron_jax.run.stage_settings import teacher_correction_section
+from minitron_jax.run.stage_context import Context, ModelRef, load
+from minitron_jax.run.stage_settings import retrain_settings, teacher_correction_section
 
 
 def run(ctx: Context, out: registry.Outputs) -> dict:
@@ -18,11 +18,11 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   cfg = ctx.cfg
   started = time.perf_counter()
   section = cfg.teacher_correction
-  config, params = load(cfg, ModelRef(), mesh_of(cfg))
+  config, params = load(cfg, ModelRef(), ctx.mesh)
   corrected_section = teacher_correction_section(cfg)
   ctx.log(f"[teacher_correction] {section.steps} cross-entropy steps on the original model")
-  trained, final = retrain.retrain(cfg, corrected_section, config, params, config, params,
-                                   out.final(), section.steps, ctx.log,
+  settings = retrain_settings(cfg, corrected_section, config, config, section.steps)
+  trained, final = retrain.retrain(ctx, settings, params, params, out.final(),
                                    label="teacher_correction")
   checkpoint.save_model(out.staged("model"),
                         config.replace(dtype="float32", remat="none"), distributed.to_host(trained))

@@ -38,7 +38,7 @@ def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
   """Writes (or finishes) both stores of this compression stage; its summary marks it done."""
   cfg = ctx.cfg
   started = time.perf_counter()
-  mesh = stage_context.mesh_of(cfg)
+  mesh = ctx.mesh
   config, params = stage_context.load(cfg, ctx.teacher, mesh)
   config = config.replace(dtype=cfg.distill.dtype)
   tok = stage_context.load_tokenizer(cfg, config.vocab_size)
