@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import ml_collections
 
 from minitron_jax.checkpoints import build, checkpoint
+from minitron_jax.compress import search
 from minitron_jax.inputs import data, tokenizer
 from minitron_jax.models import partitioning, sharding
 from minitron_jax.errors import ConfigError
@@ -154,6 +155,15 @@ def models_of(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str
       label = f"{step.prefix}{'pruned' if kind == 'prune' else 'distilled'}"
       refs[label] = ModelRef(path, label)
   return refs
+
+
+def searched_target(directory: pathlib.Path) -> dict | None:
+  """The target of the search's pick in a compression stage's directory; None before a search
+  ran there. The prune stage prunes to it, and validation checks the shape it makes."""
+  result = registry.path(directory, "search", "result")
+  if not result.exists():
+    return None
+  return dict(search.SearchResult.from_json(result.read_text()).best.target)
 
 
 def original_ref(cfg, workdir: pathlib.Path) -> ModelRef:

@@ -255,9 +255,8 @@ class _Validation:
     directory = step.directory
     result = registry.path(directory, "search", "result")
     if result.exists():
-      best = self.attempt(str(result),
-                          lambda: search.SearchResult.from_json(result.read_text()).best)
-      return [best.target] if best is not None else []
+      searched = self.attempt(str(result), stage_context.searched_target, directory)
+      return [searched] if searched is not None else []
     self.need_scores(directory, True, "search")
     section = self.cfg.search
     self.attempt("search.eval_steps", search.check_eval_steps, section.eval_steps)

@@ -165,9 +165,8 @@ class Distiller:
     student_hidden, student_kept = self._forward(
         self.student_config, student, batch,
         tuple(dict.fromkeys(k for term in self.terms for k in term.student_keeps())))
-    passes = loss_terms.Passes(self.loss_config, batch, self.student_config, student,
-                               student_hidden, student_kept,
-                               projection=trainable.get("projection"))
+    passes = loss_terms.Passes(batch, self.student_config, student, student_hidden,
+                               student_kept, projection=trainable.get("projection"))
     if any(term.runs_teacher for term in self.terms):
       keeps = tuple(dict.fromkeys(k for term in self.terms for k in term.teacher_keeps()))
       passes.teacher_config, passes.teacher = self.teacher_config, teacher_params

@@ -38,7 +38,6 @@ class Passes:
   """One batch's forward passes, shared by every term: the student's always, the teacher's when
   a term reads it (teacher_hidden None otherwise). Full logits are computed on first use."""
 
-  cfg: LossConfig
   batch: Batch
   student_config: ModelConfig
   student: Any

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from minitron_jax.checkpoints import checkpoint, hf
-from minitron_jax.compress import importance, prune, search
+from minitron_jax.compress import importance, prune
 from minitron_jax.core import atomic, distributed
 from minitron_jax.errors import ConfigError
 from minitron_jax.models import model
@@ -18,9 +18,9 @@ from minitron_jax.run.stage_settings import estimate_options, prune_options
 
 def chosen_target(ctx: Context) -> dict:
   """The search's best candidate when a search ran here, else the configured target."""
-  result = registry.path(ctx.directory, "search", "result")
-  if result.exists():
-    return search.SearchResult.from_json(result.read_text()).best.target
+  searched = stage_context.searched_target(ctx.directory)
+  if searched is not None:
+    return searched
   if not ctx.target:
     raise ConfigError("no prune target: set prune.target (or compression stages), or run search")
   return dict(ctx.target)
