@@ -101,7 +101,10 @@ def _swap_in(new: pathlib.Path, path: pathlib.Path) -> None:
     backup = _backup(path)
     os.replace(path, backup)
     os.replace(new, path)
-    shutil.rmtree(backup) if backup.is_dir() else backup.unlink()
+    if backup.is_dir():
+      shutil.rmtree(backup)
+    else:
+      backup.unlink()
   else:
     os.replace(new, path)
 

@@ -55,7 +55,7 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
               else search_score.scorer(cfg, out.work("harness_tasks"), mesh))
   tok = load_tokenizer(cfg, config.vocab_size)
 
-  def evaluate(candidate) -> dict[int, float]:
+  def evaluate_candidate(candidate) -> dict[int, float]:
     ctx.log(f"[search] candidate {candidate.name}: {candidate.num_params:,} parameters")
     pruned_config, pruned = prune.prune(config, host_params, scores, candidate.target,
                                         **prune_options(cfg))
@@ -87,7 +87,7 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
                                  "resume")
 
   with preemption.watch():
-    result = search.run_search(candidates, evaluate, eval_steps, done=dict(done),
+    result = search.run_search(candidates, evaluate_candidate, eval_steps, done=dict(done),
                                on_result=save_progress,
                                score_name=None if score is None else score.name, log=ctx.log)
   atomic.write_text(out.staged("report"), result.to_markdown())
