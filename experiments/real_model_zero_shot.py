@@ -20,7 +20,8 @@ from absl import app, flags, logging
 
 from minitron_jax.compress import importance, prune
 from minitron_jax.core import atomic
-from minitron_jax.run import pipeline, stage_context
+from minitron_jax.models import partitioning
+from minitron_jax.run import pipeline, plan as plan_lib, stage_context
 from minitron_jax.tools import sweep
 from minitron_jax.errors import ConfigError
 
@@ -83,12 +84,13 @@ def main(argv):
     started = time.perf_counter()
     pipeline.run(cfg, workdir)
     importance_seconds = time.perf_counter() - started
-    mesh = stage_context.mesh_of(cfg)
-    config, params = stage_context.load(cfg, stage_context.ModelRef(), mesh)
+    run_plan = plan_lib.build_plan(cfg, workdir)
+    mesh = partitioning.make_mesh(run_plan.mesh)
+    config, params = stage_context.load(run_plan.model, stage_context.ModelRef(), mesh)
     import jax
     params = jax.device_get(params)
     scores = importance.Scores.load(workdir / "importance")
-    batches = stage_context.validation(cfg, config.vocab_size)
+    batches = run_plan.validation(config.vocab_size)
     full = dict(num_layers=config.num_layers, hidden_size=config.hidden_size,
                 num_attention_heads=config.num_attention_heads,
                 num_key_value_heads=config.num_key_value_heads,

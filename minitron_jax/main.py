@@ -25,7 +25,7 @@ with optional.exit_when_missing("the main job (python -m minitron_jax.main)"):
   from ml_collections import config_flags
 
   from minitron_jax.core import distributed, preemption
-  from minitron_jax.run import pipeline, run_config, validate
+  from minitron_jax.run import pipeline, problems as problems_lib, run_config
   from minitron_jax.errors import ConfigError
   from minitron_jax.training.loop import Diverged
 
@@ -77,7 +77,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _refuse(argv: list[str]) -> None:
   problems = command_line_problems(argv)
   if problems:
-    _exit(EXIT_CONFIG, f"error: {validate.error(problems)}")
+    _exit(EXIT_CONFIG, f"error: {problems_lib.error(problems)}")
 
 
 def command_line_problems(argv: list[str]) -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 from test_data import _assert_same
 from minitron_jax.inputs import columnar_source, data
 from minitron_jax.models import model
-from minitron_jax.run import run_config, stage_context, validate
+from minitron_jax.run import plan, run_config, validate
 from minitron_jax.training import distill
 from minitron_jax.models import config as config_lib
 from minitron_jax.errors import ConfigError
@@ -317,7 +317,8 @@ def test_a_parquet_mixture_feeds_distillation(tmp_path):
   cfg.data.source = f"parquet:{web}@0.7,arrow:{code}@0.3"
   cfg.distill.update(batch_size=4, seq_len=16)
   assert validate.validate(cfg, tmp_path / "unused") == []
-  stream = stage_context.data_config(cfg, batch_size=cfg.distill.batch_size, seq_len=cfg.distill.seq_len)
+  stream = plan.data_config(cfg.data, batch_size=cfg.distill.batch_size,
+                            seq_len=cfg.distill.seq_len)
   cfg.data.source = f"parquet:{web}#n@0.7,arrow:{code}@0.3"
   assert validate.validate(cfg, tmp_path / "unused") == [
       f"data: {tmp_path / 'w' / 'part.parquet'} has no column 'n'; columns there: ['text']"]

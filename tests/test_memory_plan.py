@@ -11,7 +11,7 @@ import pytest
 
 from minitron_jax.compress import importance
 from minitron_jax.models import model, partitioning, sharding
-from minitron_jax.run import run_config, stage_settings
+from minitron_jax.run import run_config
 from minitron_jax.tools import memory_plan
 from minitron_jax.training import distill
 from minitron_jax.errors import ConfigError
@@ -46,8 +46,8 @@ def planned(cfg, mesh):
 def real(cfg, mesh):
   """What retrain.retrain builds and holds: placed params, the Distiller, its train state."""
   source, student_config, teacher_config = memory_plan.stage_models(cfg)
-  run = stage_settings.retrain_settings(memory_plan._without_data(cfg), cfg.distill, student_config,
-                                teacher_config, cfg.distill.steps)
+  run = memory_plan.distill_retraining(memory_plan.run_plan(cfg)).for_models(student_config,
+                                                                            teacher_config)
   distiller = distill.Distiller(run.student_config, run.teacher_config, run.losses, run.optimizer,
                                 cfg.distill.steps)
   teacher = model.init(run.teacher_config, 0,

@@ -9,7 +9,7 @@ import pytest
 
 from minitron_jax.checkpoints import build
 from minitron_jax.inputs import data
-from minitron_jax.run import pipeline, run_config, stage_context
+from minitron_jax.run import pipeline, plan, run_config
 from minitron_jax.training import teacher_logits_store
 from minitron_jax.errors import ConfigError
 
@@ -34,9 +34,9 @@ def test_search_and_distill_run_from_the_stored_stream(tmp_path):
 
   # The stored rows are the online run's rows, in its order, with the online teacher's top-k.
   config, params = build.load_model(cfg.model)
-  tok = stage_context.load_tokenizer(cfg, config.vocab_size)
-  online = data.make_iterator(stage_context.data_config(cfg, batch_size=cfg.distill.batch_size,
-                                                 seq_len=cfg.distill.seq_len), tok, "train")
+  planned = plan.build_plan(cfg, tmp_path)
+  tok = planned.load_tokenizer(config.vocab_size)
+  online = data.make_iterator(planned.settings_of("distill").data, tok, "train")
   stored = teacher_logits_store.dataset(tmp_path / "teacher_logits" / "train", cfg.distill.batch_size)
   for expected, got in itertools.islice(zip(online, stored), rows // cfg.distill.batch_size):
     for key in teacher_logits_store.ROW_KEYS:

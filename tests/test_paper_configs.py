@@ -10,7 +10,7 @@ import pytest
 
 from minitron_jax.checkpoints import build
 from minitron_jax.compress import prune, search
-from minitron_jax.run import pipeline, run_config, stage_settings, validate
+from minitron_jax.run import pipeline, plan, run_config, validate
 from minitron_jax.errors import ConfigError
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -91,7 +91,7 @@ def test_qwen3_moe_search_space_is_feasible_under_active_params_and_memory(arg):
   config = get_config("qwen3_30b_a3b_prune", arg)
   source = build.model_config(config.model)
   assert source.is_moe and source.family == "qwen3_moe"
-  space = stage_settings.search_space(config)
+  space = plan.search_space(config)
   assert space.budget == 0 and space.active_params and space.memory
   candidates = search.enumerate_candidates(source, space)
   assert len(candidates) >= 2

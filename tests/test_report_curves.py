@@ -7,6 +7,7 @@ import sys
 
 from minitron_jax.core import curves
 from minitron_jax.run import registry
+from minitron_jax.run import plan
 from minitron_jax.run.stage_context import Context
 from minitron_jax.run.stages import report
 
@@ -56,8 +57,15 @@ def _stage(directory: pathlib.Path, source_loss: float, pruned_loss: float) -> N
 def _report(directory: pathlib.Path, cfg=None) -> str:
   """The report stage as the pipeline runs it: staged, then published."""
   with registry.staged(directory, "report") as out:
-    return report.run(Context(cfg=cfg or _config(), directory=directory, log=lambda _: None),
-                      out)
+    planned = plan.build_plan(cfg or _config(), directory)
+    return report.run(Context(planned, "report", directory, log=lambda _: None), out)
+
+
+def _panels(kind: str, cfg, directory: pathlib.Path) -> list:
+  """The report's panels of `kind` ("distill" or "search") for `cfg` run in `directory`."""
+  planned = plan.build_plan(cfg, directory)
+  panels = report.distill_panels if kind == "distill" else report.search_panels
+  return panels(planned.settings_of("report").tokens_per_step, planned.compression, directory)
 
 
 def _png_size(path: pathlib.Path) -> tuple[int, int]:
@@ -83,14 +91,14 @@ def test_report_embeds_distillation_and_search_curves(tmp_path):
     assert 10_000 < path.stat().st_size < 1_000_000
   assert sorted(p.name for p in (tmp_path / "curves").iterdir()) == ["distill.png", "search.png"]
 
-  (distill,) = report.distill_panels(_config(), tmp_path)
+  (distill,) = _panels("distill", _config(), tmp_path)
   assert distill.references == {"teacher": 1.5, "pruned (zero-shot)": 3.0}
   # Tokens on x; validation starts from the pruned model's loss at 0 tokens.
   assert distill.series["validation cross-entropy"] == ((0, 6 * TOKENS), (3.0, 2.0 + 1 / 6))
   # The objective (a KL divergence here) on its own axis; cross-entropy against the references.
   assert distill.objective["training objective"][0] == (2 * TOKENS, 4 * TOKENS, 6 * TOKENS)
   assert distill.objective["validation objective"] == ((6 * TOKENS,), (0.4,))
-  (search,) = report.search_panels(_config(), tmp_path)
+  (search,) = _panels("search", _config(), tmp_path)
   assert search.references == {"teacher": 1.5, "chosen, pruned (zero-shot)": 3.0}
   assert search.styles["L4-H32: validation cross-entropy"]["label"] == "L4-H32 (chosen)"
   assert search.series["L2-H64: validation cross-entropy"] == ((4 * TOKENS,), (2.25,))
@@ -108,7 +116,7 @@ def test_a_panel_per_compression_stage_with_each_stages_teacher(tmp_path):
                  {"name": "4b", "target": {}, "teacher": "previous"})
   _stage(tmp_path / "1_8b", source_loss=1.5, pruned_loss=3.0)
   _stage(tmp_path / "2_4b", source_loss=2.2, pruned_loss=4.0)
-  first, second = report.distill_panels(_config(compression), tmp_path)
+  first, second = _panels("distill", _config(compression), tmp_path)
   assert (first.title, second.title) == ("8b", "4b")
   assert second.references == {"teacher (previous stage)": 2.2, "pruned (zero-shot)": 4.0}
   figure = curves.figure([first, second], "Distillation")

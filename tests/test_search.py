@@ -16,7 +16,7 @@ from minitron_jax.compress import importance, prune, search
 from minitron_jax.models import model
 from minitron_jax.errors import ConfigError
 from minitron_jax.compress.search import Candidate, SearchSpace
-from minitron_jax.run import stage_settings
+from minitron_jax.run import plan
 
 WIDE = 0.99  # a tolerance that admits nearly everything, to test feasibility alone
 
@@ -476,12 +476,12 @@ def test_moe_candidates_round_trip_and_tabulate():
 def test_run_config_carries_the_constraints_to_the_space():
   from minitron_jax.run import run_config  # pylint: disable=import-outside-toplevel
   cfg = run_config.base_config()
-  space = stage_settings.search_space(cfg)
+  space = plan.search_space(cfg)
   assert space.constraints == {"budget": 520_000}  # today's search, unchanged
   assert (space.memory_batch, space.memory_seq_len, space.memory_dtype) == (1, 4096, "bfloat16")
   cfg.search.space.update(budget=0, active_params=400_000, memory=900_000, memory_batch=2,
                           memory_seq_len=128, memory_dtype="float32")
-  space = stage_settings.search_space(cfg)
+  space = plan.search_space(cfg)
   assert space.constraints == {"active_params": 400_000, "memory": 900_000}
   assert space.memory_settings == dict(memory_batch=2, memory_seq_len=128,
                                        memory_dtype="float32")

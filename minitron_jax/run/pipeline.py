@@ -17,6 +17,7 @@ one writes the files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -25,22 +26,22 @@ import jax
 import ml_collections
 
 from minitron_jax.core import atomic, distributed, workdir_lock
-from minitron_jax.run import registry, stage_context, stages, validate
-from minitron_jax.run.stage_context import Context, ModelRef
+from minitron_jax.models import partitioning
+from minitron_jax.run import problems as problems_lib, registry, stages, validate
+from minitron_jax.run.stage_context import Context, Plan
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, log=print) -> None:
-  workdir = pathlib.Path(workdir).absolute()
-  problems = validate.validate(cfg, workdir)
+  plan, problems = validate.checked_plan(cfg, workdir)
   if problems:
-    raise validate.error(problems)
+    raise problems_lib.error(problems)
   # Creates the workdir; a second run on it (a requeued job while this one runs) is refused here.
-  with workdir_lock.held(workdir):
-    _run_holding(cfg, workdir, log)
+  with workdir_lock.held(plan.workdir):
+    _run_holding(plan, log)
 
 
-def _run_holding(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log) -> None:
-  timings_path = workdir / "timings.json"
+def _run_holding(plan: Plan, log) -> None:
+  timings_path = plan.workdir / "timings.json"
   try:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
   except ValueError:  # only a copy damaged outside this program; the times are not needed
@@ -56,37 +57,36 @@ def _run_holding(cfg: ml_collections.ConfigDict, workdir: pathlib.Path, log) -> 
       return
     started = time.perf_counter()
     with registry.staged(ctx.directory, name) as outputs:  # published whole, marker last
-      stages.runner(name)(ctx, outputs)
+      stages.runner(name)(dataclasses.replace(ctx, stage=name), outputs)
     timings[key] = time.perf_counter() - started
     atomic.write_json(timings_path, timings)
     distributed.barrier(f"after {key}")
 
   # Every stage computes on the run's mesh; the model pins activations to its batch axes.
-  mesh = stage_context.mesh_of(cfg)
+  mesh = partitioning.make_mesh(plan.mesh)
   with jax.set_mesh(mesh):
-    _run_stages(cfg, workdir, mesh, run_stage, log)
+    _run_stages(plan, mesh, run_stage, log)
 
 
-def _run_stages(cfg, workdir: pathlib.Path, mesh, run_stage, log) -> None:
-  original = stage_context.original_ref(cfg, workdir)
-  base = Context(cfg=cfg, directory=workdir, mesh=mesh, source=original, teacher=original,
-                 log=log)
+def _run_stages(plan: Plan, mesh, run_stage, log) -> None:
+  original = plan.original
+  base = Context(plan=plan, stage="", directory=plan.workdir, mesh=mesh, source=original,
+                 teacher=original, log=log)
   for name in registry.BEFORE_COMPRESSION:
-    if name in cfg.stages:
-      run_stage(name, base if name == "check" else Context(cfg, workdir, mesh, log=log), name)
+    if plan.runs(name):
+      run_stage(name, base if name == "check" else Context(plan, "", plan.workdir, mesh, log=log),
+                name)
 
   previous = original
-  for step in stage_context.compression_plan(cfg, workdir):
-    ctx = Context(cfg=cfg, directory=step.directory, mesh=mesh, source=previous,
+  for step in plan.compression:
+    ctx = Context(plan=plan, stage="", directory=step.directory, mesh=mesh, source=previous,
                   teacher=original if step.teacher == "original" else previous, step=step,
                   log=log)
     for name in registry.COMPRESSION_STAGES:
-      if name in cfg.stages:
+      if plan.runs(name):
         run_stage(name, ctx, step.key(name))
-    produced = "distill" if "distill" in cfg.stages else "prune"
-    previous = ModelRef(registry.path(step.directory, produced, "model"),
-                        f"{step.name or 'stage'} {produced}")
+    previous = plan.produced(step)
 
   for name in registry.AFTER_COMPRESSION:
-    if name in cfg.stages:
+    if plan.runs(name):
       run_stage(name, base, name)

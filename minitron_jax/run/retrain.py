@@ -11,7 +11,7 @@ import pathlib
 from minitron_jax.inputs import data
 from minitron_jax.models import partitioning
 from minitron_jax.run import teacher_logits_inputs
-from minitron_jax.run.stage_context import Context, ModelRef, load, load_tokenizer, validation
+from minitron_jax.run.stage_context import Context, ModelRef
 from minitron_jax.run.stage_settings import RetrainSettings
 from minitron_jax.training import distill, loop
 
@@ -27,28 +27,28 @@ class OfflineTeacher:
 
 def teacher_for(ctx: Context):
   """(teacher config, params or None, OfflineTeacher or None): a stored teacher is never loaded."""
-  if teacher_logits_inputs.enabled(ctx.cfg):
-    return (teacher_logits_inputs.teacher_config(ctx.cfg, ctx.teacher), None,
+  if ctx.plan.runs(teacher_logits_inputs.STAGE):
+    return (teacher_logits_inputs.teacher_config(ctx.plan, ctx.teacher), None,
             OfflineTeacher(ctx.directory, ctx.teacher, ctx.distill_steps))
-  return (*load(ctx.cfg, ctx.teacher, ctx.mesh), None)
+  return (*ctx.load(ctx.teacher), None)
 
 
 def retrain(ctx: Context, run: RetrainSettings, student, teacher, out: pathlib.Path, *,
             label: str = "distill", offline: OfflineTeacher | None = None):
-  """Distils `student` from `teacher` (or the stored one) as `run` says (stage_settings
-  .retrain_settings built and checked it), on the run's mesh; (trained params, final metrics)."""
-  cfg, mesh = ctx.cfg, ctx.mesh
+  """Distils `student` from `teacher` (or the stored one) as `run` says (Retraining.for_models
+  built and checked it), on the run's mesh; (trained params, final metrics)."""
+  plan, mesh = ctx.plan, ctx.mesh
   distiller = distill.Distiller(run.student_config, run.teacher_config, run.losses, run.optimizer,
                                 run.loop.steps, skip_non_finite=run.loop.max_bad_steps > 0,
                                 offline_teacher=offline is not None)
   if offline is not None:
     train_batches, validation_batches = teacher_logits_inputs.retrain_inputs(
-        cfg, offline.directory, offline.teacher, run.teacher_config, run.data.batch_size,
+        plan, offline.directory, offline.teacher, run.teacher_config, run.data.batch_size,
         run.loop.steps, offline.distill_steps)
   else:
-    tok = load_tokenizer(cfg, run.student_config.vocab_size)
+    tok = plan.load_tokenizer(run.student_config.vocab_size)
     train_batches = data.make_iterator(run.data, tok, "train")
-    validation_batches = validation(cfg, run.student_config.vocab_size)
+    validation_batches = plan.validation(run.student_config.vocab_size)
   return loop.train(distiller, student, teacher, train_batches, validation_batches, run.loop,
                     out, batch_sharding=lambda shape: partitioning.batch_sharding(mesh, shape),
                     log=ctx.log, label=label)

@@ -19,8 +19,6 @@ import dataclasses
 import pathlib
 from collections.abc import Callable
 
-import ml_collections
-
 from minitron_jax.evaluation import lm_eval_tasks
 from minitron_jax.run import task_config
 from minitron_jax.models.config import ModelConfig
@@ -45,9 +43,9 @@ class TaskScore:
     return f"{self.task}.{self.metric}".replace("/", "_")
 
 
-def parse(section: ml_collections.ConfigDict) -> TaskScore | None:
-  """The search's score setting; None ranks by validation loss."""
-  text, when = section.get("score", ""), section.get("score_at", "retrained")
+def parse(text: str = "", when: str = "retrained") -> TaskScore | None:
+  """The search's score setting (`search.score`, `search.score_at`); None ranks by validation
+  loss."""
   if when not in WHEN:
     raise ConfigError(f"search.score_at={when!r} is not supported; allowed: {WHEN}")
   if not text:
@@ -62,44 +60,37 @@ def parse(section: ml_collections.ConfigDict) -> TaskScore | None:
   return TaskScore(task.strip(), metric.strip() or "acc", before_retraining=when == "pruned")
 
 
-def _one_task(cfg: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """An evaluate section holding only the `evaluate.tasks` entry `name`."""
-  return ml_collections.ConfigDict(dict(tasks={name: cfg.evaluate.tasks[name]}))
-
-
-def check(cfg: ml_collections.ConfigDict, *, index: bool = True) -> list[str]:
-  """One line per problem of the score settings; `index` also looks a harness task up."""
-  try:
-    score = parse(cfg.search)
-  except ConfigError as e:
-    return [f"search.score: {e}"]
+def check(score: TaskScore | None, scoring: task_config.EvaluateSettings, *,
+          index: bool = True) -> list[str]:
+  """One line per problem of the score's task (none without a score); `index` also looks a
+  harness task up."""
   if score is None:
     return []
-  if score.task in cfg.evaluate.tasks:
-    return [f"search.score: {p}" for p in task_config.check_tasks(_one_task(cfg, score.task))]
+  if score.task in scoring.tasks:
+    return [f"search.score: {p}" for p in task_config.check_tasks(
+        {score.task: scoring.tasks[score.task]})]
   if index:
     try:
-      lm_eval_tasks.task_manager(cfg.evaluate.lm_eval.include_path or None, [score.task])
+      lm_eval_tasks.task_manager(scoring.lm_eval.include_path or None, [score.task])
     except ConfigError as e:
-      return [f"search.score: {e}; or name one of evaluate.tasks {sorted(cfg.evaluate.tasks)}"]
+      return [f"search.score: {e}; or name one of evaluate.tasks {sorted(scoring.tasks)}"]
   return []
 
 
-def scorer(cfg: ml_collections.ConfigDict, tasks_directory: pathlib.Path, mesh
-           ) -> Callable[[ModelConfig, object, object], float]:
-  """score(config, params, tokenizer) -> the configured task score of one model, on the mesh.
-  An `evaluate.tasks` entry is written as a harness task into `tasks_directory` first."""
-  score, section = parse(cfg.search), cfg.evaluate
-  own = (task_config.load_tasks(_one_task(cfg, score.task)) if score.task in section.tasks
-         else {})
-  manager = task_config.harness_index(section, [] if own else [score.task], own,
-                                       tasks_directory)
+def scorer(score: TaskScore, scoring: task_config.EvaluateSettings,
+           tasks_directory: pathlib.Path, mesh) -> Callable[[ModelConfig, object, object], float]:
+  """score(config, params, tokenizer) -> the task score of one model, on the mesh. An
+  `evaluate.tasks` entry is written as a harness task into `tasks_directory` first."""
+  own = (task_config.load_tasks({score.task: scoring.tasks[score.task]})
+         if score.task in scoring.tasks else {})
+  manager = task_config.harness_index(scoring.lm_eval, [] if own else [score.task], own,
+                                      tasks_directory)
 
   def score_of(config: ModelConfig, params, tokenizer) -> float:
     scores = lm_eval_tasks.evaluate(
-        config, params, tokenizer, [score.task], num_fewshot=section.lm_eval.num_fewshot,
-        limit=task_config.limit_of(section.lm_eval.limit), batch_size=section.batch_size,
-        max_length=section.max_length, mesh=mesh, manager=manager)
+        config, params, tokenizer, [score.task], num_fewshot=scoring.lm_eval.num_fewshot,
+        limit=task_config.limit_of(scoring.lm_eval.limit), batch_size=scoring.batch_size,
+        max_length=scoring.max_length, mesh=mesh, manager=manager)
     key = f"{score.task}/{score.metric}"
     if key not in scores:
       raise ConfigError(f"search.score: task {score.task!r} reports {sorted(scores)}, not {key!r}")

@@ -1,9 +1,8 @@
-"""What every stage reads: the models it starts from (`ModelRef`), its `Context`, and the mesh,
-models, data settings, tokenizer and validation batches of a run's config.
+"""What every stage reads: the run's `Plan` (its settings worked out once, typed: plan.py builds
+it), the models a stage starts from (`ModelRef`), the compression stage it belongs to
+(`CompressionStep`) and its `Context`, with the model, tokenizer and batches every stage loads.
 
 Below the stages: every stage module builds on it, so no stage imports another for these helpers.
-The compression plan (which compression stages run, in which directories, from which teacher)
-and the models a run can produce are stated here too.
 """
 
 from __future__ import annotations
@@ -13,19 +12,18 @@ import itertools
 import pathlib
 from typing import Any, Callable, Mapping
 
-import ml_collections
-
 from minitron_jax.checkpoints import build, checkpoint
 from minitron_jax.compress import search
+from minitron_jax.errors import ConfigError
 from minitron_jax.inputs import data, tokenizer
 from minitron_jax.models import partitioning, sharding
-from minitron_jax.errors import ConfigError
 from minitron_jax.run import registry
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelRef:
-  """`path` None: the model `config.model` describes; else a directory `checkpoint` saved."""
+  """`path` None: the model the plan's `model` source describes; else a directory `checkpoint`
+  saved."""
 
   path: pathlib.Path | None = None
   label: str = "original"
@@ -55,18 +53,100 @@ class CompressionStep:
 
 
 @dataclasses.dataclass(frozen=True)
-class Context:
-  """What a stage runs with: the run's settings, the directory it runs in, the mesh every stage
-  computes on (built once by the pipeline), the models it starts from and learns from, and the
-  compression stage it belongs to (None for a stage run once per run)."""
+class Plan:
+  """A run worked out once, before anything computes: where it works, which stages run, the mesh,
+  where the original model comes from, the tokenizer, the data stream and validation batches
+  every stage reports on, the export dtype, the compression stages, and each stage's own
+  settings (`settings[name]`, the frozen object its module's `settings` parser built)."""
 
-  cfg: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  stages: tuple[str, ...]
+  mesh: partitioning.MeshConfig
+  model: build.ModelSource
+  tokenizer: str  # "bytes", a tokenizer.json path, or "" for the model's own
+  data: data.DataConfig
+  eval_batches: int
+  export_dtype: str
+  compression: tuple[CompressionStep, ...]
+  settings: Mapping[str, Any]
+
+  def runs(self, stage: str) -> bool:
+    return stage in self.stages
+
+  def settings_of(self, stage: str) -> Any:
+    if stage not in self.settings:
+      raise KeyError(f"the plan has no settings for stage {stage!r}; it has {sorted(self.settings)}")
+    return self.settings[stage]
+
+  @property
+  def original(self) -> ModelRef:
+    """The model compression starts from: the corrected teacher when correction is a stage."""
+    if self.runs("teacher_correction"):
+      return ModelRef(registry.path(self.workdir, "teacher_correction", "model"),
+                      "corrected teacher")
+    return ModelRef(None, "original")
+
+  def produced(self, step: CompressionStep) -> ModelRef:
+    """The model a compression stage leaves for the next one."""
+    kind = "distill" if self.runs("distill") else "prune"
+    return ModelRef(registry.path(step.directory, kind, "model"), f"{step.name or 'stage'} {kind}")
+
+  def models(self) -> dict[str, ModelRef]:
+    """Every model the run can produce, by label, in order: the teacher, then each stage's pruned
+    and distilled students (callers skip those not saved yet)."""
+    refs = {"teacher": self.original}
+    for step in self.compression:
+      for kind, label in (("prune", "pruned"), ("distill", "distilled")):
+        refs[f"{step.prefix}{label}"] = ModelRef(registry.path(step.directory, kind, "model"),
+                                                  f"{step.prefix}{label}")
+    return refs
+
+  def model_config(self, ref: ModelRef):
+    """The architecture of a model reference, read without its weights."""
+    if ref.path is None:
+      return build.model_config(self.model)
+    return checkpoint.load_config(ref.path)
+
+  def load_tokenizer(self, vocab_size: int) -> tokenizer.Tokenizer:
+    spec = self.tokenizer or self.model.hf_path
+    if not spec:
+      raise ConfigError("config.tokenizer is empty and there is no model.hf_path to read "
+                        "tokenizer.json from; set tokenizer='bytes' or a tokenizer path")
+    tok = tokenizer.load_tokenizer(spec)
+    if tok.vocab_size > vocab_size:
+      raise ConfigError(f"tokenizer {tok.name} has {tok.vocab_size} tokens; the model's "
+                        f"vocab_size={vocab_size} is smaller")
+    return tok
+
+  def validation(self, vocab_size: int) -> list:
+    """The fixed validation batches every stage reports its loss on."""
+    return data.validation_batches(self.data, self.load_tokenizer(vocab_size), self.eval_batches)
+
+  def calibration(self, calibration, vocab_size: int) -> list:
+    """The calibration batches of `calibration` (stage_settings.Calibration)."""
+    iterator = data.make_iterator(calibration.data, self.load_tokenizer(vocab_size), "train")
+    return list(itertools.islice(iterator, calibration.num_batches))
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What one stage runs with: the run's plan, the stage, the directory it runs in, the mesh every
+  stage computes on (built once by the pipeline), the models it starts from and learns from, and
+  the compression stage it belongs to (None for a stage run once per run)."""
+
+  plan: Plan
+  stage: str
   directory: pathlib.Path
   mesh: Any = None
   source: ModelRef = ModelRef()
   teacher: ModelRef = ModelRef()
   step: CompressionStep | None = None
   log: Callable[[str], None] = print
+
+  @property
+  def settings(self) -> Any:
+    """This stage's own settings in the plan."""
+    return self.plan.settings_of(self.stage)
 
   @property
   def target(self) -> Mapping[str, Any] | None:
@@ -76,85 +156,23 @@ class Context:
   def distill_steps(self) -> int | None:
     return None if self.step is None else self.step.distill_steps
 
+  def load(self, ref: ModelRef):
+    """(config, params placed on the mesh) of a model reference."""
+    return load(self.plan.model, ref, self.mesh)
 
-def mesh_of(cfg: ml_collections.ConfigDict):
-  return partitioning.make_mesh(partitioning.MeshConfig(**cfg.mesh))
 
-
-def load(cfg: ml_collections.ConfigDict, ref: ModelRef, mesh):
-  """(config, params placed on the mesh) of a model reference."""
+def load(source: build.ModelSource, ref: ModelRef, mesh):
+  """(config, params placed on the mesh) of a model reference: `source` when `ref.path` is None,
+  else the saved model, computing as `source` says."""
   if ref.path is None:
-    model_config = build.model_config(cfg.model)
+    model_config = build.model_config(source)
     config, params = build.load_model(
-        cfg.model, out_shardings=sharding.param_shardings(model_config, mesh))
+        source, out_shardings=sharding.param_shardings(model_config, mesh))
     return config, sharding.shard_params(config, params, mesh)
   if not checkpoint.is_saved_model(ref.path):
     raise ConfigError(f"no saved model at {ref.path}; run the stage that produces it")
-  compute = build.compute_options(cfg.model)
-  config = checkpoint.load_config(ref.path).replace(**compute)  # how to compute is this run's
+  config = checkpoint.load_config(ref.path).replace(**source.compute)  # how to compute is this run's
   return config, checkpoint.load_model(ref.path, sharding.param_shardings(config, mesh))[1]
-
-
-def data_config(cfg: ml_collections.ConfigDict, **changes) -> data.DataConfig:
-  return data.DataConfig.from_dict({**cfg.data.to_dict(), **changes})
-
-
-def load_tokenizer(cfg: ml_collections.ConfigDict, vocab_size: int):
-  spec = cfg.tokenizer or cfg.model.hf_path
-  if not spec:
-    raise ConfigError("config.tokenizer is empty and there is no model.hf_path to read "
-                      "tokenizer.json from; set tokenizer='bytes' or a tokenizer path")
-  tok = tokenizer.load_tokenizer(spec)
-  if tok.vocab_size > vocab_size:
-    raise ConfigError(f"tokenizer {tok.name} has {tok.vocab_size} tokens; the model's "
-                      f"vocab_size={vocab_size} is smaller")
-  return tok
-
-
-def validation(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
-  """The fixed validation batches every stage reports its loss on."""
-  return data.validation_batches(data_config(cfg), load_tokenizer(cfg, vocab_size),
-                                 cfg.eval_batches)
-
-
-# ----------------------------------------------------------------------------- the plan
-
-
-TEACHER_CHOICES = ("original", "previous")
-
-
-def compression_plan(cfg: ml_collections.ConfigDict,
-                     workdir: pathlib.Path) -> tuple[CompressionStep, ...]:
-  """The compression stages `config.compression` lists (one, unnamed, in the workdir, with
-  `config.prune.target`, when it lists none)."""
-  entries = list(cfg.get("compression", ()) or ())
-  if not entries:
-    return (CompressionStep("", workdir, dict(cfg.prune.target)),)
-  plan = []
-  for index, entry in enumerate(entries):
-    entry = dict(entry)
-    name = entry.get("name") or f"stage{index + 1}"
-    teacher = entry.get("teacher", "original")
-    if teacher not in TEACHER_CHOICES:
-      raise ConfigError(f"compression stage {name!r} teacher={teacher!r} is not allowed; "
-                        f"allowed: {TEACHER_CHOICES}")
-    plan.append(CompressionStep(name, workdir / f"{index + 1}_{name}",
-                                dict(entry.get("target", {})), teacher,
-                                entry.get("distill_steps")))
-  return tuple(plan)
-
-
-def models_of(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, ModelRef]:
-  """Every model the run can produce, by label, in order: the teacher, then each stage's pruned
-  and distilled students (callers skip those not saved yet)."""
-  original = original_ref(cfg, workdir)
-  refs = {"teacher": original}
-  for step in compression_plan(cfg, workdir):
-    for kind in ("prune", "distill"):
-      path = registry.path(step.directory, kind, "model")
-      label = f"{step.prefix}{'pruned' if kind == 'prune' else 'distilled'}"
-      refs[label] = ModelRef(path, label)
-  return refs
 
 
 def searched_target(directory: pathlib.Path) -> dict | None:
@@ -164,19 +182,3 @@ def searched_target(directory: pathlib.Path) -> dict | None:
   if not result.exists():
     return None
   return dict(search.SearchResult.from_json(result.read_text()).best.target)
-
-
-def original_ref(cfg, workdir: pathlib.Path) -> ModelRef:
-  """The model compression starts from: the corrected teacher when correction is a stage."""
-  if "teacher_correction" in cfg.stages:
-    return ModelRef(registry.path(workdir, "teacher_correction", "model"), "corrected teacher")
-  return ModelRef(None, "original")
-
-
-def calibration(cfg: ml_collections.ConfigDict, vocab_size: int) -> list:
-  section = cfg.importance
-  batches = -(-section.num_samples // section.batch_size)
-  iterator = data.make_iterator(
-      data_config(cfg, seq_len=section.seq_len, batch_size=section.batch_size),
-      load_tokenizer(cfg, vocab_size), "train")
-  return list(itertools.islice(iterator, batches))

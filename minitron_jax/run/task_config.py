@@ -1,15 +1,15 @@
-"""Our multiple-choice tasks from the config (`evaluate.tasks`): each entry's loader and its
-checks, and the tasks written as lm-evaluation-harness tasks. The evaluate stage and the search
-(which can rank candidates by a task's score) both read tasks here."""
+"""The evaluation settings (`EvaluateSettings`: the `evaluate` section, typed) and our
+multiple-choice tasks (`evaluate.tasks`): each entry's loader and its checks, and the tasks
+written as lm-evaluation-harness tasks. The evaluate stage and the search (which can rank
+candidates by a task's score) both read them here."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import pathlib
 from typing import Any, Mapping
-
-import ml_collections
 
 from minitron_jax.core import atomic
 from minitron_jax.evaluation import lm_eval_tasks, mc_tasks, stdlib_tasks
@@ -17,6 +17,31 @@ from minitron_jax.errors import ConfigError
 
 
 STDLIB_TASK = "stdlib_next_line"
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessSettings:
+  """`evaluate.lm_eval`: harness tasks and our own (comma-separated names), extra task YAMLs,
+  shots (None: each task's own) and examples per task (0 every one, a count, or a fraction)."""
+
+  tasks: str = ""
+  own_tasks: str = ""
+  include_path: str = ""
+  num_fewshot: int | None = None
+  limit: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateSettings:
+  """`evaluate`: our tasks (name -> source and loader arguments), the scoring batch and length,
+  the harness, and the prompts every model completes greedily."""
+
+  tasks: Mapping[str, Mapping[str, Any]]
+  batch_size: int
+  max_length: int
+  lm_eval: HarnessSettings
+  prompts: Any  # a tuple of strings (checked by the evaluate stage)
+  max_new_tokens: int
 
 
 def _task_loader(spec: Mapping[str, Any]):
@@ -41,10 +66,10 @@ def _task_loader(spec: Mapping[str, Any]):
   return loader, check, {k: v for k, v in spec.items() if k in allowed}, refused
 
 
-def check_tasks(section: ml_collections.ConfigDict) -> list[str]:
+def check_tasks(tasks: Mapping[str, Mapping[str, Any]]) -> list[str]:
   """One line per task that `load_tasks` would refuse (all its problems), reading no example."""
   problems = []
-  for name, spec in section.tasks.items():
+  for name, spec in tasks.items():
     found = []
     try:
       _, check, arguments, refused = _task_loader(spec)
@@ -58,10 +83,10 @@ def check_tasks(section: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
-def load_tasks(section: ml_collections.ConfigDict) -> dict[str, list]:
+def load_tasks(specs: Mapping[str, Mapping[str, Any]]) -> dict[str, list]:
   """name -> examples, from `evaluate.tasks` (the embedded stdlib task or local/TFDS files)."""
   tasks = {}
-  for name, spec in section.tasks.items():
+  for name, spec in specs.items():
     loader, _, arguments, refused = _task_loader(spec)
     if refused is not None:
       raise refused
@@ -83,11 +108,11 @@ def write_harness_tasks(tasks: Mapping[str, list], directory: pathlib.Path) -> p
   return directory
 
 
-def harness_index(section: ml_collections.ConfigDict, names: list[str], own: Mapping[str, list],
+def harness_index(harness: HarnessSettings, names: list[str], own: Mapping[str, list],
                   tasks_directory: pathlib.Path):
   """The harness's task index for `names` (harness tasks) and `own` (our tasks, written as
   harness tasks into `tasks_directory` first), with `evaluate.lm_eval.include_path`."""
-  include = [section.lm_eval.include_path] if section.lm_eval.include_path else []
+  include = [harness.include_path] if harness.include_path else []
   if own:
     include.insert(0, str(write_harness_tasks(own, tasks_directory)))
   return lm_eval_tasks.task_manager(include or None, [*names, *own])

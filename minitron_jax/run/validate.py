@@ -1,220 +1,163 @@
 """Whole-run validation: every setting is checked before the first stage computes or writes.
 
 A mistake in a late stage's settings must not cost the hours of the stages before it, so
-`validate` builds, without computing, what each stage will build from the config: the source
-architecture (from `config.json` / GGUF metadata; no weight is read), every compression stage's
-target against the shape it will prune (multi-stage plans, iterative rounds and search
-candidates included), the loss, optimizer, loop, data, tokenizer, evaluation, export and mesh
-settings, and the files they name. It calls the checks the library itself makes when a stage
-runs, so the two cannot disagree. A stage whose output already exists is judged by that output.
+`checked_plan` parses the run's plan (plan.py: every section, each stage's settings) and then
+checks it against what the stages will meet, without computing: the source architecture (from
+`config.json` / GGUF metadata; no weight is read), every compression stage's target against the
+shape it will prune (multi-stage plans, iterative rounds and search candidates included, as the
+prune stage's own `planned_shape` works them out), every retraining against the architectures it
+trains, the data, tokenizer, export and mesh, the files they name, and each stage's own checks
+(its module's `check(plan)`). It calls the checks the library itself makes when a stage runs, so
+the two cannot disagree. A stage whose output already exists is judged by that output.
 """
 
 from __future__ import annotations
 
 import math
 import pathlib
-from typing import Any, Callable
 
 import jax
 import ml_collections
 
 from minitron_jax.checkpoints import build, checkpoint, hf
-from minitron_jax.compress import importance, prune, search
+from minitron_jax.compress import importance
 from minitron_jax.inputs import data
-from minitron_jax.models import config as config_lib, partitioning
-from minitron_jax.run import (registry, stage_context, stage_settings, stages,
-                              teacher_logits_inputs)
-from minitron_jax.training import teacher_logits_store
+from minitron_jax.models import partitioning
 from minitron_jax.models.config import ModelConfig
-from minitron_jax.errors import ConfigError
+from minitron_jax.run import plan as plan_lib, registry, stage_context, stages
+from minitron_jax.run import teacher_logits_inputs
+from minitron_jax.run.problems import Problems
+from minitron_jax.run.stages import prune as prune_stage
+from minitron_jax.training import teacher_logits_store
+
 
 def validate(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> list[str]:
   """Every problem found, one line each, naming the setting, the bad value and what is allowed
   (stage names against registry.py first)."""
+  return checked_plan(cfg, workdir)[1]
+
+
+def checked_plan(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path
+                 ) -> tuple[stage_context.Plan, list[str]]:
+  """(the run's plan, every problem found): the plan is sound only when there is none."""
   return _Validation(cfg, pathlib.Path(workdir).absolute()).run()
-
-
-def error(problems: list[str]) -> ConfigError:
-  """One ConfigError for all problems: the problem itself when there is one, else a count and
-  one problem per line."""
-  if len(problems) == 1:
-    return ConfigError(problems[0])
-  return ConfigError(f"{len(problems)} problems in the run's settings, nothing was run:\n"
-                     + "\n".join(f"  {problem}" for problem in problems))
 
 
 class _Validation:
 
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: pathlib.Path):
     self.cfg, self.workdir = cfg, workdir
-    self.stages = set(cfg.stages)
-    self.problems: list[str] = []
-    self.messages: set[str] = set()
+    self.problems = Problems()
+    self.attempt, self.note = self.problems.attempt, self.problems.note
 
-  def attempt(self, setting: str, function: Callable, *args, **kwargs) -> Any:
-    """function(*args, **kwargs), or None after noting its ConfigError under `setting`."""
-    try:
-      return function(*args, **kwargs)
-    except ConfigError as e:
-      self.note(setting, str(e))
-    except (TypeError, ValueError) as e:  # a value of the wrong type reaching a constructor
-      self.note(setting, f"{type(e).__name__}: {e}")
-    return None
-
-  def note(self, setting: str, message: str) -> None:
-    message = " ".join(message.split("\n"))
-    # One setting reached from many places (the data section in every retraining, a target
-    # checked against several shapes) is reported once, under the first.
-    if message not in self.messages:
-      self.messages.add(message)
-      self.problems.append(f"{setting}: {message}")
-
-  def run(self) -> list[str]:
+  def run(self) -> tuple[stage_context.Plan, list[str]]:
     unknown = [name for name in self.cfg.stages if name not in registry.BY_NAME]
     if unknown:
-      self.problems.append(f"stages {unknown} are unknown; allowed: {list(registry.NAMES)}")
+      self.problems.lines.append(f"stages {unknown} are unknown; allowed: {list(registry.NAMES)}")
     source = self.model()
-    self.mesh()
-    self.general()
-    self.data()
-    # Without the model's vocabulary, only that the tokenizer loads.
-    self.attempt("tokenizer", stage_context.load_tokenizer, self.cfg,
-                 source.vocab_size if source is not None else math.inf)
-    if source is not None and self.stages & {"check", "prune", "distill"}:
-      self.attempt("model", hf.config_to_hf, source, self.cfg.export_dtype)
-    self.retraining(source)
-    plan = self.attempt("compression", stage_context.compression_plan, self.cfg, self.workdir)
-    if source is not None and plan and self.stages & set(registry.COMPRESSION_STAGES):
-      self.compression(source, plan)
-    if plan and teacher_logits_inputs.enabled(self.cfg):
-      self.teacher_logits_store(plan[0])
-    for name in registry.NAMES:  # the checks each stage makes of its own settings
-      if name in self.stages:
-        for problem in stages.problems(name, self.cfg):
-          self.note(*problem.split(": ", 1))
-    return self.problems
-
-  # --------------------------------------------------------------------------- settings
-
-  def model(self) -> ModelConfig | None:
-    section = self.cfg.model
-    path = section.get("hf_path")
-    if section.get("require_checkpoint") and not path:
-      # The preset need not be the checkpoint's architecture: no shape can be checked.
-      self.note("model", build.missing_checkpoint(section))
-      return None
-    source = self.attempt("model.hf_path" if path else "model", build.model_config, section)
-    if source is not None and path and pathlib.Path(path).is_dir():
-      self.attempt("model.hf_path", hf.safetensors_files, path)  # headers only
-    if source is not None:
-      compute = build.compute_options(section)
-      source = self.attempt("model", source.replace, **compute)
-    # A kernel this backend lacks fails at lowering, after the earlier stages have run.
-    needs = {"cudnn": "gpu", "tokamax": "gpu", "splash": "tpu"}.get(section.get("attention"))
-    if needs and jax.default_backend() != needs:
-      self.note("model.attention", f"{section.attention!r} needs a {needs.upper()}; this backend "
-                f"is {jax.default_backend()} (allowed here: 'auto', 'naive', 'blockwise')")
-    return source
-
-  def mesh(self) -> None:
-    mesh = self.attempt("mesh", stage_settings.settings, partitioning.MeshConfig,
+    # The mesh first: the plan parses it too (the same problem is noted once).
+    mesh = self.attempt("mesh", plan_lib.settings, partitioning.MeshConfig,
                         self.cfg.mesh.to_dict(), "mesh")
     if mesh is not None:
       self.attempt("mesh", mesh.shape, jax.device_count())
+    plan = plan_lib.build_plan(self.cfg, self.workdir, self.problems)
+    if plan.data is not None:
+      self.attempt("data", data.check_source, plan.data)
+    # Without the model's vocabulary, only that the tokenizer loads.
+    self.attempt("tokenizer", plan.load_tokenizer,
+                 source.vocab_size if source is not None else math.inf)
+    if source is not None and set(plan.stages) & {"check", "prune", "distill"}:
+      self.attempt("model", hf.config_to_hf, source, plan.export_dtype)
+    if source is not None:
+      self.retraining(plan, source)
+    if source is not None and plan.compression and set(plan.stages) & set(
+        registry.COMPRESSION_STAGES):
+      self.compression(plan, source)
+    if plan.compression and plan.settings.get(teacher_logits_inputs.STAGE) is not None:
+      self.teacher_logits_store(plan, plan.compression[0])
+    for name in plan.stages:  # the checks each stage makes of its own settings
+      self.problems.extend(stages.problems(name, plan))
+    return plan, self.problems.lines
 
-  def general(self) -> None:
-    cfg = self.cfg
-    if not isinstance(cfg.eval_batches, int) or cfg.eval_batches < 1:
-      self.note("eval_batches", f"{cfg.eval_batches!r} must be a positive integer")
-    if cfg.export_dtype not in config_lib.DTYPES:
-      self.note("export_dtype", f"{cfg.export_dtype!r} is not supported; allowed: "
-                f"{config_lib.DTYPES}")
-    section = cfg.importance
-    if "importance" in self.stages or cfg.prune.iterative_rounds > 1:
-      if not isinstance(section.num_samples, int) or section.num_samples < 1:
-        self.note("importance.num_samples", f"{section.num_samples!r} must be a positive integer")
+  # --------------------------------------------------------------------------- the source
 
-  def data(self) -> None:
-    cfg = self.cfg
-    base = self.attempt("data", stage_context.data_config, cfg)
-    if base is None:
-      return
-    self.attempt("data", data.check_source, base)
-    if "importance" in self.stages or cfg.prune.iterative_rounds > 1:
-      self.attempt("importance", stage_context.data_config, cfg, seq_len=cfg.importance.seq_len,
-                   batch_size=cfg.importance.batch_size)
-    # distill, search and teacher correction build their data in stage_settings.retrain_settings
+  def model(self) -> ModelConfig | None:
+    """The source architecture, from the plan's model source (read before the plan, so that a
+    missing checkpoint is the first problem named)."""
+    model = build.ModelSource.of(self.cfg.model)
+    path = model.hf_path
+    if model.require_checkpoint and not path:
+      # The preset need not be the checkpoint's architecture: no shape can be checked.
+      self.note("model", build.missing_checkpoint(model))
+      return None
+    source = self.attempt("model.hf_path" if path else "model", build.model_config, model)
+    if source is not None and path and pathlib.Path(path).is_dir():
+      self.attempt("model.hf_path", hf.safetensors_files, path)  # headers only
+    if source is not None:
+      source = self.attempt("model", source.replace, **model.compute)
+    # A kernel this backend lacks fails at lowering, after the earlier stages have run.
+    attention = model.compute.get("attention")
+    needs = {"cudnn": "gpu", "tokamax": "gpu", "splash": "tpu"}.get(attention)
+    if needs and jax.default_backend() != needs:
+      self.note("model.attention", f"{attention!r} needs a {needs.upper()}; this backend "
+                f"is {jax.default_backend()} (allowed here: 'auto', 'naive', 'blockwise')")
+    return source
 
-  def retraining(self, source: ModelConfig | None) -> None:
-    """Each training loop's settings on their own (one bad setting hides no other), then as a
-    whole on the source shape when known; `compression` checks them on every pruned shape."""
-    cfg = self.cfg
-    runs = []
-    if self.stages & {"distill", "search"}:
-      self.attempt("distill.loss", stage_settings.loss_config, cfg.distill.loss)
-      runs.append(("distill", cfg.distill, cfg.distill.steps, {}))
-    if "search" in self.stages:
-      runs.append(("search", cfg.distill, cfg.search.retrain_steps,
-                   dict(eval_steps=cfg.search.eval_steps,
-                        checkpoint_every=cfg.search.retrain_steps)))
-    if "teacher_correction" in self.stages:
-      runs.append(("teacher_correction", stage_settings.teacher_correction_section(cfg),
-                   cfg.teacher_correction.steps, {}))
-    for name, section, steps, loop in runs:
-      optimizer = "teacher_correction" if name == "teacher_correction" else "distill"
-      self.attempt(f"{optimizer}.optimizer", stage_settings.optimizer_config, section.optimizer,
-                   section.batch_size)
-      self.attempt(name, stage_settings.loop_config, section, steps, **loop)
-      self.attempt("distill", stage_context.data_config, cfg, batch_size=section.batch_size,
-                   seq_len=section.seq_len)
-      if source is not None:
-        offline = teacher_logits_inputs.enabled(cfg) and name != "teacher_correction"
-        self.attempt(name, stage_settings.retrain_settings, cfg, section, source, source, steps, **loop,
-                     offline=offline)
+  def retraining(self, plan: stage_context.Plan, source: ModelConfig) -> None:
+    """Each training loop on the source shape; `compression` checks them on every pruned one."""
+    offline = plan.runs(teacher_logits_inputs.STAGE)
+    for name in ("distill", "search", "teacher_correction"):
+      settings = plan.settings.get(name)
+      retraining = settings.retraining if name == "search" and settings else settings
+      if retraining is not None:
+        self.attempt(name, retraining.for_models, source, source,
+                     offline=offline and name != "teacher_correction")
 
-  def teacher_logits_store(self, step: stage_context.CompressionStep) -> None:
+  def teacher_logits_store(self, plan: stage_context.Plan,
+                           step: stage_context.CompressionStep) -> None:
     """A first stage's teacher store written by an earlier run must suit this one (later stages'
     teachers exist only once the run reaches them; they are checked there)."""
     if step.teacher != "original":
       return
-    ref = stage_context.original_ref(self.cfg, self.workdir)
+    ref = plan.original
     if ref.path is not None and not checkpoint.is_saved_model(ref.path):
       return
-    config = self.attempt("model", teacher_logits_inputs.teacher_config, self.cfg, ref)
+    config = self.attempt("model", teacher_logits_inputs.teacher_config, plan, ref)
     for split in ("train", "validation"):
       stored_path = registry.path(step.directory, teacher_logits_inputs.STAGE, split)
       if config is None or not (stored_path / "metadata.json").is_file():
         continue
-      expected = self.attempt("teacher_logits", teacher_logits_inputs.expected_metadata, self.cfg,
+      expected = self.attempt("teacher_logits", teacher_logits_inputs.expected_metadata, plan,
                               ref, config, split, step.distill_steps)
       stored = self.attempt(str(stored_path), teacher_logits_store.StoreMetadata.load, stored_path)
       if expected is not None and stored is not None:
         self.attempt(str(stored_path), stored.check_matches, expected, expected.num_rows)
 
-  # --------------------------------------------------------------------------- the plan
+  # --------------------------------------------------------------------------- the compression
 
-  def compression(self, source: ModelConfig,
-                  plan: tuple[stage_context.CompressionStep, ...]) -> None:
-    """Walks the plan stage by stage with every shape each stage can start from."""
+  def compression(self, plan: stage_context.Plan, source: ModelConfig) -> None:
+    """Walks the compression stages in order with every shape each can start from."""
+    distill = plan.settings.get("distill")
+    offline = plan.runs(teacher_logits_inputs.STAGE)
     students = [source]  # the shapes this stage may start from (several after a search)
-    for index, step in enumerate(plan):
+    for index, step in enumerate(plan.compression):
       where = f"compression[{index}] ({step.name})" if step.name else "prune.target"
       teachers = [source] if step.teacher == "original" else students
       produced: dict[ModelConfig, None] = {}
       for student in students:
-        for shape in self.stage_outputs(where, step, student, teachers):
+        for shape in self.stage_outputs(plan, where, step, student, teachers):
           produced[shape] = None
-      if "distill" in self.stages:
-        steps = step.distill_steps or self.cfg.distill.steps
+      if distill is not None:
+        retraining = distill.with_steps(step.distill_steps or distill.steps)
         for shape in produced:
           for teacher in teachers:
-            self.attempt("distill", stage_settings.retrain_settings, self.cfg, self.cfg.distill, shape,
-                         teacher, steps, offline=teacher_logits_inputs.enabled(self.cfg))
+            self.attempt("distill", retraining.for_models, shape, teacher, offline=offline)
       students = list(produced)
       if not students:
         return  # later stages' shapes are unknown; their problems show once this one is fixed
 
-  def stage_outputs(self, where: str, step: stage_context.CompressionStep, source: ModelConfig,
+  def stage_outputs(self, plan: stage_context.Plan, where: str,
+                    step: stage_context.CompressionStep, source: ModelConfig,
                     teachers: list[ModelConfig]) -> list[ModelConfig]:
     """The shapes one compression stage can produce from `source`, after checking its settings."""
     directory = step.directory
@@ -222,79 +165,59 @@ class _Validation:
     if checkpoint.is_saved_model(saved):  # pruned on an earlier run; its shape is what it is
       config = self.attempt(str(saved), checkpoint.load_config, saved)
       return [config] if config is not None else []
-    if "importance" in self.stages:
+    calibration = plan.settings.get("importance")
+    if calibration is not None:
       self.attempt("importance", importance.check_options, source,
-                   **stage_settings.estimate_options(self.cfg))
-    if "search" in self.stages:
-      targets = self.search_targets(where, step, source, teachers)
+                   **calibration.estimate.options())
+    if plan.runs("search"):
+      targets = self.search_targets(plan, step, source, teachers)
     elif step.target:
       targets = [step.target]
     else:
       self.note(where, "is empty; allowed: the sizes to prune to (or 'search' in stages)")
       return []
-    if "prune" not in self.stages:
-      if "distill" in self.stages:
+    if not plan.runs("prune"):
+      if plan.runs("distill"):
         for need in registry.BY_NAME["distill"].needs:
-          problem = registry.missing_need(directory, "distill", need, self.stages)
-          if problem:
-            self.note("stages", problem)
+          self.missing(directory, "distill", need, plan)
       return []
     # Iterative pruning estimates importance itself; one-shot pruning reads the stage's scores.
-    self.need_scores(directory, self.cfg.prune.iterative_rounds <= 1, "prune")
-    shapes = [self.pruned_shape(where, source, target, iterative=True) for target in targets]
+    settings = plan.settings.get("prune")
+    if settings is None:
+      return []
+    if settings.iterative_rounds <= 1:
+      self.missing(directory, "prune", "importance.scores", plan)
+    shapes = [prune_stage.planned_shape(settings.selection, settings.estimate, source, target,
+                                        self.problems, where, rounds=settings.iterative_rounds,
+                                        calibration=settings.calibration)
+              for target in targets]
     return [shape for shape in shapes if shape is not None]
 
-  def need_scores(self, directory: pathlib.Path, needed: bool, stage: str) -> None:
-    problem = needed and registry.missing_need(directory, stage, "importance.scores", self.stages)
+  def missing(self, directory: pathlib.Path, stage: str, need: str,
+              plan: stage_context.Plan) -> None:
+    problem = registry.missing_need(directory, stage, need, set(plan.stages))
     if problem:
       self.note("stages", problem)
 
-  def search_targets(self, where: str, step: stage_context.CompressionStep, source: ModelConfig,
-                     teachers: list[ModelConfig]) -> list[dict]:
+  def search_targets(self, plan: stage_context.Plan, step: stage_context.CompressionStep,
+                     source: ModelConfig, teachers: list[ModelConfig]) -> list[dict]:
     """Every candidate the search can pick (its pick, if it ran), its retraining checked."""
     directory = step.directory
     result = registry.path(directory, "search", "result")
     if result.exists():
       searched = self.attempt(str(result), stage_context.searched_target, directory)
       return [searched] if searched is not None else []
-    self.need_scores(directory, True, "search")
-    section = self.cfg.search
-    self.attempt("search.eval_steps", search.check_eval_steps, section.eval_steps)
-    candidates = self.attempt("search.space", stage_settings.search_candidates, self.cfg, source) or []
+    self.missing(directory, "search", "importance.scores", plan)
+    settings = plan.settings.get("search")
+    if settings is None or settings.space is None:
+      return []
+    candidates = self.attempt("search.space", settings.candidates, source) or []
+    offline = plan.runs(teacher_logits_inputs.STAGE)
     for candidate in candidates:
-      shape = self.pruned_shape(f"search candidate {candidate.name}", source, candidate.target,
-                                iterative=False)
+      # The search prunes each candidate in one step.
+      shape = prune_stage.planned_shape(settings.selection, settings.estimate, source,
+                                        candidate.target, self.problems,
+                                        f"search candidate {candidate.name}")
       for teacher in teachers if shape is not None else ():
-        self.attempt("search", stage_settings.retrain_settings, self.cfg, self.cfg.distill, shape,
-                     teacher, section.retrain_steps, eval_steps=section.eval_steps,
-                     checkpoint_every=section.retrain_steps,
-                     offline=teacher_logits_inputs.enabled(self.cfg))
+        self.attempt("search", settings.retraining.for_models, shape, teacher, offline=offline)
     return [candidate.target for candidate in candidates]
-
-  def pruned_shape(self, where: str, source: ModelConfig, target: dict, *, iterative: bool
-                   ) -> ModelConfig | None:
-    """The architecture `prune` makes of `source` for `target`, if every check passes. The prune
-    stage goes in `prune.iterative_rounds` rounds; the search prunes each candidate at once."""
-    options = stage_settings.estimate_options(self.cfg)
-    estimated = {"block_importance": options["block_sizes"],
-                 "drop_loss": options["drop_block_sizes"] if options["drop_loss"] else ()}
-    selection = dict(depth_criterion=self.cfg.prune.depth_criterion,
-                     contiguous_depth=self.cfg.prune.contiguous_depth,
-                     expert_criterion=self.cfg.prune.expert_criterion, estimated=estimated)
-    rounds = self.cfg.prune.iterative_rounds
-    if iterative and rounds > 1:
-      targets = self.attempt("prune.iterative_rounds", prune.iterative_targets, source,
-                             dict(target), rounds)
-      if targets is None:
-        return None
-    else:
-      targets = [dict(target)]
-    shape = source
-    for index, round_target in enumerate(targets):
-      if index:  # each round estimates importance on the model the last round left
-        self.attempt("importance", importance.check_options, shape, **options)
-      full = self.attempt(where, prune.check_selection, shape, round_target, **selection)
-      if full is None:
-        return None
-      shape = prune.target_config(shape, full)
-    return shape

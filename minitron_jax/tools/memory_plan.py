@@ -32,7 +32,7 @@ import ml_collections
 from minitron_jax.checkpoints import build
 from minitron_jax.compress import importance, prune
 from minitron_jax.models import model, partitioning, sharding
-from minitron_jax.run import stage_context, stage_settings
+from minitron_jax.run import plan as plan_lib, stage_context, stage_settings
 from minitron_jax.training import distill
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.errors import ConfigError
@@ -252,15 +252,17 @@ def stage_models(cfg: ml_collections.ConfigDict, stage: int = 0
   shapes alone: stage k prunes stage k-1's student, and its teacher is the original model or
   that previous student. All three compute as the model section says (dtype, remat, attention),
   as `build.load_model` applies it."""
-  section = cfg.model
-  compute = build.compute_options(section)
-  original = build.model_config(section).replace(**compute)
-  plan = stage_context.compression_plan(cfg, pathlib.Path("."))  # only the targets are read
-  if not isinstance(stage, int) or not 0 <= stage < len(plan):
-    raise ConfigError(f"stage={stage!r} is outside the run's {len(plan)} compression stage(s); "
-                      f"allowed: 0..{len(plan) - 1}")
+  return _stage_models(run_plan(cfg), stage)
+
+
+def _stage_models(plan: stage_context.Plan, stage: int):
+  original = build.model_config(plan.model).replace(**plan.model.compute)
+  steps = plan.compression
+  if not isinstance(stage, int) or not 0 <= stage < len(steps):
+    raise ConfigError(f"stage={stage!r} is outside the run's {len(steps)} compression stage(s); "
+                      f"allowed: 0..{len(steps) - 1}")
   source = student = teacher = original
-  for index, step in enumerate(plan[:stage + 1]):
+  for index, step in enumerate(steps[:stage + 1]):
     if index:
       source = student
     teacher = original if step.teacher == "original" else source
@@ -268,12 +270,12 @@ def stage_models(cfg: ml_collections.ConfigDict, stage: int = 0
   return source, student, teacher
 
 
-def _without_data(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config with a data source that needs no dataset: a plan reads no data, and only batch
-  size and sequence length shape a program."""
+def run_plan(cfg: ml_collections.ConfigDict) -> stage_context.Plan:
+  """The run's plan, with a data source that needs no dataset: a memory plan reads no data, and
+  only batch size and sequence length shape a program (a bad setting raises a ConfigError)."""
   copy = ml_collections.ConfigDict(cfg.to_dict())
   copy.data.update(source="stdlib", tfds_name="", paths=(), validation_paths=())
-  return copy
+  return plan_lib.build_plan(copy, pathlib.Path("."))  # only the targets are read
 
 
 def programs(cfg: ml_collections.ConfigDict, mesh, stage: int = 0,
@@ -284,26 +286,36 @@ def programs(cfg: ml_collections.ConfigDict, mesh, stage: int = 0,
   unknown = sorted(set(names) - set(PROGRAMS))
   if unknown:
     raise ConfigError(f"programs {unknown} are unknown; allowed: {list(PROGRAMS)}")
-  source, student, teacher = stage_models(cfg, stage)
-  cfg = _without_data(cfg)
-  run_stages = set(cfg.stages)
-  section = cfg.importance
+  plan = run_plan(cfg)
+  source, student, teacher = _stage_models(plan, stage)
   out = []
-  if "teacher_correction" in names and "teacher_correction" in run_stages and stage == 0:
-    steps = cfg.teacher_correction.steps
-    out.append(training_program("teacher_correction", stage_settings.retrain_settings(
-        cfg, stage_settings.teacher_correction_section(cfg), source, source, steps), steps, mesh))
-  if "importance" in run_stages:
+  if "teacher_correction" in names and plan.runs("teacher_correction") and stage == 0:
+    correction = plan.settings_of("teacher_correction")
+    out.append(training_program("teacher_correction", correction.for_models(source, source),
+                                correction.steps, mesh))
+  calibration = plan.settings.get("importance")
+  if calibration is not None:
+    stream, estimate = calibration.data, calibration.estimate
     if "importance" in names:
-      out.append(importance_program(source, mesh, section.batch_size, section.seq_len,
-                                    section.block_sizes))
-    if "drop_loss" in names and section.drop_loss:
-      out.append(drop_loss_program(source, mesh, section.batch_size, section.seq_len))
-  if "distill" in names and run_stages & {"distill", "search"}:
-    steps = cfg.distill.steps
-    out.append(training_program("distill", stage_settings.retrain_settings(
-        cfg, cfg.distill, student, teacher, steps), steps, mesh))
+      out.append(importance_program(source, mesh, stream.batch_size, stream.seq_len,
+                                    estimate.block_sizes))
+    if "drop_loss" in names and estimate.drop_loss:
+      out.append(drop_loss_program(source, mesh, stream.batch_size, stream.seq_len))
+  retraining = distill_retraining(plan)
+  if "distill" in names and retraining is not None:
+    out.append(training_program("distill", retraining.for_models(student, teacher),
+                                retraining.steps, mesh))
   return out
+
+
+def distill_retraining(plan: stage_context.Plan):
+  """Distillation's settings, or the search's retraining (the same loss, optimizer and batch)
+  when only the search runs; None when neither does."""
+  if plan.runs("distill"):
+    return plan.settings_of("distill")
+  if plan.runs("search"):
+    return plan.settings_of("search").retraining
+  return None
 
 
 # ----------------------------------------------------------------------------- measuring

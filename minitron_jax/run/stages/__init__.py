@@ -2,9 +2,10 @@
 outputs), each alike:
 
   run(ctx: stage_context.Context, out: registry.Outputs) -> summary
-      computes, writing its outputs to `out.staged(name)` (published whole when it returns) and
-      its resumable work to `out.work(name)`;
-  check(cfg) -> list of problems   (where a stage has settings of its own)
+      computes from its own settings in the run's plan (`ctx.settings`, parsed once by
+      run/plan.py), writing its outputs to `out.staged(name)` (published whole when it
+      returns) and its resumable work to `out.work(name)`;
+  check(plan: stage_context.Plan) -> list of problems   (where a stage has checks of its own)
       the stage's part of whole-run validation, one "setting: message" line per problem.
 """
 
@@ -13,8 +14,6 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 from typing import Callable
-
-import ml_collections
 
 from minitron_jax.run import registry
 
@@ -34,7 +33,8 @@ def runner(name: str) -> Callable:
   return module(name).run
 
 
-def problems(name: str, cfg: ml_collections.ConfigDict) -> list[str]:
-  """The problems stage `name` finds in its own settings ([] for a stage with none)."""
+def problems(name: str, plan) -> list[str]:
+  """The problems stage `name` finds in its own settings in `plan` ([] for a stage with no
+  checks of its own)."""
   own = getattr(module(name), "check", None)
-  return own(cfg) if own is not None else []
+  return own(plan) if own is not None else []

@@ -19,15 +19,15 @@ from minitron_jax.run import registry, stage_context
 
 
 def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
-  cfg, log = ctx.cfg, ctx.log
+  plan, log = ctx.plan, ctx.log
   started = time.perf_counter()
   mesh = ctx.mesh
   log(f"[check] mesh {dict(mesh.shape)} on {jax.devices()[0].platform}")
-  config, params = stage_context.load(cfg, ctx.source, mesh)
+  config, params = ctx.load(ctx.source)
   log(f"[check] {config.family} model: {config.num_layers} layers, hidden {config.hidden_size}, "
       f"{config.num_params():,} parameters")
 
-  batches = stage_context.validation(cfg, config.vocab_size)
+  batches = plan.validation(config.vocab_size)
   losses = []
   for i, batch in enumerate(batches):
     placed = {k: distributed.put(v, partitioning.batch_sharding(mesh, v.shape))
@@ -37,8 +37,8 @@ def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
 
   log(f"[check] exporting to {out.final('hf')}")
   exported = out.staged("hf")
-  hf.save(exported, config, params, dtype=cfg.export_dtype,  # gathered weight by weight
-          tokenizer=stage_context.load_tokenizer(cfg, config.vocab_size))
+  hf.save(exported, config, params, dtype=plan.export_dtype,  # gathered weight by weight
+          tokenizer=plan.load_tokenizer(config.vocab_size))
   reloaded_config, reloaded = hf.load(exported, param_dtype=config.param_dtype)
   reloaded_config = reloaded_config.replace(dtype=config.dtype, remat=config.remat)
   # Both models on the mesh, as training places them; only the probe's logits come back.
@@ -49,7 +49,7 @@ def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
       reloaded_config, sharding.shard_params(reloaded_config, reloaded, mesh), probe))
   round_trip_error = float(np.max(np.abs(original_logits - reloaded_logits)) /
                            np.max(np.abs(original_logits)))
-  if cfg.export_dtype == "float32" and round_trip_error > 1e-6:
+  if plan.export_dtype == "float32" and round_trip_error > 1e-6:
     raise RuntimeError(f"Hugging Face round trip changed logits: relative error "
                        f"{round_trip_error:.3g}")
 

@@ -9,32 +9,31 @@ import time
 from minitron_jax.checkpoints import checkpoint, hf
 from minitron_jax.core import atomic, distributed
 from minitron_jax.run import registry, retrain
-from minitron_jax.run.stage_context import Context, ModelRef, load, load_tokenizer
-from minitron_jax.run.stage_settings import retrain_settings
+from minitron_jax.run.stage_context import Context, ModelRef
+from minitron_jax.run.stage_settings import Retraining
 
 
 def run(ctx: Context, out: registry.Outputs) -> dict:
   """Retrains the pruned student (directory/prune/model) from ctx.teacher."""
-  cfg = ctx.cfg
+  retraining: Retraining = ctx.settings
+  plan = ctx.plan
   started = time.perf_counter()
-  section = cfg.distill
-  steps = ctx.distill_steps or section.steps
-  mesh = ctx.mesh
+  steps = ctx.distill_steps or retraining.steps
   teacher_config, teacher, offline = retrain.teacher_for(ctx)
-  student_config, student = load(
-      cfg, ModelRef(registry.path(ctx.directory, "prune", "model"), "pruned"), mesh)
-  ctx.log(f"[distill] {steps} steps of {section.batch_size}x{section.seq_len} tokens; student "
+  student_config, student = ctx.load(
+      ModelRef(registry.path(ctx.directory, "prune", "model"), "pruned"))
+  ctx.log(f"[distill] {steps} steps of {retraining.data.batch_size}x{retraining.data.seq_len} "
+          f"tokens; student "
           f"{student_config.num_params():,}, teacher ({ctx.teacher.label}"
           f"{', stored top-k' if offline else ''}) {teacher_config.num_params():,} parameters")
-  settings = retrain_settings(cfg, section, student_config, teacher_config, steps,
-                              offline=offline is not None)
+  settings = retraining.with_steps(steps).for_models(student_config, teacher_config,
+                                                      offline=offline is not None)
   trained, final = retrain.retrain(ctx, settings, student, teacher, out.final(), offline=offline)
   trained = distributed.to_host(trained)
   saved_config = student_config.replace(dtype="float32", remat="none")
   checkpoint.save_model(out.staged("model"), saved_config, trained)
   hf.save(out.staged("hf"), saved_config, trained,
-          dtype=cfg.export_dtype,
-          tokenizer=load_tokenizer(cfg, saved_config.vocab_size))
+          dtype=plan.export_dtype, tokenizer=plan.load_tokenizer(saved_config.vocab_size))
   summary = dict(steps=steps, student_params=student_config.num_params(), **final,
                  seconds=time.perf_counter() - started)
   atomic.write_json(out.staged("summary"), summary)

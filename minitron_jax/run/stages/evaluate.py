@@ -18,8 +18,6 @@ import pathlib
 from typing import Mapping
 
 import jax
-import ml_collections
-
 from minitron_jax.checkpoints import checkpoint
 from minitron_jax.core import atomic, distributed
 from minitron_jax.evaluation import evaluate, lm_eval_tasks
@@ -34,14 +32,14 @@ from minitron_jax.run.stage_context import Context
 # ----------------------------------------------------------------------------- the harness
 
 
-def harness_names(section: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+def harness_names(section: task_config.EvaluateSettings) -> tuple[list[str], list[str]]:
   """(harness task names, own task names) of `evaluate.lm_eval`."""
   harness = section.lm_eval
   return (lm_eval_tasks.split_names(harness.tasks, "evaluate.lm_eval.tasks"),
           lm_eval_tasks.split_names(harness.own_tasks, "evaluate.lm_eval.own_tasks"))
 
 
-def check_lm_eval(section: ml_collections.ConfigDict, *, index: bool = True) -> list[str]:
+def check_lm_eval(section: task_config.EvaluateSettings, *, index: bool = True) -> list[str]:
   """One line per problem of `evaluate.lm_eval`; `index` also looks every task name up (which
   reads the harness's task YAMLs: some 13 s unless every task is local)."""
   harness = section.lm_eval
@@ -77,7 +75,7 @@ def check_lm_eval(section: ml_collections.ConfigDict, *, index: bool = True) -> 
 # ----------------------------------------------------------------------------- completions
 
 
-def check_prompts(section: ml_collections.ConfigDict) -> list[str]:
+def check_prompts(section: task_config.EvaluateSettings) -> list[str]:
   prompts, new = section.prompts, section.max_new_tokens
   problems = []
   if isinstance(prompts, str) or not all(isinstance(p, str) and p for p in prompts):
@@ -107,31 +105,32 @@ def _fenced(text: str) -> str:
 # ----------------------------------------------------------------------------- the stage
 
 
-def check(cfg: ml_collections.ConfigDict) -> list[str]:
+def check(plan: stage_context.Plan) -> list[str]:
   """This stage's problems for validation, one line each ("setting: message")."""
-  section = cfg.evaluate
-  return check_tasks(section) + check_prompts(section) + check_lm_eval(section)
+  section = plan.settings_of("evaluate")
+  if section is None:  # its problem is noted already
+    return []
+  return check_tasks(section.tasks) + check_prompts(section) + check_lm_eval(section)
 
 
 def run(ctx: Context, out: registry.Outputs) -> dict:
-  cfg = ctx.cfg
-  section = cfg.evaluate
-  mesh = ctx.mesh
-  tasks = load_tasks(section)
+  section: task_config.EvaluateSettings = ctx.settings
+  plan, mesh = ctx.plan, ctx.mesh
+  tasks = load_tasks(section.tasks)
   names, own = harness_names(section)
-  manager = (task_config.harness_index(section, names, {name: tasks[name] for name in own},
+  manager = (task_config.harness_index(section.lm_eval, names, {name: tasks[name] for name in own},
                                        out.work("harness_tasks")) if names or own else None)
   place = lambda x: distributed.put(x, partitioning.batch_sharding(mesh, x.shape))  # noqa: E731
   results, completions = {}, {}
-  for label, ref in stage_context.models_of(cfg, ctx.directory).items():
+  for label, ref in plan.models().items():
     if ref.path is not None and not checkpoint.is_saved_model(ref.path):
       continue
-    config, params = stage_context.load(cfg, ref, mesh)
-    tok = stage_context.load_tokenizer(cfg, config.vocab_size)
+    config, params = ctx.load(ref)
+    tok = plan.load_tokenizer(config.vocab_size)
     # On the mesh, params where training put them: no device holds the whole model.
     metrics = evaluate.evaluate_model(
         config, params, tok, tasks=tasks,
-        perplexity_batches=stage_context.validation(cfg, config.vocab_size),
+        perplexity_batches=plan.validation(config.vocab_size),
         batch_size=section.batch_size, max_length=section.max_length, place=place)
     if manager is not None:
       scores = lm_eval_tasks.evaluate(

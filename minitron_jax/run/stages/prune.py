@@ -4,6 +4,7 @@ orbax checkpoint and a Hugging Face export, with the zero-shot validation loss o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from minitron_jax.checkpoints import checkpoint, hf
@@ -11,9 +12,26 @@ from minitron_jax.compress import importance, prune
 from minitron_jax.core import atomic, distributed
 from minitron_jax.errors import ConfigError
 from minitron_jax.models import model
+from minitron_jax.models.config import ModelConfig
 from minitron_jax.run import registry, stage_context
-from minitron_jax.run.stage_context import Context, load, validation
-from minitron_jax.run.stage_settings import estimate_options, prune_options
+from minitron_jax.run.problems import Problems
+from minitron_jax.run.stage_context import Context
+from minitron_jax.run.stage_settings import Calibration, Estimate, Selection
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+  """selection: what prune.prune keeps; estimate: the scores the importance stage writes (their
+  block sizes bound depth pruning); iterative_rounds T > 1 re-estimates importance on
+  `calibration` between T pruning steps (paper Table 10); reinitialize: the target architecture
+  with fresh random weights from `reinitialize_seed` (paper Table 12's baseline)."""
+
+  selection: Selection
+  estimate: Estimate
+  iterative_rounds: int = 1
+  calibration: Calibration | None = None
+  reinitialize: bool = False
+  reinitialize_seed: int = 1
 
 
 def chosen_target(ctx: Context) -> dict:
@@ -26,41 +44,69 @@ def chosen_target(ctx: Context) -> dict:
   return dict(ctx.target)
 
 
+def planned_shape(selection: Selection, estimate: Estimate, source: ModelConfig, target: dict,
+                  problems: Problems, where: str, *, rounds: int = 1,
+                  calibration: Calibration | None = None) -> ModelConfig | None:
+  """The architecture pruning makes of `source` for `target` with `selection`, from scores
+  `estimate` makes, or None after noting why it cannot: in `rounds` steps (this stage's
+  iterative rounds, each re-estimated on `calibration`), or in one, as the search prunes each
+  candidate."""
+  if rounds > 1:
+    targets = problems.attempt("prune.iterative_rounds", prune.iterative_targets, source,
+                               dict(target), rounds)
+    if targets is None:
+      return None
+  else:
+    targets = [dict(target)]
+  options = selection.check_options(estimate)
+  shape = source
+  for index, round_target in enumerate(targets):
+    if index:  # each round estimates importance on the model the last round left
+      problems.attempt("importance", importance.check_options, shape,
+                       **calibration.estimate.options())
+    full = problems.attempt(where, prune.check_selection, shape, round_target, **options)
+    if full is None:
+      return None
+    shape = prune.target_config(shape, full)
+  return shape
+
+
 def run(ctx: Context, out: registry.Outputs) -> dict:
-  cfg = ctx.cfg
+  settings: PruneSettings = ctx.settings
+  plan = ctx.plan
   started = time.perf_counter()
-  config, params = load(cfg, ctx.source, ctx.mesh)
+  config, params = ctx.load(ctx.source)
   target = chosen_target(ctx)
-  if cfg.prune.iterative_rounds > 1:
+  rounds = settings.iterative_rounds
+  if rounds > 1:
     # Paper Table 10: re-estimate on the partly pruned model between rounds.
-    ctx.log(f"[prune] iterative importance over {cfg.prune.iterative_rounds} rounds")
+    ctx.log(f"[prune] iterative importance over {rounds} rounds")
     pruned_config, pruned, _ = prune.iterative_prune(
         config, distributed.to_host(params),
-        lambda: stage_context.calibration(cfg, config.vocab_size), target,
-        rounds=cfg.prune.iterative_rounds, log=ctx.log, estimate_options=estimate_options(cfg),
-        **prune_options(cfg))
+        lambda: plan.calibration(settings.calibration, config.vocab_size), target,
+        rounds=rounds, log=ctx.log, estimate_options=settings.calibration.estimate.options(),
+        **settings.selection.options())
   else:
     scores = importance.Scores.load(registry.path(ctx.directory, "importance", "directory"))
     pruned_config, pruned = prune.prune(config, distributed.to_host(params), scores, target,
-                                        **prune_options(cfg))
-  reinitialize = bool(cfg.prune.get("reinitialize", False))
-  if reinitialize:
+                                        **settings.selection.options())
+  if settings.reinitialize:
     ctx.log("[prune] reinitialize: the target architecture with random weights")
-    pruned = model.init(pruned_config, cfg.model.seed + 1)
-  batches = validation(cfg, config.vocab_size)
+    pruned = model.init(pruned_config, settings.reinitialize_seed)
+  batches = plan.validation(config.vocab_size)
   losses = {name: importance.lm_loss(c, p, batches)
             for name, (c, p) in (("source", (config, params)), ("pruned", (pruned_config, pruned)))}
   ctx.log(f"[prune] {config.num_params():,} -> {pruned_config.num_params():,} parameters "
           f"({pruned_config.num_params() / config.num_params():.1%}); zero-shot validation loss "
           f"{losses['source']:.4f} -> {losses['pruned']:.4f}")
-  hf.save(out.staged("hf"), pruned_config, pruned, dtype=cfg.export_dtype,
-          tokenizer=stage_context.load_tokenizer(cfg, pruned_config.vocab_size))
+  hf.save(out.staged("hf"), pruned_config, pruned, dtype=plan.export_dtype,
+          tokenizer=plan.load_tokenizer(pruned_config.vocab_size))
   checkpoint.save_model(out.staged("model"),
                         pruned_config.replace(dtype="float32", remat="none"), pruned)
   summary = dict(source=config.to_dict(), pruned=pruned_config.to_dict(), target=target,
                  source_params=config.num_params(), pruned_params=pruned_config.num_params(),
                  source_validation_loss=losses["source"], pruned_validation_loss=losses["pruned"],
-                 reinitialized=reinitialize,
+                 reinitialized=settings.reinitialize,
                  seconds=time.perf_counter() - started)
   atomic.write_json(out.staged("summary"), summary)
   ctx.log(f"[prune] done in {summary['seconds']:.1f}s; orbax checkpoint in {out.final('model')}, "

@@ -5,15 +5,27 @@ training curves of every distillation and search candidate (core/curves.py draws
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
-import ml_collections
-
 from minitron_jax.core import atomic, curves, distributed, plots
 from minitron_jax.errors import ConfigError
-from minitron_jax.run import registry, stage_context
-from minitron_jax.run.stage_context import Context
+from minitron_jax.run import registry
+from minitron_jax.run.stage_context import CompressionStep, Context
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportSettings:
+  """The batch (rows x tokens) one training step sees: distillation and the search's retraining
+  both run on distill's batch, micro-batches included, of packed rows."""
+
+  batch_size: int
+  seq_len: int
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.seq_len
 
 
 def _read(path: pathlib.Path) -> dict | None:
@@ -29,9 +41,10 @@ def _read(path: pathlib.Path) -> dict | None:
 def run(ctx: Context, out: registry.Outputs) -> str:
   """workdir/report.md: losses and sizes of every model, curves of every training run (PNGs in
   workdir/curves), search ranking, time per stage."""
-  cfg, workdir = ctx.cfg, ctx.directory
+  settings: ReportSettings = ctx.settings
+  workdir = ctx.directory
   lines = ["# Compression report", ""]
-  plan = stage_context.compression_plan(cfg, workdir)
+  plan = ctx.plan.compression
   rows = []
   teacher_loss = None
   for step in plan:
@@ -54,7 +67,7 @@ def run(ctx: Context, out: registry.Outputs) -> str:
     for label, params, loss in rows:
       lines.append(f"| {label} | {params:,} | {loss:.4f} | {loss - teacher_loss:+.4f} |")
     lines.append("")
-  lines += curve_lines(cfg, workdir, out.staged("curves"))
+  lines += curve_lines(settings, plan, workdir, out.staged("curves"))
   for output, title in (("table", "Evaluation"), ("lm_eval", "lm-evaluation-harness"),
                         ("completions", "Sample completions (greedy)")):
     written = registry.path(workdir, "evaluate", output)
@@ -79,12 +92,6 @@ def run(ctx: Context, out: registry.Outputs) -> str:
 # ----------------------------------------------------------------------------- curves
 
 
-def tokens_per_step(cfg: ml_collections.ConfigDict) -> int:
-  """Tokens one training step sees: distillation and the search's retraining both run on
-  cfg.distill's batch (the whole batch, micro-batches included) of packed sequences."""
-  return cfg.distill.batch_size * cfg.distill.seq_len
-
-
 def _read_quietly(path: pathlib.Path) -> dict:
   try:
     return json.loads(path.read_text()) if path.exists() else {}
@@ -92,7 +99,7 @@ def _read_quietly(path: pathlib.Path) -> dict:
     return {}
 
 
-def _teachers(workdir: pathlib.Path, plan: list[dict]) -> list:
+def _teachers(workdir: pathlib.Path, plan: tuple[CompressionStep, ...]) -> list:
   """(label, validation loss or None) of each compression stage's teacher: the original (its
   loss from the first stage's prune summary, else from the check stage) or, for
   teacher='previous', the model the stage started from."""
@@ -109,10 +116,9 @@ def _teachers(workdir: pathlib.Path, plan: list[dict]) -> list:
   return found
 
 
-def distill_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[curves.Panel]:
-  """A panel per compression stage whose distillation logged anything."""
-  plan = stage_context.compression_plan(cfg, workdir)
-  tokens = tokens_per_step(cfg)
+def distill_panels(tokens: int, plan: tuple[CompressionStep, ...],
+                   workdir: pathlib.Path) -> list[curves.Panel]:
+  """A panel per compression stage whose distillation logged anything (`tokens` a step)."""
   panels = []
   for step, (teacher_label, teacher_loss) in zip(plan, _teachers(workdir, plan)):
     records = curves.read_metrics(registry.path(step.directory, "distill", "metrics"))
@@ -126,12 +132,11 @@ def distill_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> lis
   return panels
 
 
-def search_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[curves.Panel]:
+def search_panels(tokens: int, plan: tuple[CompressionStep, ...],
+                  workdir: pathlib.Path) -> list[curves.Panel]:
   """A panel per compression stage whose search retrained candidates: each candidate's
   validation cross-entropy (in the legend) and training cross-entropy (faint, same colour), or
   its training objective on the second axis when cross-entropy is no part of it."""
-  plan = stage_context.compression_plan(cfg, workdir)
-  tokens = tokens_per_step(cfg)
   panels = []
   for step, (teacher_label, teacher_loss) in zip(plan, _teachers(workdir, plan)):
     candidates = registry.path(step.directory, "search", "candidates")
@@ -167,15 +172,16 @@ def search_panels(cfg: ml_collections.ConfigDict, workdir: pathlib.Path) -> list
   return panels
 
 
-def curve_lines(cfg: ml_collections.ConfigDict, workdir: pathlib.Path,
-                curves_directory: pathlib.Path) -> list[str]:
+def curve_lines(settings: ReportSettings, plan: tuple[CompressionStep, ...],
+                workdir: pathlib.Path, curves_directory: pathlib.Path) -> list[str]:
   """Draws the curves into `curves_directory` (on the primary process) and returns the report's
   lines that show them; [] when nothing was trained."""
+  tokens = settings.tokens_per_step
   figures = [(name, alt, title, panels) for name, alt, title, panels in (
-      ("distill", "distillation curves", "Distillation", distill_panels(cfg, workdir)),
+      ("distill", "distillation curves", "Distillation", distill_panels(tokens, plan, workdir)),
       ("search", "search candidate curves",
        "Architecture search: validation cross-entropy per candidate (faint: training)",
-       search_panels(cfg, workdir)))
+       search_panels(tokens, plan, workdir)))
       if panels]
   if not figures:
     return []
@@ -188,8 +194,8 @@ def curve_lines(cfg: ml_collections.ConfigDict, workdir: pathlib.Path,
     for name, _, title, panels in figures:
       plots.save(curves.figure(panels, title), curves_directory / f"{name}.png")
   shown = curves_directory.name
-  lines += [f"Loss over tokens seen ({tokens_per_step(cfg):,} a step: batch "
-            f"{cfg.distill.batch_size} x {cfg.distill.seq_len} tokens). Dashed: the validation "
+  lines += [f"Loss over tokens seen ({tokens:,} a step: batch "
+            f"{settings.batch_size} x {settings.seq_len} tokens). Dashed: the validation "
             "cross-entropy of the teacher and of the pruned model before retraining.", ""]
   lines += [f"![{alt}]({shown}/{name}.png)" for name, alt, _, _ in figures]
   return lines + [""]

@@ -4,6 +4,7 @@ as pruned), keep the best; resumable after any candidate.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -12,17 +13,47 @@ from minitron_jax.core import atomic, distributed, preemption
 from minitron_jax.errors import ConfigError
 from minitron_jax.evaluation import evaluate
 from minitron_jax.models import sharding
-from minitron_jax.run import registry, retrain, search_score
-from minitron_jax.run.stage_context import Context, load, load_tokenizer, validation
-from minitron_jax.run.stage_settings import (prune_options, retrain_settings, search_candidates,
-                                             search_space)
+from minitron_jax.models.config import ModelConfig
+from minitron_jax.run import registry, retrain, search_score, stage_context, task_config
+from minitron_jax.run.stage_context import Context
+from minitron_jax.run.stage_settings import Estimate, Retraining, Selection, search_candidates
 
 
-def check(cfg) -> list[str]:
-  """The search's score settings and the scoring they need, one line per problem."""
-  problems = search_score.check(cfg)
+@dataclasses.dataclass(frozen=True)
+class SearchSettings:
+  """space: the candidates' axes and constraints; max_candidates: the ones nearest the
+  constraints to keep (0: all); eval_steps: the retraining steps each candidate is compared at;
+  score: a task score that ranks instead of the validation loss (None: the loss), with `scoring`
+  the evaluation settings it runs with; retraining: each candidate's; selection: how each is
+  pruned, from the scores `estimate` makes."""
+
+  space: search.SearchSpace
+  max_candidates: int
+  eval_steps: tuple[int, ...]
+  score: search_score.TaskScore | None
+  retraining: Retraining
+  selection: Selection
+  estimate: Estimate
+  scoring: task_config.EvaluateSettings
+
+  @property
+  def retrain_steps(self) -> int:
+    return self.retraining.steps
+
+  def candidates(self, config: ModelConfig) -> list[search.Candidate]:
+    """The candidates this search retrains for a source architecture (no weight is needed)."""
+    return search_candidates(self.space, self.max_candidates, config)
+
+
+def check(plan: stage_context.Plan) -> list[str]:
+  """The search's score and the scoring it needs, one line per problem."""
+  settings: SearchSettings = plan.settings_of("search")
+  if settings is None:
+    return []
+  problems = search_score.check(settings.score, settings.scoring)
   try:
-    evaluate.check_scoring(batch_size=cfg.evaluate.batch_size, max_length=cfg.evaluate.max_length)
+    evaluate.check_scoring(batch_size=settings.scoring.batch_size,
+                           max_length=settings.scoring.max_length)
   except ConfigError as e:
     problems.append(f"evaluate: {e}")
   return problems
@@ -30,21 +61,21 @@ def check(cfg) -> list[str]:
 
 def run(ctx: Context, out: registry.Outputs) -> dict:
   """Paper §3: prune every feasible candidate, distil each briefly, keep the best."""
-  cfg = ctx.cfg
+  settings: SearchSettings = ctx.settings
+  plan = ctx.plan
   started = time.perf_counter()
-  section = cfg.search
   mesh = ctx.mesh
-  config, params = load(cfg, ctx.source, mesh)
+  config, params = ctx.load(ctx.source)
   teacher_config, teacher, offline = retrain.teacher_for(ctx)
   host_params = distributed.to_host(params)
   scores = importance.Scores.load(registry.path(ctx.directory, "importance", "directory"))
-  candidates = search_candidates(cfg, config)
-  score = search_score.parse(section)
+  candidates = settings.candidates(config)
+  score = settings.score
   before = score is not None and score.before_retraining
-  eval_steps = (0,) if before else tuple(section.eval_steps)
-  ctx.log(f"[search] {len(candidates)} candidates within {section.space.tolerance:.0%} of "
-          f"{search_space(cfg).describe()}; "
-          f"{'no retraining' if before else f'{section.retrain_steps} steps each'}"
+  eval_steps = (0,) if before else settings.eval_steps
+  ctx.log(f"[search] {len(candidates)} candidates within {settings.space.tolerance:.0%} of "
+          f"{settings.space.describe()}; "
+          f"{'no retraining' if before else f'{settings.retrain_steps} steps each'}"
           f"{'' if score is None else f', ranked by {score.name}'}")
   # Saved evaluations of another ranking are not reused: each score has its own progress file.
   progress = out.work("progress")
@@ -52,31 +83,29 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
     progress = progress.with_name(f"progress.{score.slug}.json")
   done = json.loads(progress.read_text()) if progress.exists() else {}
   score_of = (None if score is None
-              else search_score.scorer(cfg, out.work("harness_tasks"), mesh))
-  tok = load_tokenizer(cfg, config.vocab_size)
+              else search_score.scorer(score, settings.scoring, out.work("harness_tasks"), mesh))
+  tok = plan.load_tokenizer(config.vocab_size)
 
   def evaluate_candidate(candidate) -> dict[int, float]:
     ctx.log(f"[search] candidate {candidate.name}: {candidate.num_params:,} parameters")
     pruned_config, pruned = prune.prune(config, host_params, scores, candidate.target,
-                                        **prune_options(cfg))
+                                        **settings.selection.options())
     pruned = sharding.shard_params(pruned_config, pruned, mesh)
     if before:  # Model Optimizer's way: score the pruned candidate as it is
-      loss = importance.lm_loss(pruned_config, pruned, validation(cfg, config.vocab_size))
+      loss = importance.lm_loss(pruned_config, pruned, plan.validation(config.vocab_size))
       return {0: loss}, score_of(pruned_config, pruned, tok)
     run_dir = out.work("candidates") / candidate.name
-    settings = retrain_settings(cfg, cfg.distill, pruned_config, teacher_config,
-                                section.retrain_steps, eval_steps=section.eval_steps,
-                                checkpoint_every=section.retrain_steps,
-                                offline=offline is not None)
-    trained, _ = retrain.retrain(ctx, settings, pruned, teacher, run_dir,
+    run = settings.retraining.for_models(pruned_config, teacher_config,
+                                         offline=offline is not None)
+    trained, _ = retrain.retrain(ctx, run, pruned, teacher, run_dir,
                                  label=f"search {candidate.name}", offline=offline)
     distributed.barrier(f"searched {candidate.name}")  # the primary wrote metrics.jsonl
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["val_ce"] for r in records if "val_ce" in r}
-    losses = {s: losses[s] for s in section.eval_steps}
+    losses = {s: losses[s] for s in settings.eval_steps}
     if score_of is None:
       return losses
-    return losses, score_of(settings.student_config, trained, tok)
+    return losses, score_of(run.student_config, trained, tok)
 
   def save_progress(candidate, losses) -> None:  # a killed search resumes after this candidate
     done[candidate.name] = losses

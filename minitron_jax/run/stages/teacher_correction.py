@@ -9,23 +9,21 @@ import time
 from minitron_jax.checkpoints import checkpoint
 from minitron_jax.core import atomic, distributed
 from minitron_jax.run import registry, retrain
-from minitron_jax.run.stage_context import Context, ModelRef, load
-from minitron_jax.run.stage_settings import retrain_settings, teacher_correction_section
+from minitron_jax.run.stage_context import Context, ModelRef
+from minitron_jax.run.stage_settings import Retraining
 
 
 def run(ctx: Context, out: registry.Outputs) -> dict:
   """Follow-up paper (2408.11796): fine-tune the teacher briefly on the distillation data."""
-  cfg = ctx.cfg
+  retraining: Retraining = ctx.settings  # its own optimizer, cross-entropy only
   started = time.perf_counter()
-  section = cfg.teacher_correction
-  config, params = load(cfg, ModelRef(), ctx.mesh)
-  corrected_section = teacher_correction_section(cfg)
-  ctx.log(f"[teacher_correction] {section.steps} cross-entropy steps on the original model")
-  settings = retrain_settings(cfg, corrected_section, config, config, section.steps)
+  config, params = ctx.load(ModelRef())
+  ctx.log(f"[teacher_correction] {retraining.steps} cross-entropy steps on the original model")
+  settings = retraining.for_models(config, config)
   trained, final = retrain.retrain(ctx, settings, params, params, out.final(),
                                    label="teacher_correction")
   checkpoint.save_model(out.staged("model"),
                         config.replace(dtype="float32", remat="none"), distributed.to_host(trained))
-  summary = dict(steps=section.steps, **final, seconds=time.perf_counter() - started)
+  summary = dict(steps=retraining.steps, **final, seconds=time.perf_counter() - started)
   atomic.write_json(out.staged("summary"), summary)
   return summary

@@ -13,49 +13,43 @@ from __future__ import annotations
 import time
 
 from minitron_jax.core import atomic
-from minitron_jax.errors import ConfigError
 from minitron_jax.inputs import data
 from minitron_jax.models import partitioning
-from minitron_jax.run import registry, stage_context, teacher_logits_inputs
-from minitron_jax.run.teacher_logits_inputs import STAGE, expected_metadata
+from minitron_jax.run import registry, stage_context
+from minitron_jax.run.teacher_logits_inputs import STAGE, StoreSettings, expected_metadata
 from minitron_jax.training import teacher_logits_store
 
 
-def check(cfg) -> list[str]:
-  """The store's settings, and that a stage reads it."""
-  problems = []
-  try:
-    teacher_logits_inputs.check_section(cfg)
-  except ConfigError as e:
-    problems.append(f"{STAGE}: {e}")
-  if not set(cfg.stages) & {"distill", "search"}:
-    problems.append(f"stages: {STAGE} stores the teacher for distill and search, and neither "
-                    "runs; allowed: 'distill' or 'search' in stages with it")
-  return problems
+def check(plan: stage_context.Plan) -> list[str]:
+  """That a stage reads the store (its settings were checked as the plan parsed them)."""
+  if not set(plan.stages) & {"distill", "search"}:
+    return [f"stages: {STAGE} stores the teacher for distill and search, and neither runs; "
+            "allowed: 'distill' or 'search' in stages with it"]
+  return []
 
 
 def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
   """Writes (or finishes) both stores of this compression stage; its summary marks it done."""
-  cfg = ctx.cfg
+  settings: StoreSettings = ctx.settings
+  plan = ctx.plan
   started = time.perf_counter()
   mesh = ctx.mesh
-  config, params = stage_context.load(cfg, ctx.teacher, mesh)
-  config = config.replace(dtype=cfg.distill.dtype)
-  tok = stage_context.load_tokenizer(cfg, config.vocab_size)
+  config, params = ctx.load(ctx.teacher)
+  config = config.replace(dtype=settings.compute_dtype)
+  tok = plan.load_tokenizer(config.vocab_size)
   shard = lambda shape: partitioning.batch_sharding(mesh, shape)
   summary = {}
   for split in ("train", "validation"):
-    meta = expected_metadata(cfg, ctx.teacher, config, split, ctx.distill_steps)
+    meta = expected_metadata(plan, ctx.teacher, config, split, ctx.distill_steps)
     if split == "train":
-      batches = data.make_iterator(stage_context.data_config(cfg, batch_size=cfg.distill.batch_size,
-                                                      seq_len=cfg.distill.seq_len), tok, "train")
+      batches = data.make_iterator(settings.train, tok, "train")
     else:
-      batches = iter(stage_context.validation(cfg, config.vocab_size))
+      batches = iter(plan.validation(config.vocab_size))
     ctx.log(f"[{STAGE}] {split}: top-{meta.k} of the {ctx.teacher.label} teacher over "
             f"{meta.num_rows} rows of {meta.seq_len} tokens, {meta.bytes_per_token} bytes/token")
     split_started = time.perf_counter()
     written = teacher_logits_store.write(out.work(split), meta, config, params, batches,
-                                         batch_size=cfg.teacher_logits.batch_size,
+                                         batch_size=settings.batch_size,
                                          batch_sharding=shard, log=ctx.log)
     seconds = time.perf_counter() - split_started
     summary[split] = dict(rows=written.num_rows, tokens=written.num_rows * written.seq_len,
