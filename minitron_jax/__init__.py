@@ -16,7 +16,9 @@ The curated API, what the README's snippets use:
 
 None of these needs the data pipeline's packages (grain, tensorflow-datasets) or ml-collections,
 so the model and the distillation step import on a machine without them. Everything else is
-reached through its subpackage (`from minitron_jax.inputs import data`), grouped by concern:
+reached through its subpackage, which exports its entry points (`from minitron_jax.compress
+import estimate, run_search`; each subpackage's `ENTRY_POINTS` lists them by module, imported on
+first use) beside its modules (`from minitron_jax.inputs import data`), grouped by concern:
   families     one small file per model family: HF names, traits, hooks, tiny test model
   core         atomic writes, multi-process helpers, preemption, the workdir lock, plots, curves
   models       config and presets, the decoder, attention, experts, partitioning, generation

@@ -4,10 +4,10 @@
 Modules: distill (the step), loop, loss_terms, pretrain, teacher_logits_store.
 """
 
-__all__ = [
-    'distill',
-    'loop',
-    'loss_terms',
-    'pretrain',
-    'teacher_logits_store',
-]
+from minitron_jax.core import exports
+
+ENTRY_POINTS = {
+    "distill": ("Distiller", "OptimizerConfig"),
+    "loop": ("train", "LoopConfig", "Diverged"),
+}
+__getattr__, __dir__, __all__ = exports.lazy(__name__, ENTRY_POINTS)
