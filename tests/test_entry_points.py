@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_optional_imports import NOT_ON_THE_GPU_IMAGE
+from test_optional_imports import BLOCKING, NOT_ON_THE_GPU_IMAGE
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "minitron_jax"
 # families exports its families eagerly (they are the package); stages is the stage registry's.
@@ -42,14 +42,7 @@ def test_each_entry_point_is_its_module_s_own_object(name):
     getattr(package, "nothing")
 
 
-PROBE = """
-import importlib, importlib.abc, sys
-blocked = set(sys.argv[1].split(","))
-class Block(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path, target=None):
-    if name.split(".")[0] in blocked:
-      raise ImportError(f"{name} is blocked")
-sys.meta_path.insert(0, Block())
+PROBE = BLOCKING + """
 for name in sys.argv[2].split(","):
   package = importlib.import_module(f"minitron_jax.{name}")
   dir(package)

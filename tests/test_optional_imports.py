@@ -15,15 +15,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOT_ON_THE_GPU_IMAGE = ("tensorflow_datasets", "lm_eval", "ml_collections", "grain",
                         "array_record", "tensorboardX", "gguf", "tokamax")
 
-# Runs in a fresh interpreter: each blocked package raises ImportError when anything imports it.
-PROBE = """
-import importlib.abc, importlib.util, sys
+# The start of a probe run in a fresh interpreter: each package named (comma-separated) in its
+# first argument raises ImportError when anything imports it.
+BLOCKING = """
+import importlib, importlib.abc, importlib.util, sys
 blocked = set(sys.argv[1].split(","))
 class Block(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path, target=None):
     if name.split(".")[0] in blocked:
       raise ImportError(f"{name} is blocked")
 sys.meta_path.insert(0, Block())
+"""
+PROBE = BLOCKING + """
 import minitron_jax.models, minitron_jax.models.model, minitron_jax.objectives.losses
 import minitron_jax.objectives.fused_kld, minitron_jax.training.distill
 spec = importlib.util.spec_from_file_location("gpu_suite", sys.argv[2])
