@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from minitron_jax.models import partitioning
 from minitron_jax.objectives import chunked_ce
 from minitron_jax.objectives.fused_kld import fused_kld
-from minitron_jax.objectives.sparse_kld import sparse_kld, teacher_top_k
+from minitron_jax.objectives.sparse_kld import sparse_kld, teacher_top_k, teacher_top_k_of_hidden
 
 B, T, DS, DT, VOCAB = 8, 12, 16, 24, 64
 MESHES = {
@@ -168,3 +168,19 @@ def test_chunked_cross_entropy_equals_optax_values_and_gradients(cap):
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   for g, w in zip(got[1], want[1]):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mesh_name", ["data8", "tensor8", "data2_fsdp2_tensor2"])
+def test_the_chunked_teacher_top_k_equals_one_device(mesh_name):
+  _, _, ht, wt, _ = _inputs()
+  fn = jax.jit(lambda h, w: teacher_top_k_of_hidden(h, w, 8, 1.7, chunk_size=5))
+  want = fn(ht, wt)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(**MESHES[mesh_name]))
+  with jax.set_mesh(mesh):
+    spec = partitioning.logical_to_spec(("batch", "length", "embed"), ht.shape, mesh)
+    head = partitioning.logical_to_spec(("embed", "vocab"), wt.shape, mesh)
+    got = fn(jax.device_put(ht, NamedSharding(mesh, spec)),
+             jax.device_put(wt, NamedSharding(mesh, head)))
+  np.testing.assert_array_equal(got[1], want[1])
+  for got_part, want_part in ((got[0], want[0]), (got[2], want[2])):
+    np.testing.assert_allclose(got_part, want_part, rtol=1e-6, atol=1e-6)

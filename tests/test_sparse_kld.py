@@ -96,3 +96,31 @@ def test_bad_shapes_are_one_line_errors():
     sparse_kld.sparse_kld(hs, ws, log_probs[:, :3], indices[:, :3], tail)
   with pytest.raises(ConfigError, match="chunk_size=0"):
     sparse_kld.sparse_kld(hs, ws, log_probs, indices, tail, chunk_size=0)
+
+
+@pytest.mark.parametrize("k,cap,chunk", [(8, None, 3), (VOCAB, None, 5), (4, 3.0, 64)])
+def test_the_top_k_of_hidden_states_equals_that_of_the_whole_logits(k, cap, chunk):
+  _, _, ht, wt, _ = _inputs()
+  logits = jnp.einsum("btd,dv->btv", ht, wt, preferred_element_type=jnp.float32)
+  if cap is not None:
+    logits = cap * jnp.tanh(logits / cap)
+  want = sparse_kld.teacher_top_k(logits, k, 1.3)
+  got = jax.jit(lambda h, w: sparse_kld.teacher_top_k_of_hidden(
+      h, w, k, 1.3, chunk_size=chunk, cap=cap))(ht, wt)  # 14 tokens: a ragged last chunk
+  np.testing.assert_array_equal(got[1], want[1])
+  for got_part, want_part in ((got[0], want[0]), (got[2], want[2])):
+    np.testing.assert_allclose(got_part, want_part, rtol=1e-6, atol=1e-6)
+
+
+def test_the_top_k_of_hidden_states_never_holds_the_whole_logits():
+  tokens, width, vocab, chunk = 4096, 32, 4096, 128
+  hidden = jax.ShapeDtypeStruct((tokens, width), jnp.float32)
+  head = jax.ShapeDtypeStruct((width, vocab), jnp.float32)
+  whole = jax.jit(lambda h, w: sparse_kld.teacher_top_k(h @ w, 16)).lower(hidden, head)
+  chunked = jax.jit(lambda h, w: sparse_kld.teacher_top_k_of_hidden(
+      h, w, 16, chunk_size=chunk)).lower(hidden, head)
+  temp = {name: lowered.compile().memory_analysis().temp_size_in_bytes
+          for name, lowered in (("whole", whole), ("chunked", chunked))}
+  logits_bytes = tokens * vocab * 4  # 64 MiB
+  assert temp["whole"] >= logits_bytes
+  assert temp["chunked"] < logits_bytes / 8, temp  # a few chunks' [128, V], not [tokens, V]

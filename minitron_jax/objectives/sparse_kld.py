@@ -20,6 +20,7 @@ inside it (z: the student's logits over temperature).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,45 @@ def teacher_top_k(logits: jax.Array, k: int, temperature: float = 1.0
   return jax.shard_map(per_device, mesh=layout.mesh, in_specs=P(*rows, layout.vocab_axis),
                        out_specs=(layout.rows(len(lead) + 1),) * 2 + (rows,),
                        check_vma=False)(logits)
+
+
+def teacher_top_k_of_hidden(hidden: jax.Array, head: jax.Array, k: int, temperature: float = 1.0,
+                            *, chunk_size: int = 256, cap: float | None = None
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`teacher_top_k` of the logits soft_cap(hidden [..., D] @ head [D, V], cap), made
+  `chunk_size` tokens at a time so that the [tokens, vocab] logits never exist: each device holds
+  one chunk's [chunk_size, V'] (V' its vocabulary slice) at a time. The logits are computed as
+  `model.logits_from_hidden` computes them (the head in the hidden states' dtype, float32
+  accumulation)."""
+  validate_options(chunk_size, temperature)
+  lead, vocab_size = hidden.shape[:-1], head.shape[-1]
+  head = head.astype(hidden.dtype)
+  layout = head_loss_layout.choose(lead, vocab_size)
+
+  def tokens(hs, ws, vocab_axis):  # hs [..., D] (this device's tokens), ws [D, V']
+    rows = hs.shape[:-1]
+    num_tokens = math.prod(rows)
+    chunk = min(chunk_size, num_tokens)
+    num_chunks = -(-num_tokens // chunk)
+    flat = jnp.pad(hs.reshape(num_tokens, hs.shape[-1]),
+                   ((0, num_chunks * chunk - num_tokens), (0, 0)))
+    start = 0 if vocab_axis is None else jax.lax.axis_index(vocab_axis) * ws.shape[1]
+    vocab = VocabShard(vocab_axis, start, vocab_size)
+
+    def one_chunk(hs_c):  # [C,D] -> the chunk's top-k
+      logits = jnp.einsum("CD,DV->CV", hs_c, ws, preferred_element_type=jnp.float32)
+      return _top_k_of_rows(soft_cap_with_slope(logits, cap)[0], k, temperature, vocab)
+
+    outputs = jax.lax.map(one_chunk, flat.reshape(num_chunks, chunk, hs.shape[-1]))
+    return tuple(x.reshape(num_chunks * chunk, *x.shape[2:])[:num_tokens].reshape(
+        *rows, *x.shape[2:]) for x in outputs)
+
+  if layout is None:
+    return tokens(hidden, head, None)
+  return jax.shard_map(lambda hs, ws: tokens(hs, ws, layout.vocab_axis), mesh=layout.mesh,
+                       in_specs=(layout.rows(hidden.ndim), layout.head),
+                       out_specs=(layout.rows(len(lead) + 1),) * 2 + (layout.rows(len(lead)),),
+                       check_vma=False)(hidden, head)
 
 
 def _top_k_of_rows(logits, k, temperature, vocab: VocabShard):

@@ -157,19 +157,28 @@ def _row_hash_update(digest, row: dict[str, np.ndarray]) -> None:
 # ----------------------------------------------------------------------------- writing
 
 
+# Tokens whose logits exist at once while ranking: [256, V'] float32 per device (128 MiB at a
+# 128k vocabulary, unsplit), never [tokens, V].
+TOP_K_CHUNK = 256
+
+
 def teacher_outputs(config: ModelConfig, params, batch: dict[str, np.ndarray], k: int,
-                    temperature: float):
-  """The teacher's top-k (log-probabilities, indices, log tail) of a batch [B,T]."""
+                    temperature: float, chunk_size: int = TOP_K_CHUNK):
+  """The teacher's top-k (log-probabilities, indices, log tail) of a batch [B,T], its logits made
+  `chunk_size` tokens at a time."""
   return _top_k(config, params, *(jnp.asarray(batch[key]) for key in ROW_KEYS), k=k,
-                temperature=temperature)
+                temperature=temperature, chunk_size=chunk_size)
 
 
-def _top_k_impl(config, params, tokens, segment_ids, positions, k, temperature):
-  logits = model.apply(config, params, tokens, segment_ids=segment_ids, positions=positions)
-  return sparse_kld.teacher_top_k(logits, k, temperature)
+def _top_k_impl(config, params, tokens, segment_ids, positions, k, temperature, chunk_size):
+  hidden, _ = model.hidden_states(config, params, tokens, segment_ids=segment_ids,
+                                  positions=positions)
+  return sparse_kld.teacher_top_k_of_hidden(
+      hidden, model.lm_head_kernel(config, params), k, temperature, chunk_size=chunk_size,
+      cap=config.final_logit_softcap)
 
 
-_top_k = jax.jit(_top_k_impl, static_argnames=("config", "k", "temperature"))
+_top_k = jax.jit(_top_k_impl, static_argnames=("config", "k", "temperature", "chunk_size"))
 
 
 def write(directory: str | os.PathLike, meta: StoreMetadata, teacher_config: ModelConfig,
