@@ -7,10 +7,11 @@ directory or GGUF file, or a preset with random weights) and how every stage com
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any, Mapping
 
 from minitron_jax.models import config as config_lib
-from minitron_jax.checkpoints import hf
+from minitron_jax.checkpoints import hf, hf_slices
 from minitron_jax.models import model
 from minitron_jax.errors import ConfigError
 
@@ -41,10 +42,11 @@ class ModelSource:
       return section
     section = dict(section.to_dict() if hasattr(section, "to_dict") else section)
     return cls(hf_path=str(section.get("hf_path") or ""), preset=section.get("preset", "tiny"),
-               overrides=dict(section.get("overrides") or {}), seed=section.get("seed", 0),
+               overrides=types.MappingProxyType(dict(section.get("overrides") or {})),
+               seed=section.get("seed", 0),
                require_checkpoint=bool(section.get("require_checkpoint", False)),
                checkpoint_hint=section.get("checkpoint_hint") or "",
-               compute=compute_options(section))
+               compute=types.MappingProxyType(compute_options(section)))
 
   def describe(self) -> str:
     """Where the weights come from, in words."""
@@ -75,9 +77,13 @@ def model_config(section) -> config_lib.ModelConfig:
 
 
 def load_model(section, out_shardings=None):
-  """(config, params): loaded from `hf_path` when given, else randomly initialised from `seed`."""
+  """(config, params): loaded from `hf_path` when given, else randomly initialised from `seed`.
+  With `out_shardings` (a tree like the params) they are born sharded: a Hugging Face directory
+  is read by slices, each process reading only what its devices hold (hf_slices.py)."""
   source = ModelSource.of(section)
-  if source.hf_path:
+  if source.hf_path and out_shardings is not None:
+    config, params = hf_slices.load(source.hf_path, out_shardings)
+  elif source.hf_path:
     config, params = hf.load(source.hf_path)
   elif source.require_checkpoint:
     raise ConfigError(missing_checkpoint(source))
