@@ -213,6 +213,25 @@ def test_mesh_optimizer_and_unknown_fields():
   assert "distill: max_bad_steps=-1 must be a non-negative integer" in _problems(config)
 
 
+def test_a_loop_setting_alone_is_one_problem_and_a_stage_s_own_steps_are_checked():
+  config = get_config("default")
+  config.distill.log_every = 0
+  assert _problems(config) == ["distill: log_every=0 must be a positive integer"]
+  config = get_config("nemotron4_15b_to_4b", "runlocal")
+  config.compression = tuple({**dict(stage), "distill_steps": -1} if index else dict(stage)
+                             for index, stage in enumerate(config.compression))
+  assert _problems(config) == ["distill: steps=-1 must be a positive integer"]
+
+
+def test_a_bad_sample_count_hides_no_shape_problem():
+  config = get_config("default")
+  config.prune.iterative_rounds = 2
+  config.prune.target.update(num_layers=2)
+  config.importance.update(num_samples=0, block_sizes=(1, 4))
+  assert _problems(config) == ["importance.num_samples: 0 must be a positive integer",
+                               "importance: block size 4 must be in [1, num_layers=3]"]
+
+
 def test_unknown_stages_are_listed_with_the_other_problems(tmp_path):
   config = get_config("default")
   config.stages = ("check", "distil")

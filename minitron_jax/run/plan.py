@@ -2,8 +2,9 @@
 `stage_context.Plan` (the mesh, the model source, the data, the compression stages with their
 targets, and each stage's own settings object), before anything computes.
 
-This is the one module that reads the config's sections: every stage reads its settings from
-the plan (`ctx.settings`), never the config. Parsing notes every problem it finds (a bad setting
+This is the one module that parses the config's sections (validation reads the model, mesh and
+stage names before it, to name their problems first): every stage reads its settings from the
+plan (`ctx.settings`), never the config. Parsing notes every problem it finds (a bad setting
 hides no other); validation (validate.py) then checks the plan against the model's shapes and
 files, and the pipeline runs only a plan with no problem.
 """
@@ -70,7 +71,7 @@ def compression_steps(cfg: ml_collections.ConfigDict,
   `config.prune.target`, when it lists none)."""
   entries = list(cfg.get("compression", ()) or ())
   if not entries:
-    return (CompressionStep("", workdir, dict(cfg.prune.target)),)
+    return (CompressionStep("", workdir, types.MappingProxyType(dict(cfg.prune.target))),)
   steps = []
   for index, entry in enumerate(entries):
     entry = dict(entry)
@@ -80,7 +81,7 @@ def compression_steps(cfg: ml_collections.ConfigDict,
       raise ConfigError(f"compression stage {name!r} teacher={teacher!r} is not allowed; "
                         f"allowed: {TEACHER_CHOICES}")
     steps.append(CompressionStep(name, workdir / f"{index + 1}_{name}",
-                                 dict(entry.get("target", {})), teacher,
+                                 types.MappingProxyType(dict(entry.get("target", {}))), teacher,
                                  entry.get("distill_steps")))
   return tuple(steps)
 
@@ -117,13 +118,13 @@ def estimate_of(cfg: ml_collections.ConfigDict) -> Estimate:
 
 def calibration(cfg: ml_collections.ConfigDict, problems: Problems) -> Calibration | None:
   section = cfg.importance
-  if not isinstance(section.num_samples, int) or section.num_samples < 1:
+  samples_ok = isinstance(section.num_samples, int) and section.num_samples >= 1
+  if not samples_ok:
     problems.note("importance.num_samples", f"{section.num_samples!r} must be a positive integer")
-    return None
   stream = problems.attempt("importance", data_config, cfg.data, seq_len=section.seq_len,
                             batch_size=section.batch_size)
   estimate = problems.attempt("importance", estimate_of, cfg)
-  if stream is None or estimate is None:
+  if not samples_ok or stream is None or estimate is None:
     return None
   return Calibration(stream, section.num_samples, estimate)
 
@@ -194,7 +195,8 @@ def evaluate_settings(section) -> task_config.EvaluateSettings:
   harness = section.lm_eval
   prompts = section.prompts
   return task_config.EvaluateSettings(
-      tasks={name: dict(spec) for name, spec in section.tasks.items()},
+      tasks=types.MappingProxyType({name: types.MappingProxyType(dict(spec))
+                                    for name, spec in section.tasks.items()}),
       batch_size=section.batch_size, max_length=section.max_length,
       lm_eval=task_config.HarnessSettings(
           tasks=harness.tasks, own_tasks=harness.own_tasks, include_path=harness.include_path,
@@ -253,12 +255,14 @@ def _search(cfg, problems, stages):
                            section.get("score_at", "retrained"))
   selection = problems.attempt("prune", selection_of, cfg)
   estimate = problems.attempt("importance", estimate_of, cfg)
-  if None in (trained, selection, estimate):
-    return None  # else a plan with problems keeps what parsed (space, score), to check the rest
+  scoring = problems.attempt("evaluate", evaluate_settings, cfg.evaluate)
+  if None in (selection, estimate, scoring):
+    return None
+  # A plan with problems keeps what parsed (space, score and retraining may be None), so that
+  # validation checks the rest.
   return search_stage.SearchSettings(
       space=space, max_candidates=section.max_candidates, eval_steps=tuple(section.eval_steps),
-      score=score, retraining=trained, selection=selection, estimate=estimate,
-      scoring=evaluate_settings(cfg.evaluate))
+      score=score, retraining=trained, selection=selection, estimate=estimate, scoring=scoring)
 
 
 def _prune(cfg, problems, stages):
@@ -266,7 +270,7 @@ def _prune(cfg, problems, stages):
   calibrated = calibration(cfg, problems) if rounds > 1 else None
   estimate = problems.attempt("importance", estimate_of, cfg)
   selection = problems.attempt("prune", selection_of, cfg)
-  if selection is None or estimate is None or (rounds > 1 and calibrated is None):
+  if selection is None or estimate is None:
     return None
   return prune_stage.PruneSettings(
       selection=selection, estimate=estimate, iterative_rounds=rounds, calibration=calibrated,

@@ -57,7 +57,8 @@ class Plan:
   """A run worked out once, before anything computes: where it works, which stages run, the mesh,
   where the original model comes from, the tokenizer, the data stream and validation batches
   every stage reports on, the export dtype, the compression stages, and each stage's own
-  settings (`settings[name]`, the frozen object its module's `settings` parser built)."""
+  settings (`settings[name]`, the frozen object plan.py's parser for it built; a read-only
+  mapping)."""
 
   workdir: pathlib.Path
   stages: tuple[str, ...]

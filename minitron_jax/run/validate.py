@@ -75,8 +75,9 @@ class _Validation:
       self.compression(plan, source)
     if plan.compression and plan.settings.get(teacher_logits_inputs.STAGE) is not None:
       self.teacher_logits_store(plan, plan.compression[0])
-    for name in plan.stages:  # the checks each stage makes of its own settings
-      self.problems.extend(stages.problems(name, plan))
+    for name in registry.NAMES:  # the checks each stage makes of its own settings
+      if plan.runs(name):
+        self.problems.extend(stages.problems(name, plan))
     return plan, self.problems.lines
 
   # --------------------------------------------------------------------------- the source
@@ -147,9 +148,10 @@ class _Validation:
       for student in students:
         for shape in self.stage_outputs(plan, where, step, student, teachers):
           produced[shape] = None
-      if distill is not None:
-        retraining = distill.with_steps(step.distill_steps or distill.steps)
-        for shape in produced:
+      if distill is not None and distill.loop is not None:  # else its problem is noted
+        retraining = self.attempt("distill", distill.with_steps,
+                                  step.distill_steps or distill.steps)
+        for shape in produced if retraining is not None else ():
           for teacher in teachers:
             self.attempt("distill", retraining.for_models, shape, teacher, offline=offline)
       students = list(produced)
@@ -188,8 +190,7 @@ class _Validation:
     if settings.iterative_rounds <= 1:
       self.missing(directory, "prune", "importance.scores", plan)
     shapes = [prune_stage.planned_shape(settings.selection, settings.estimate, source, target,
-                                        self.problems, where, rounds=settings.iterative_rounds,
-                                        calibration=settings.calibration)
+                                        self.problems, where, rounds=settings.iterative_rounds)
               for target in targets]
     return [shape for shape in shapes if shape is not None]
 
@@ -218,6 +219,6 @@ class _Validation:
       shape = prune_stage.planned_shape(settings.selection, settings.estimate, source,
                                         candidate.target, self.problems,
                                         f"search candidate {candidate.name}")
-      for teacher in teachers if shape is not None else ():
+      for teacher in teachers if shape is not None and settings.retraining else ():
         self.attempt("search", settings.retraining.for_models, shape, teacher, offline=offline)
     return [candidate.target for candidate in candidates]

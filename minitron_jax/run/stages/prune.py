@@ -23,7 +23,8 @@ from minitron_jax.run.stage_settings import Calibration, Estimate, Selection
 class PruneSettings:
   """selection: what prune.prune keeps; estimate: the scores the importance stage writes (their
   block sizes bound depth pruning); iterative_rounds T > 1 re-estimates importance on
-  `calibration` between T pruning steps (paper Table 10); reinitialize: the target architecture
+  `calibration` between T pruning steps (paper Table 10; None only in a plan with problems);
+  reinitialize: the target architecture
   with fresh random weights from `reinitialize_seed` (paper Table 12's baseline)."""
 
   selection: Selection
@@ -45,12 +46,11 @@ def chosen_target(ctx: Context) -> dict:
 
 
 def planned_shape(selection: Selection, estimate: Estimate, source: ModelConfig, target: dict,
-                  problems: Problems, where: str, *, rounds: int = 1,
-                  calibration: Calibration | None = None) -> ModelConfig | None:
+                  problems: Problems, where: str, *, rounds: int = 1) -> ModelConfig | None:
   """The architecture pruning makes of `source` for `target` with `selection`, from scores
   `estimate` makes, or None after noting why it cannot: in `rounds` steps (this stage's
-  iterative rounds, each re-estimated on `calibration`), or in one, as the search prunes each
-  candidate."""
+  iterative rounds, each re-estimating importance as `estimate` says), or in one, as the search
+  prunes each candidate."""
   if rounds > 1:
     targets = problems.attempt("prune.iterative_rounds", prune.iterative_targets, source,
                                dict(target), rounds)
@@ -62,8 +62,7 @@ def planned_shape(selection: Selection, estimate: Estimate, source: ModelConfig,
   shape = source
   for index, round_target in enumerate(targets):
     if index:  # each round estimates importance on the model the last round left
-      problems.attempt("importance", importance.check_options, shape,
-                       **calibration.estimate.options())
+      problems.attempt("importance", importance.check_options, shape, **estimate.options())
     full = problems.attempt(where, prune.check_selection, shape, round_target, **options)
     if full is None:
       return None

@@ -27,11 +27,11 @@ class SearchSettings:
   the evaluation settings it runs with; retraining: each candidate's; selection: how each is
   pruned, from the scores `estimate` makes."""
 
-  space: search.SearchSpace
+  space: search.SearchSpace | None
   max_candidates: int
   eval_steps: tuple[int, ...]
   score: search_score.TaskScore | None
-  retraining: Retraining
+  retraining: Retraining  # None, and space None, only in a plan with problems
   selection: Selection
   estimate: Estimate
   scoring: task_config.EvaluateSettings
