@@ -11,7 +11,7 @@ from minitron_jax.models import config as config_lib
 from minitron_jax.checkpoints import hf
 from minitron_jax.compress import importance, prune
 from minitron_jax.inputs import corpus
-from minitron_jax.models import model
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.errors import ConfigError
 
 TEACHER = pathlib.Path(__file__).resolve().parents[1] / "minitron_jax" / "assets" / "stdlib_teacher"
@@ -230,3 +230,31 @@ def test_importance_pruning_beats_random_pruning_on_trained_teacher(target):
   teacher_loss = importance.lm_loss(config, params, validation)
   assert teacher_loss < informed
   assert informed < min(random_losses) - 0.2, (teacher_loss, informed, random_losses)
+
+
+@pytest.mark.parametrize("family,mesh_shape", [("qwen2", dict(data=2, fsdp=2, tensor=2)),
+                                               ("qwen3_moe", dict(data=1, fsdp=2, expert=4))])
+def test_pruning_on_the_mesh_equals_pruning_on_the_host_and_is_born_sharded(family, mesh_shape):
+  """The kept indices gathered under jit from sharded params, straight into the pruned model's
+  shardings: the same weights as the host path, head merging included."""
+  config, params, scores = _setup(family, num_attention_heads=8, num_key_value_heads=2)
+  target = {"num_layers": 2, "hidden_size": config.hidden_size // 2, "num_attention_heads": 2}
+  if config.is_moe:
+    target.update(num_experts=config.num_experts // 2,
+                  moe_intermediate_size=config.moe_intermediate_size // 2)
+  else:
+    target["intermediate_size"] = config.intermediate_size // 2
+  want_config, want = prune.prune(config, params, scores, target)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_shape))
+  placed = sharding.shard_params(config, params, mesh)
+  got_config, got = prune.prune(config, placed, scores, target,
+                                shardings=lambda c: sharding.param_shardings(c, mesh))
+  assert got_config == want_config
+  expected_shardings = sharding.param_shardings(got_config, mesh)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(got)[0]:
+    spec = expected_shardings
+    for key in path:
+      spec = spec[key.key]
+    assert leaf.sharding.is_equivalent_to(spec, leaf.ndim), path
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got),
+               jax.tree.map(np.asarray, want))

@@ -32,6 +32,7 @@ import warnings
 from typing import Iterable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from minitron_jax.compress import importance
@@ -207,9 +208,10 @@ def select(config: ModelConfig, scores: Scores, target: Mapping[str, int], *,
   )
 
 
-def merge_heads(config: ModelConfig, params, scores: Scores, selection: Selection,
-                aggregation: Aggregation | str | None = None):
-  """Paper §2.3 head merging, inside each kept KV group on query weights only.
+def _merge_pairs(config: ModelConfig, scores: Scores, selection: Selection,
+                 aggregation: Aggregation | str | None) -> tuple[np.ndarray, ...] | None:
+  """Paper §2.3 head merging as index pairs (layers, kept heads, absorbed heads) [P], or None when
+  every query head of a group is kept.
 
   With a group's heads ordered by importance h_1..h_G and K kept, kept head i (1-based) absorbs
   pruned head j = 2K - i + 1: new Q_i = Q_i + (Q_i - Q_j), for i in [2K - G + 1, K].
@@ -218,51 +220,65 @@ def merge_heads(config: ModelConfig, params, scores: Scores, selection: Selectio
   agg = Aggregation.parse(aggregation) if aggregation is not None else scores.aggregation
   kept = selection.q_heads.shape[1] // selection.kv_heads.shape[1]
   if kept == group_size:
-    return params
-  attn = params["layers"]["attn"]
-  q_proj = np.array(attn["q_proj"])  # [L,D,N,H]
-  q_bias = np.array(attn["q_bias"]) if "q_bias" in attn else None  # [L,N,H]
+    return None
   head_scores = scores.heads(agg)
+  pairs = []
   for layer in selection.layers:
     for group in range(config.num_key_value_heads):
       members = group * group_size + np.arange(group_size)
       ranked = members[np.argsort(-head_scores[layer, members], kind="stable")]
       for i in range(max(1, 2 * kept - group_size + 1), kept + 1):
-        keep, absorb = ranked[i - 1], ranked[2 * kept - i]
-        q_proj[layer, :, keep] = 2 * q_proj[layer, :, keep] - q_proj[layer, :, absorb]
-        if q_bias is not None:
-          q_bias[layer, keep] = 2 * q_bias[layer, keep] - q_bias[layer, absorb]
-  new_attn = {**attn, "q_proj": q_proj}
-  if q_bias is not None:
-    new_attn["q_bias"] = q_bias
+        pairs.append((layer, ranked[i - 1], ranked[2 * kept - i]))
+  return tuple(np.asarray(column, np.int32) for column in zip(*pairs))
+
+
+def _merged(params, pairs):
+  """params with each kept query head i replaced by 2 Q_i - Q_j ([P] pairs; no head is in two)."""
+  layers, keep, absorb = pairs
+  attn = params["layers"]["attn"]
+  q_proj = jnp.asarray(attn["q_proj"])  # [L,D,N,H]; q_proj[layers, :, heads] is [P,D,H]
+  new_attn = {**attn, "q_proj": q_proj.at[layers, :, keep].set(
+      2 * q_proj[layers, :, keep] - q_proj[layers, :, absorb])}
+  if "q_bias" in attn:
+    q_bias = jnp.asarray(attn["q_bias"])  # [L,N,H]
+    new_attn["q_bias"] = q_bias.at[layers, keep].set(2 * q_bias[layers, keep]
+                                                     - q_bias[layers, absorb])
   return {**params, "layers": {**params["layers"], "attn": new_attn}}
 
 
-def apply_selection(config: ModelConfig, params, selection: Selection):
-  """Slices every weight to the selection; returns (pruned config, pruned params as numpy)."""
-  per_layer = {"q_heads": selection.q_heads, "kv_heads": selection.kv_heads,
-               "mlp": selection.mlp, "experts": selection.experts,
-               "shared_mlp": selection.shared_mlp}
+def merge_heads(config: ModelConfig, params, scores: Scores, selection: Selection,
+                aggregation: Aggregation | str | None = None):
+  """Paper §2.3 head merging (`_merge_pairs`), inside each kept KV group on query weights only."""
+  pairs = _merge_pairs(config, scores, selection, aggregation)
+  return params if pairs is None else _merged(params, pairs)
 
-  def slice_leaf(axes: tuple[str, ...], leaf) -> np.ndarray:
-    array = np.asarray(leaf)
+
+def _sliced(axes_tree, params, selection: dict):
+  """Every weight sliced to the selection's indices (a dict of index arrays, traceable)."""
+  per_layer = ("q_heads", "kv_heads", "mlp", "experts", "shared_mlp")
+
+  def slice_leaf(axes: tuple[str, ...], array) -> jax.Array:
+    array = jnp.asarray(array)
     if axes[0] == "layers":
-      array = array[selection.layers]
+      array = array[selection["layers"]]
     for axis, name in enumerate(axes):
       if name == "embed":
-        array = np.take(array, selection.embed, axis=axis)
-      elif name in per_layer:
-        indices = per_layer[name]
-        array = np.stack([np.take(array[i], indices[i], axis=axis - 1)
-                          for i in range(array.shape[0])])
-      elif name == "moe_mlp":  # [L',E',...,F,...]: each kept expert keeps its own neurons
-        indices = np.expand_dims(selection.moe_mlp,
-                                 tuple(a for a in range(2, array.ndim) if a != axis))
-        array = np.take_along_axis(array, indices, axis=axis)
+        array = jnp.take(array, selection["embed"], axis=axis)
+      elif name in per_layer:  # [L',k]: each kept layer keeps its own
+        shape = [1] * array.ndim
+        shape[0], shape[axis] = selection[name].shape
+        array = jnp.take_along_axis(array, selection[name].reshape(shape), axis=axis)
+      elif name == "moe_mlp":  # [L',E',F']: each kept expert keeps its own neurons
+        indices = jnp.expand_dims(selection["moe_mlp"],
+                                  tuple(a for a in range(2, array.ndim) if a != axis))
+        array = jnp.take_along_axis(array, indices, axis=axis)
     return array
 
-  pruned = jax.tree.map(slice_leaf, model.logical_axes(config), params,
-                        is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(slice_leaf, axes_tree, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def selection_config(config: ModelConfig, selection: Selection) -> ModelConfig:
+  """The architecture the selection leaves (no weight is read)."""
   windows = config.sliding_window_layers
   widths = {}
   if selection.mlp is not None:
@@ -274,23 +290,44 @@ def apply_selection(config: ModelConfig, params, selection: Selection):
     if kept < config.num_experts_per_tok:
       warnings.warn(f"num_experts={kept} keeps fewer experts than num_experts_per_tok="
                     f"{config.num_experts_per_tok}; every token now goes to all {kept}",
-                    stacklevel=3)
+                    stacklevel=4)
   if selection.shared_mlp is not None:
     widths["shared_expert_intermediate_size"] = selection.shared_mlp.shape[1]
-  new_config = config.replace(
+  return config.replace(
       num_layers=len(selection.layers),
       hidden_size=len(selection.embed),
       num_attention_heads=selection.q_heads.shape[1],
       num_key_value_heads=selection.kv_heads.shape[1],
       sliding_window_layers=None if windows is None
       else tuple(windows[i] for i in selection.layers), **widths)
+
+
+def apply_selection(config: ModelConfig, params, selection: Selection, *, shardings=None,
+                    merge_pairs=None):
+  """(pruned config, pruned params): every weight sliced to the selection, after the head
+  merging of `merge_pairs`, as one jitted gather. The params may be sharded `jax.Array`s (on
+  several processes too); `shardings(pruned config)` -> a tree like the pruned params places the
+  result, so the pruned model is born sharded and no whole model is gathered anywhere (None:
+  wherever jit puts it)."""
+  new_config = selection_config(config, selection)
+  indices = {name: np.asarray(value, np.int32)
+             for name, value in dataclasses.asdict(selection).items() if value is not None}
+  axes_tree = model.logical_axes(config)
+
+  def prune_arrays(params, indices, pairs):
+    if pairs is not None:
+      params = _merged(params, pairs)
+    return _sliced(axes_tree, params, indices)
+
+  out_shardings = None if shardings is None else shardings(new_config)
+  pruned = jax.jit(prune_arrays, out_shardings=out_shardings)(params, indices, merge_pairs)
   return new_config, pruned
 
 
 def prune(config: ModelConfig, params, scores: Scores, target: Mapping[str, int], *,
           aggregation: Aggregation | str | None = None, head_merging: bool = True,
           depth_criterion: str = "block_importance", contiguous_depth: bool = False,
-          expert_criterion: str = "contribution"):
+          expert_criterion: str = "contribution", shardings=None):
   """(config, params) of the model pruned to `target` (absolute sizes; missing keys: unchanged).
 
   target keys (`target_keys(config)`): num_layers, hidden_size, num_attention_heads,
@@ -298,25 +335,27 @@ def prune(config: ModelConfig, params, scores: Scores, target: Mapping[str, int]
   shared_expert_intermediate_size (mixtures). Depth is ranked by `depth_criterion`;
   `contiguous_depth` removes the lowest-scoring contiguous block instead of the lowest-scoring
   single layers. Experts are ranked by `expert_criterion` (importance.EXPERT_CRITERIA).
+  `shardings`: see `apply_selection` (the params may be sharded on the mesh; pruning is a
+  jitted gather of the kept indices there).
   """
   selection = select(config, scores, target, aggregation=aggregation,
                      depth_criterion=depth_criterion, contiguous_depth=contiguous_depth,
                      expert_criterion=expert_criterion)
-  if head_merging:
-    params = merge_heads(config, params, scores, selection, aggregation)
-  return apply_selection(config, params, selection)
+  pairs = _merge_pairs(config, scores, selection, aggregation) if head_merging else None
+  return apply_selection(config, params, selection, shardings=shardings, merge_pairs=pairs)
 
 
 def iterative_prune(config: ModelConfig, params, calibration, target: Mapping[str, int], *,
                     rounds: int = 1, estimate_options: Mapping | None = None, log=None,
-                    **prune_options):
+                    batch_sharding=None, **prune_options):
   """Paper Table 10: T rounds of re-estimating importance on the partly pruned model and pruning
   a further 1/T of the way. `calibration` is a callable returning a fresh batch iterator.
-  Returns (config, params, scores of the last round)."""
+  Returns (config, params, scores of the last round). `batch_sharding` places the calibration
+  batches (importance.estimate); prune_options' `shardings` keeps every round on the mesh."""
   scores = None
   for step in iterative_targets(config, target, rounds):
     scores = importance.estimate(config, params, calibration(), log=log,
-                                 **dict(estimate_options or {}))
+                                 batch_sharding=batch_sharding, **dict(estimate_options or {}))
     config, params = prune(config, params, scores, step, **prune_options)
   return config, params, scores
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from minitron_jax.checkpoints import checkpoint, hf
-from minitron_jax.core import atomic, distributed
+from minitron_jax.core import atomic
 from minitron_jax.run import registry, retrain
 from minitron_jax.run.stage_context import Context, ModelRef
 from minitron_jax.run.stage_settings import Retraining
@@ -29,7 +29,7 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   settings = retraining.with_steps(steps).for_models(student_config, teacher_config,
                                                       offline=offline is not None)
   trained, final = retrain.retrain(ctx, settings, student, teacher, out.final(), offline=offline)
-  trained = distributed.to_host(trained)
+  # Saved as it is, sharded (each process writes its shards); the export gathers leaf by leaf.
   saved_config = student_config.replace(dtype="float32", remat="none")
   checkpoint.save_model(out.staged("model"), saved_config, trained)
   hf.save(out.staged("hf"), saved_config, trained,

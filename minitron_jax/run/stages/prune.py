@@ -9,9 +9,9 @@ import time
 
 from minitron_jax.checkpoints import checkpoint, hf
 from minitron_jax.compress import importance, prune
-from minitron_jax.core import atomic, distributed
+from minitron_jax.core import atomic
 from minitron_jax.errors import ConfigError
-from minitron_jax.models import model
+from minitron_jax.models import model, partitioning, sharding
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.run import registry, stage_context
 from minitron_jax.run.problems import Problems
@@ -77,21 +77,25 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   config, params = ctx.load(ctx.source)
   target = chosen_target(ctx)
   rounds = settings.iterative_rounds
+  # On the mesh: the kept indices gathered under jit, the pruned model born sharded.
+  shardings = lambda pruned_config: sharding.param_shardings(pruned_config, ctx.mesh)  # noqa: E731
   if rounds > 1:
     # Paper Table 10: re-estimate on the partly pruned model between rounds.
     ctx.log(f"[prune] iterative importance over {rounds} rounds")
     pruned_config, pruned, _ = prune.iterative_prune(
-        config, distributed.to_host(params),
-        lambda: plan.calibration(settings.calibration, config.vocab_size), target,
-        rounds=rounds, log=ctx.log, estimate_options=settings.calibration.estimate.options(),
-        **settings.selection.options())
+        config, params, lambda: plan.calibration(settings.calibration, config.vocab_size),
+        target, rounds=rounds, log=ctx.log,
+        estimate_options=settings.calibration.estimate.options(),
+        batch_sharding=lambda shape: partitioning.batch_sharding(ctx.mesh, shape),
+        shardings=shardings, **settings.selection.options())
   else:
     scores = importance.Scores.load(registry.path(ctx.directory, "importance", "directory"))
-    pruned_config, pruned = prune.prune(config, distributed.to_host(params), scores, target,
+    pruned_config, pruned = prune.prune(config, params, scores, target, shardings=shardings,
                                         **settings.selection.options())
   if settings.reinitialize:
     ctx.log("[prune] reinitialize: the target architecture with random weights")
-    pruned = model.init(pruned_config, settings.reinitialize_seed)
+    pruned = model.init(pruned_config, settings.reinitialize_seed,
+                        out_shardings=shardings(pruned_config))
   batches = plan.validation(config.vocab_size)
   losses = {name: importance.lm_loss(c, p, batches)
             for name, (c, p) in (("source", (config, params)), ("pruned", (pruned_config, pruned)))}

@@ -67,7 +67,6 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   mesh = ctx.mesh
   config, params = ctx.load(ctx.source)
   teacher_config, teacher, offline = retrain.teacher_for(ctx)
-  host_params = distributed.to_host(params)
   scores = importance.Scores.load(registry.path(ctx.directory, "importance", "directory"))
   candidates = settings.candidates(config)
   score = settings.score
@@ -88,9 +87,11 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
 
   def evaluate_candidate(candidate) -> dict[int, float]:
     ctx.log(f"[search] candidate {candidate.name}: {candidate.num_params:,} parameters")
-    pruned_config, pruned = prune.prune(config, host_params, scores, candidate.target,
-                                        **settings.selection.options())
-    pruned = sharding.shard_params(pruned_config, pruned, mesh)
+    # On the mesh: each candidate is a jitted gather of the source's kept indices, born sharded.
+    pruned_config, pruned = prune.prune(
+        config, params, scores, candidate.target,
+        shardings=lambda shape: sharding.param_shardings(shape, mesh),
+        **settings.selection.options())
     if before:  # Model Optimizer's way: score the pruned candidate as it is
       loss = importance.lm_loss(pruned_config, pruned, plan.validation(config.vocab_size))
       return {0: loss}, score_of(pruned_config, pruned, tok)

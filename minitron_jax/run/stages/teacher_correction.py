@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from minitron_jax.checkpoints import checkpoint
-from minitron_jax.core import atomic, distributed
+from minitron_jax.core import atomic
 from minitron_jax.run import registry, retrain
 from minitron_jax.run.stage_context import Context, ModelRef
 from minitron_jax.run.stage_settings import Retraining
@@ -23,7 +23,7 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   trained, final = retrain.retrain(ctx, settings, params, params, out.final(),
                                    label="teacher_correction")
   checkpoint.save_model(out.staged("model"),
-                        config.replace(dtype="float32", remat="none"), distributed.to_host(trained))
+                        config.replace(dtype="float32", remat="none"), trained)  # sharded
   summary = dict(steps=retraining.steps, **final, seconds=time.perf_counter() - started)
   atomic.write_json(out.staged("summary"), summary)
   return summary
