@@ -186,3 +186,21 @@ def test_smollm2_matches_transformers():
   assert ours_tok.eos_id == 2 and ours_tok.vocab_size == 49152
   for text in SAMPLES + (pathlib.Path(json.__file__).read_text()[:4000],):
     assert ours_tok.encode(text) == reference_tok(text)["input_ids"], text[:40]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_a_file_read_tensor_by_tensor_onto_the_mesh_equals_the_whole_read(tmp_path, family):
+  """hf_slices: each weight dequantised when its leaf is placed (Q/K permutation undone), never
+  the whole model at once."""
+  import jax
+
+  from minitron_jax.checkpoints import hf_slices
+  from minitron_jax.models import partitioning, sharding
+
+  source = hf_model(hf_config(family, **SHAPES))
+  write_gguf(tmp_path / "m.gguf", source, ARCHS[family], Q.Q8_0)
+  want_config, want = hf.load(tmp_path / "m.gguf")
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
+  config, got = hf_slices.load(tmp_path / "m.gguf", sharding.param_shardings(want_config, mesh))
+  assert config == want_config
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), want)

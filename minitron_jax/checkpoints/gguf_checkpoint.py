@@ -196,10 +196,11 @@ def _unpermute(rows: np.ndarray, heads: int) -> np.ndarray:
 
 def hf_tensors(reader, config: dict[str, Any]) -> dict[str, np.ndarray]:
   """Every weight, dequantised to float32 and laid out as the HF checkpoint stores it."""
-  import gguf
+  return {name: dequantized(tensor, name, config) for name, tensor in weights(reader, config)}
 
-  permute = families.BY_MODEL_TYPE[config["model_type"]].gguf_permuted_qk
-  tensors = {}
+
+def weights(reader, config: dict[str, Any]):
+  """(HF name, the file's tensor) of every weight, nothing dequantised (the data stays mapped)."""
   for tensor in reader.tensors:
     if tensor.name == _ROPE_FREQS:
       continue  # folded into rope_parameters by hf_config
@@ -207,16 +208,23 @@ def hf_tensors(reader, config: dict[str, Any]) -> dict[str, np.ndarray]:
     if name is None:
       raise ConfigError(f"GGUF tensor {tensor.name!r} is not part of a {config['model_type']} "
                         "checkpoint we can compute exactly")
-    try:
-      value = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    except NotImplementedError:
-      raise ConfigError(f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which "
-                        "the gguf package cannot dequantise") from None
-    # GGUF lists dims innermost first; numpy's row-major order is the reverse, i.e. HF's.
-    value = np.asarray(value, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
-    if permute and ".self_attn.q_proj." in name:
-      value = _unpermute(value, config["num_attention_heads"])
-    elif permute and ".self_attn.k_proj." in name:
-      value = _unpermute(value, config["num_key_value_heads"])
-    tensors[name] = value
-  return tensors
+    yield name, tensor
+
+
+def dequantized(tensor, name: str, config: dict[str, Any]) -> np.ndarray:
+  """One weight of the file, dequantised to float32 and laid out as the HF checkpoint has it."""
+  import gguf
+
+  permute = families.BY_MODEL_TYPE[config["model_type"]].gguf_permuted_qk
+  try:
+    value = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+  except NotImplementedError:
+    raise ConfigError(f"GGUF tensor {tensor.name!r} has type {tensor.tensor_type.name}, which "
+                      "the gguf package cannot dequantise") from None
+  # GGUF lists dims innermost first; numpy's row-major order is the reverse, i.e. HF's.
+  value = np.asarray(value, np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape)))
+  if permute and ".self_attn.q_proj." in name:
+    value = _unpermute(value, config["num_attention_heads"])
+  elif permute and ".self_attn.k_proj." in name:
+    value = _unpermute(value, config["num_key_value_heads"])
+  return value

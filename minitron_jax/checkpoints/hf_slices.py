@@ -1,11 +1,15 @@
-"""A Hugging Face directory read straight into sharded params: each process reads from the
-safetensors files only the slices its own devices hold (`get_slice`), in the file's dtype, and
-each slice goes to its device as it is read. No process ever holds the whole model, nor a float32
-copy of any of it: the cast to the params' dtype happens on the devices.
+"""A checkpoint read straight into sharded params, each process reading only what its own
+devices hold, so that no process ever holds the whole model.
 
-The params equal `hf.load`'s (the same name map and layouts, hf.py); a checkpoint that needs
-more than renaming and reshaping on the way in (a wrapping multimodal checkpoint, a GGUF file)
-is read whole by `hf.load` and then placed.
+A Hugging Face directory is read by slices (safetensors `get_slice`), in the file's dtype, each
+slice going to its device as it is read: no float32 copy exists on the host, the cast to the
+params' dtype happens on the devices. A GGUF file stays memory-mapped; a quantised tensor can
+only be dequantised whole, so each weight is dequantised (float32) when its leaf is placed and
+dropped after: a host holds at most one leaf's tensors, never the model.
+
+The params equal `hf.load`'s (the same name map and layouts, hf.py); a wrapping multimodal
+checkpoint, which needs more than renaming and reshaping on the way in, is read whole by
+`hf.load` and then placed.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from minitron_jax.models.config import ModelConfig
 
 
 def can_read_slices(path: str | os.PathLike) -> bool:
-  """Whether `load` reads this checkpoint by slices (else it reads it whole, then places it)."""
+  """Whether `load` reads this checkpoint by parts (else it reads it whole, then places it)."""
   if gguf_checkpoint.is_gguf(path):
-    return False
+    return True
   return families.BY_WRAPPER_TYPE.get(hf.read_config(path).get("model_type")) is None
 
 
@@ -42,10 +46,17 @@ def load(path: str | os.PathLike, shardings, *, param_dtype: str | None = None,
   if not can_read_slices(path):
     config, params = hf.load(path, param_dtype=param_dtype)
     return config, jax.tree.map(distributed.put, params, shardings)
-  config = hf.config_from_hf(hf.read_config(path))
+  if gguf_checkpoint.is_gguf(path):
+    reader = gguf_checkpoint.open_reader(path)
+    hf_config = gguf_checkpoint.hf_config(reader)
+    files = _GGUFTensors(reader, hf_config)
+  else:
+    hf_config = hf.read_config(path)
+    files = _Files(pathlib.Path(path))
+  config = hf.config_from_hf(hf_config)
   if param_dtype is not None:
     config = config.replace(param_dtype=param_dtype)
-  with _Files(pathlib.Path(path)) as files:
+  with files:
     params = _read(config, files, shardings, on_read)
   files.check_all_used(config)
   return config, params
@@ -83,6 +94,9 @@ class _Files:
     self.used.add(name)
     return handle, shape
 
+  def leaf_done(self) -> None:
+    """Nothing is kept between leaves: slices are read as they are asked for."""
+
   def check_all_used(self, config: ModelConfig) -> None:
     extra = sorted(n for n in self.where if n not in self.used
                    and not n.endswith(hf._IGNORED_SUFFIXES)  # pylint: disable=protected-access
@@ -90,6 +104,39 @@ class _Files:
     if extra:
       raise ConfigError(f"checkpoint has {len(extra)} tensors the config does not describe, "
                         f"e.g. {extra[:3]}")
+
+
+class _GGUFTensors(_Files):
+  """A GGUF file's weights (memory-mapped), each dequantised when first asked for and dropped
+  once its leaf is placed."""
+
+  def __init__(self, reader, hf_config: dict):
+    self.hf_config = hf_config
+    self.file = {name: tensor for name, tensor in gguf_checkpoint.weights(reader, hf_config)}
+    self.where = dict.fromkeys(self.file)
+    self.used: set[str] = set()
+    self.dequantized: dict[str, np.ndarray] = {}
+
+  def __enter__(self) -> "_GGUFTensors":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.dequantized.clear()
+
+  def tensor(self, name: str, elements: int):
+    if name not in self.file:
+      raise ConfigError(f"checkpoint lacks tensor {name!r} that the config requires")
+    if name not in self.dequantized:
+      value = gguf_checkpoint.dequantized(self.file[name], name, self.hf_config)
+      if value.size != elements:
+        raise ConfigError(f"tensor {name!r} has shape {value.shape}; the config needs "
+                          f"{elements} elements")
+      self.dequantized[name] = value
+    self.used.add(name)
+    return self.dequantized[name], self.dequantized[name].shape
+
+  def leaf_done(self) -> None:
+    self.dequantized.clear()
 
 
 def _read(config: ModelConfig, files: _Files, shardings, on_read) -> model_lib.Params:
@@ -132,6 +179,7 @@ def _read(config: ModelConfig, files: _Files, shardings, on_read) -> model_lib.P
 
     # The file's dtype on the way (placed a slice at a time), the params' dtype on the devices.
     placed = jax.make_array_from_callback(leaf.shape, sharding, callback)
+    files.leaf_done()
     if placed.dtype != dtype:
       placed = jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)(placed)
     hf._set(params, path, placed)  # pylint: disable=protected-access
