@@ -231,3 +231,50 @@ def test_sigterm_on_one_process_stops_every_process():
       p.kill()
   assert "local False anywhere True" in outputs[0]
   assert "local True anywhere True" in outputs[1]
+
+
+def test_two_processes_each_read_and_hold_only_their_half_of_an_fsdp_model(tmp_path):
+  """Loading by slices and pruning on the mesh (the prune stage and every search candidate):
+  on fsdp=8 over 2 processes x 4 devices each process reads and holds about half the model,
+  never a whole-model array, and the pruned models equal one process's."""
+  sys.path.insert(0, str(ROOT / "tests"))
+  import sharded_job
+  from minitron_jax.checkpoints import hf
+  from minitron_jax.compress import importance
+  from minitron_jax.models import config as config_lib, model
+
+  config = config_lib.tiny("llama", num_layers=2, hidden_size=64, num_attention_heads=8,
+                           num_key_value_heads=4, head_dim=16, intermediate_size=128)
+  params = model.init(config, 0)
+  hf.save(tmp_path / "model", config, params)
+  batches = [np.random.RandomState(i).randint(0, 256, (4, 16)) for i in range(2)]
+  importance.estimate(config, params, batches).save(tmp_path / "scores")
+
+  one, two = tmp_path / "one", tmp_path / "two"
+  one.mkdir(), two.mkdir()
+  sharded_job.run(tmp_path / "model", tmp_path / "scores", one)  # this process: 8 devices
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _xla_flags(4)}
+  port = _free_port()
+  processes = [subprocess.Popen(
+      [sys.executable, "tests/sharded_job.py", str(tmp_path / "model"), str(tmp_path / "scores"),
+       str(two), f"localhost:{port}", "2", str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [process.communicate(timeout=300)[0] for process in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-3000:]
+
+  whole = json.loads((one / "process_0.json").read_text())
+  assert whole["loaded"][0] == whole["loaded"][1]  # one process holds it all
+  for index in range(2):
+    report = json.loads((two / f"process_{index}.json").read_text())
+    # Each weight is split over the 8 devices (norms whole, a few KiB): half, plus the norms.
+    assert report["read"] <= 0.55 * report["file_bytes"], report
+    for key in ("loaded", *sharded_job.TARGETS):
+      mine, total = report[key]
+      assert mine <= 0.55 * total, (key, report)
+  for name in sharded_job.TARGETS:
+    assert (two / f"{name}.json").read_text() == (one / f"{name}.json").read_text()
+    got, want = np.load(two / f"{name}.npz"), np.load(one / f"{name}.npz")
+    assert sorted(got.files) == sorted(want.files)
+    for key in want.files:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name} {key}")
