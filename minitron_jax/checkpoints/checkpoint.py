@@ -48,16 +48,20 @@ def load_config(directory: str | pathlib.Path) -> ModelConfig:
 
 
 def load_model(directory: str | pathlib.Path, shardings=None):
-  """(config, params); `shardings` (a tree like the params) restores directly onto a mesh."""
+  """(config, params); `shardings` (a tree like the params) restores directly onto a mesh.
+  Without, every leaf comes back whole on this process's first device, whatever mesh (and
+  number of processes) saved it."""
   directory = pathlib.Path(directory).absolute()
   if not (directory / _CONFIG_FILE).is_file() or not (directory / _PARAMS_DIR).is_dir():
     raise ConfigError(f"{directory} is not a saved model (expected {_CONFIG_FILE} and "
                       f"{_PARAMS_DIR}/)")
   config = load_config(directory)
   abstract = model.abstract_params(config)
-  if shardings is not None:
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, shardings)
+  if shardings is None:
+    shardings = jax.tree.map(
+        lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), abstract)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       params = checkpointer.restore(directory / _PARAMS_DIR, abstract)
