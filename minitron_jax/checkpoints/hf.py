@@ -149,12 +149,17 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> mo
       value = _to_ours(take(name, leaf.shape), leaf.shape, layout)
     _set(params, path, value.astype(dtype))
 
-  extra = sorted(n for n in tensors if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+  check_all_used(config, tensors, used)
+  return params
+
+
+def check_all_used(config: ModelConfig, names, used: set[str]) -> None:
+  """One line when the checkpoint holds tensors (`names`) the config does not describe."""
+  extra = sorted(n for n in names if n not in used and not n.endswith(_IGNORED_SUFFIXES)
                  and not (config.tie_word_embeddings and n == "lm_head.weight"))
   if extra:
     raise ConfigError(f"checkpoint has {len(extra)} tensors the config does not describe, "
                       f"e.g. {extra[:3]}")
-  return params
 
 
 def _fold_embedding_scale(config: ModelConfig, path: tuple[str, ...], value: np.ndarray

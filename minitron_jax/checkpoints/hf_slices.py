@@ -98,12 +98,7 @@ class _Files:
     """Nothing is kept between leaves: slices are read as they are asked for."""
 
   def check_all_used(self, config: ModelConfig) -> None:
-    extra = sorted(n for n in self.where if n not in self.used
-                   and not n.endswith(hf._IGNORED_SUFFIXES)  # pylint: disable=protected-access
-                   and not (config.tie_word_embeddings and n == "lm_head.weight"))
-    if extra:
-      raise ConfigError(f"checkpoint has {len(extra)} tensors the config does not describe, "
-                        f"e.g. {extra[:3]}")
+    hf.check_all_used(config, self.where, self.used)
 
 
 class _GGUFTensors(_Files):
@@ -210,9 +205,9 @@ def _box(handle, shape: tuple[int, ...], layout, ours: tuple[int, ...],
   if isinstance(layout, str):  # stored flat (or as another shape), ours its row-major reshape
     flat = _flat_indices(box, ours)
     lo, hi = int(flat.min()), int(flat.max()) + 1
-    stored = np.asarray(handle[:]) if len(shape) != 1 else np.asarray(handle[lo:hi])
-    stored = stored.reshape(-1)[lo:hi] if len(shape) != 1 else stored
-    return stored[flat - lo].reshape(box_shape)
+    covering = (np.asarray(handle[lo:hi]) if len(shape) == 1
+                else np.asarray(handle[:]).reshape(-1)[lo:hi])
+    return covering[flat - lo].reshape(box_shape)
   # A Linear W [out, in]: ours[in..., out...] = W[flat(out), flat(in)].
   cols = _flat_indices(box[:layout], ours[:layout])
   rows = _flat_indices(box[layout:], ours[layout:])

@@ -105,11 +105,6 @@ class Retraining:
   def steps(self) -> int:
     return self.loop.steps
 
-  @property
-  def tokens_per_step(self) -> int:
-    """Tokens one step sees: the whole batch (its micro-batches included) of packed rows."""
-    return self.data.batch_size * self.data.seq_len
-
   def with_steps(self, steps: int) -> Retraining:
     return dataclasses.replace(self, loop=dataclasses.replace(self.loop, steps=steps))
 
