@@ -47,3 +47,26 @@ def test_no_program_gathers_activations_and_memory_splits(program, mesh):
   assert split.activation_gathers == (), split.collectives
   assert "collective-permute" not in split.collectives
   assert split.temp_bytes < 0.5 * _one_device(program).temp_bytes
+
+
+def test_the_embedding_lookup_never_gathers_the_whole_table_on_fsdp():
+  """FSDP splits the table's embed axis: the lookup gathers token ids, not the [vocab, hidden]
+  table (1 GiB per device in float32 for a 128K vocabulary)."""
+  import jax
+  import jax.numpy as jnp
+
+  from minitron_jax.models import model, partitioning, sharding
+
+  mesh = scaling.mesh_of(dict(fsdp=8))
+  shardings = sharding.param_shardings(TEACHER, mesh)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        model.abstract_params(TEACHER), shardings)
+  tokens = jax.ShapeDtypeStruct((8, 32), jnp.int32,
+                                sharding=partitioning.batch_sharding(mesh, (8, 32)))
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(lambda p, t: model.hidden_states(TEACHER, p, t)[0]).lower(
+        params, tokens).compile().as_text()
+  gathered = [shape for op, shape in scaling.collectives(hlo) if op == "all-gather"]
+  table = f"[{TEACHER.vocab_size},{TEACHER.hidden_size}]"
+  assert any(shape.startswith("s32") for shape in gathered), gathered  # the token ids
+  assert not any(table in shape for shape in gathered), gathered

@@ -22,13 +22,18 @@ _CONFIG_FILE = "model_config.json"
 _PARAMS_DIR = "params"
 
 
-def save_model(directory: str | pathlib.Path, config: ModelConfig, params) -> None:
+def save_model(directory: str | pathlib.Path, config: ModelConfig, params,
+               extra_files: dict[str, str] | None = None) -> None:
+  """Saves the params (each process writing its own shards) and the config; `extra_files`
+  (name -> text) appear in the directory with them, all at once."""
   orbax_arrays.configure()
   with atomic.directory(directory) as staging:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(staging / _PARAMS_DIR, params)
       checkpointer.wait_until_finished()
     atomic.write_text(staging / _CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
+    for name, text in (extra_files or {}).items():
+      atomic.write_text(staging / name, text)
 
 
 def load_config(directory: str | pathlib.Path) -> ModelConfig:

@@ -28,6 +28,7 @@ from minitron_jax.checkpoints import gguf_checkpoint, hf
 from minitron_jax.core import distributed
 from minitron_jax.errors import ConfigError
 from minitron_jax.models import model as model_lib
+from minitron_jax.models import sharding as sharding_lib
 from minitron_jax.models.config import ModelConfig
 
 
@@ -36,6 +37,20 @@ def can_read_slices(path: str | os.PathLike) -> bool:
   if gguf_checkpoint.is_gguf(path):
     return True
   return families.BY_WRAPPER_TYPE.get(hf.read_config(path).get("model_type")) is None
+
+
+def stored_dtype(path: str | os.PathLike) -> str:
+  """The params dtype that holds a checkpoint's weights exactly: "bfloat16" when every floating
+  tensor of a Hugging Face directory is stored in bfloat16, else "float32" (float16 widens to it
+  exactly; a GGUF file's weights are dequantised to it). Read from the headers alone."""
+  if gguf_checkpoint.is_gguf(path):
+    return "float32"
+  kinds = set()
+  for file in hf.safetensors_files(path):
+    with safetensors.safe_open(str(file), framework="numpy") as reader:
+      kinds.update(reader.get_slice(name).get_dtype() for name in reader.keys())
+  floating = kinds & {"F64", "F32", "F16", "BF16"}
+  return "bfloat16" if floating == {"BF16"} else "float32"
 
 
 def load(path: str | os.PathLike, shardings, *, param_dtype: str | None = None,
@@ -175,8 +190,7 @@ def _read(config: ModelConfig, files: _Files, shardings, on_read) -> model_lib.P
     # The file's dtype on the way (placed a slice at a time), the params' dtype on the devices.
     placed = jax.make_array_from_callback(leaf.shape, sharding, callback)
     files.leaf_done()
-    if placed.dtype != dtype:
-      placed = jax.jit(lambda x: x.astype(dtype), out_shardings=sharding)(placed)
+    placed = sharding_lib.cast(placed, dtype)
     hf._set(params, path, placed)  # pylint: disable=protected-access
   return params
 

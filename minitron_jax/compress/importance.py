@@ -403,11 +403,20 @@ def drop_layers(config: ModelConfig, params, start: int, count: int):
           {**params, "layers": layers})
 
 
-def lm_loss(config: ModelConfig, params, batches: list) -> float:
-  """Mean next-token cross-entropy over the given batches."""
+def placed(batch, batch_sharding: Callable[[tuple[int, ...]], Any] | None = None) -> list:
+  """The batch's tokens, segment ids and positions on the devices: split over the mesh's batch
+  axes by `batch_sharding` (shape -> sharding), else on the default device."""
+  return [jnp.asarray(a) if batch_sharding is None else distributed.put(a, batch_sharding(a.shape))
+          for a in as_batch(batch)]
+
+
+def lm_loss(config: ModelConfig, params, batches: list,
+            batch_sharding: Callable[[tuple[int, ...]], Any] | None = None) -> float:
+  """Mean next-token cross-entropy over the given batches. `batch_sharding` splits each batch
+  over the mesh (without it, a model on a mesh computes the whole batch on every device)."""
   total, count = 0.0, 0
   for batch in batches:
-    loss_sum, n = _lm_loss_sums_jit(config, params, *map(jnp.asarray, as_batch(batch)))
+    loss_sum, n = _lm_loss_sums_jit(config, params, *placed(batch, batch_sharding))
     total, count = total + float(loss_sum), count + int(n)
   return total / max(count, 1)
 
@@ -459,8 +468,7 @@ def estimate(config: ModelConfig, params, batches: Iterable, *,
     arrays = as_batch(batch)
     if drop_loss and len(kept_for_drop_loss) < drop_loss_batches:
       kept_for_drop_loss.append(dict(zip(("tokens", "segment_ids", "positions"), arrays)))
-    device_arrays = [jnp.asarray(a) if batch_sharding is None
-                     else distributed.put(a, batch_sharding(a.shape)) for a in arrays]
+    device_arrays = placed(batch, batch_sharding)
     per_sample, token_sums, cosines, has_tokens, n_tokens = _batch_statistics(
         config, params, *device_arrays, block_sizes=block_sizes)
     # Per-sample values stay split over the batch axes: gathered for every process alike.
@@ -485,12 +493,12 @@ def estimate(config: ModelConfig, params, batches: Iterable, *,
                   aggregation=aggregation)
 
   if drop_loss:
-    scores.base_loss = lm_loss(config, params, kept_for_drop_loss)
+    scores.base_loss = lm_loss(config, params, kept_for_drop_loss, batch_sharding)
     for n in sorted(set(drop_block_sizes)):
       increases = []
       for start in range(config.num_layers - n + 1):
-        increases.append(lm_loss(*drop_layers(config, params, start, n), kept_for_drop_loss)
-                         - scores.base_loss)
+        increases.append(lm_loss(*drop_layers(config, params, start, n), kept_for_drop_loss,
+                                 batch_sharding) - scores.base_loss)
         log(f"[importance] drop {n} layer(s) at {start}: loss +{increases[-1]:.4f}")
       scores.drop_loss[n] = np.asarray(increases)
   return scores

@@ -28,6 +28,7 @@ exported weights, so the export still computes what the pruned model does.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Iterable, Mapping
 
@@ -253,15 +254,20 @@ def merge_heads(config: ModelConfig, params, scores: Scores, selection: Selectio
   return params if pairs is None else _merged(params, pairs)
 
 
-def _sliced(axes_tree, params, selection: dict):
-  """Every weight sliced to the selection's indices (a dict of index arrays, traceable)."""
+def _sliced(axes_tree, params, selection: dict, shardings=None):
+  """Every weight sliced to the selection's indices (a dict of index arrays, traceable).
+  `shardings`: a tree like the params of their NamedShardings (_UNNAMED where a leaf has
+  none)."""
   per_layer = ("q_heads", "kv_heads", "mlp", "experts", "shared_mlp")
 
-  def slice_leaf(axes: tuple[str, ...], array) -> jax.Array:
+  def slice_leaf(axes: tuple[str, ...], array, sharding=None) -> jax.Array:
     array = jnp.asarray(array)
+    movable = _GatherAxis(sharding, array.shape)
     if axes[0] == "layers":
       array = array[selection["layers"]]
     for axis, name in enumerate(axes):
+      if name in ("embed", *per_layer, "moe_mlp"):
+        array = movable.unsplit(array, axis)
       if name == "embed":
         array = jnp.take(array, selection["embed"], axis=axis)
       elif name in per_layer:  # [L',k]: each kept layer keeps its own
@@ -274,7 +280,43 @@ def _sliced(axes_tree, params, selection: dict):
         array = jnp.take_along_axis(array, indices, axis=axis)
     return array
 
-  return jax.tree.map(slice_leaf, axes_tree, params, is_leaf=lambda x: isinstance(x, tuple))
+  if shardings is None:
+    return jax.tree.map(slice_leaf, axes_tree, params, is_leaf=lambda x: isinstance(x, tuple))
+  return jax.tree.map(slice_leaf, axes_tree, params, shardings,
+                      is_leaf=lambda x: isinstance(x, tuple))
+
+
+_UNNAMED = object()  # a leaf without a NamedSharding (a tree leaf, unlike None)
+
+
+class _GatherAxis:
+  """Keeps an axis about to be indexed whole on every device: the mesh axes that split it move
+  to another axis of the weight first (an all-to-all; each device keeps its share of the bytes).
+  GSPMD would otherwise gather the weight whole along that axis on every device before taking
+  the kept indices: all of a 1B model's weights on each device at once."""
+
+  def __init__(self, sharding, shape: tuple[int, ...]):
+    self.mesh = getattr(sharding, "mesh", None)
+    spec = getattr(sharding, "spec", None)
+    self.spec = None if spec is None else list(spec) + [None] * (len(shape) - len(spec))
+
+  def _names(self, entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+  def _ways(self, names: tuple[str, ...]) -> int:
+    return math.prod(self.mesh.shape[name] for name in names)
+
+  def unsplit(self, array: jax.Array, axis: int) -> jax.Array:
+    if self.spec is None or self._ways(self._names(self.spec[axis])) == 1:
+      return array
+    split = self._names(self.spec[axis])
+    for other in sorted(range(array.ndim), key=lambda a: -array.shape[a]):
+      joined = self._names(self.spec[other]) + split
+      if other != axis and array.shape[other] % self._ways(joined) == 0:
+        self.spec[other], self.spec[axis] = joined, None
+        return jax.lax.with_sharding_constraint(
+            array, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*self.spec)))
+    return array  # no axis can take the split: GSPMD gathers this weight
 
 
 def selection_config(config: ModelConfig, selection: Selection) -> ModelConfig:
@@ -303,21 +345,29 @@ def selection_config(config: ModelConfig, selection: Selection) -> ModelConfig:
 
 
 def apply_selection(config: ModelConfig, params, selection: Selection, *, shardings=None,
-                    merge_pairs=None):
+                    merge_pairs=None, merge_dtype: str | None = None):
   """(pruned config, pruned params): every weight sliced to the selection, after the head
   merging of `merge_pairs`, as one jitted gather. The params may be sharded `jax.Array`s (on
   several processes too); `shardings(pruned config)` -> a tree like the pruned params places the
   result, so the pruned model is born sharded and no whole model is gathered anywhere (None:
-  wherever jit puts it)."""
+  wherever jit puts it). Slices keep the source's dtype (a bfloat16 checkpoint stays bfloat16,
+  exactly); head merging makes new values, computed in `merge_dtype` (None: the source's),
+  which is then the pruned params' dtype."""
   new_config = selection_config(config, selection)
+  dtype = jnp.dtype((merge_pairs is not None and merge_dtype) or config.param_dtype)
+  new_config = new_config.replace(param_dtype=dtype.name)
   indices = {name: np.asarray(value, np.int32)
              for name, value in dataclasses.asdict(selection).items() if value is not None}
   axes_tree = model.logical_axes(config)
 
+  named = jax.tree.map(lambda x: x.sharding if isinstance(
+      getattr(x, "sharding", None), jax.sharding.NamedSharding) else _UNNAMED, params)
+
   def prune_arrays(params, indices, pairs):
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
     if pairs is not None:
       params = _merged(params, pairs)
-    return _sliced(axes_tree, params, indices)
+    return _sliced(axes_tree, params, indices, named)
 
   out_shardings = None if shardings is None else shardings(new_config)
   pruned = jax.jit(prune_arrays, out_shardings=out_shardings)(params, indices, merge_pairs)
@@ -327,7 +377,8 @@ def apply_selection(config: ModelConfig, params, selection: Selection, *, shardi
 def prune(config: ModelConfig, params, scores: Scores, target: Mapping[str, int], *,
           aggregation: Aggregation | str | None = None, head_merging: bool = True,
           depth_criterion: str = "block_importance", contiguous_depth: bool = False,
-          expert_criterion: str = "contribution", shardings=None):
+          expert_criterion: str = "contribution", shardings=None,
+          merge_dtype: str | None = None):
   """(config, params) of the model pruned to `target` (absolute sizes; missing keys: unchanged).
 
   target keys (`target_keys(config)`): num_layers, hidden_size, num_attention_heads,
@@ -335,14 +386,15 @@ def prune(config: ModelConfig, params, scores: Scores, target: Mapping[str, int]
   shared_expert_intermediate_size (mixtures). Depth is ranked by `depth_criterion`;
   `contiguous_depth` removes the lowest-scoring contiguous block instead of the lowest-scoring
   single layers. Experts are ranked by `expert_criterion` (importance.EXPERT_CRITERIA).
-  `shardings`: see `apply_selection` (the params may be sharded on the mesh; pruning is a
-  jitted gather of the kept indices there).
+  `shardings`, `merge_dtype`: see `apply_selection` (the params may be sharded on the mesh;
+  pruning is a jitted gather of the kept indices there).
   """
   selection = select(config, scores, target, aggregation=aggregation,
                      depth_criterion=depth_criterion, contiguous_depth=contiguous_depth,
                      expert_criterion=expert_criterion)
   pairs = _merge_pairs(config, scores, selection, aggregation) if head_merging else None
-  return apply_selection(config, params, selection, shardings=shardings, merge_pairs=pairs)
+  return apply_selection(config, params, selection, shardings=shardings, merge_pairs=pairs,
+                         merge_dtype=merge_dtype)
 
 
 def iterative_prune(config: ModelConfig, params, calibration, target: Mapping[str, int], *,

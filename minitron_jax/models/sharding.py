@@ -23,3 +23,16 @@ def param_shardings(config: ModelConfig, mesh: Mesh, rules=LOGICAL_RULES):
 def shard_params(config: ModelConfig, params, mesh: Mesh, rules=LOGICAL_RULES):
   """Places existing params on the mesh (host arrays: every process passes the same ones)."""
   return jax.tree.map(distributed.put, params, param_shardings(config, mesh, rules))
+
+
+def cast(array: jax.Array, dtype) -> jax.Array:
+  """`array` in `dtype` where it lies (its sharding kept): each device casts its own shard."""
+  if array.dtype == jax.numpy.dtype(dtype):
+    return array
+  return jax.jit(lambda x: x.astype(dtype), out_shardings=array.sharding)(array)
+
+
+def cast_params(params, dtype):
+  """Every weight in `dtype`, cast leaf by leaf where it lies: at most one leaf exists in both
+  dtypes at a time, never the model."""
+  return jax.tree.map(lambda leaf: cast(leaf, dtype), params)

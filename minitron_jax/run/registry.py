@@ -106,6 +106,12 @@ BEFORE_COMPRESSION = tuple(name for name in NAMES[:_FIRST] if BY_NAME[name].scop
 AFTER_COMPRESSION = tuple(name for name in NAMES[_FIRST:] if BY_NAME[name].scope == RUN)
 
 
+def original_copy(workdir: str | pathlib.Path) -> pathlib.Path:
+  """Where the first stage that reads the original checkpoint leaves its copy, which every later
+  stage restores (checkpoints/converted.py)."""
+  return pathlib.Path(workdir) / "original"
+
+
 def path(directory: str | pathlib.Path, stage: str, output: str = "done") -> pathlib.Path:
   """Where `stage` puts `output` (an output, a work entry, "done" or "directory"), below the
   directory it runs in."""

@@ -12,7 +12,7 @@ import itertools
 import pathlib
 from typing import Any, Callable, Mapping
 
-from minitron_jax.checkpoints import build, checkpoint
+from minitron_jax.checkpoints import build, checkpoint, converted
 from minitron_jax.compress import search
 from minitron_jax.errors import ConfigError
 from minitron_jax.inputs import data, tokenizer
@@ -70,6 +70,12 @@ class Plan:
   export_dtype: str
   compression: tuple[CompressionStep, ...]
   settings: Mapping[str, Any]
+
+  @property
+  def param_dtype(self) -> str:
+    """The dtype of the params every stage trains and saves (a checkpoint read in another is
+    cast to it where it is trained or pruned)."""
+    return build.model_config(self.model).param_dtype
 
   def runs(self, stage: str) -> bool:
     return stage in self.stages
@@ -157,23 +163,35 @@ class Context:
   def distill_steps(self) -> int | None:
     return None if self.step is None else self.step.distill_steps
 
-  def load(self, ref: ModelRef):
-    """(config, params placed on the mesh) of a model reference."""
-    return load(self.plan.model, ref, self.mesh)
+  def load(self, ref: ModelRef, dtype: str | None = None):
+    """(config, params placed on the mesh) of a model reference, in the dtype it is stored in
+    (a bfloat16 checkpoint stays bfloat16: the model computes in its compute dtype whatever the
+    params' dtype, exactly) or in `dtype` (a stage that trains them asks for the plan's
+    `param_dtype`)."""
+    return load(self.plan.model, ref, self.mesh, workdir=self.plan.workdir, dtype=dtype,
+                log=self.log)
 
 
-def load(source: build.ModelSource, ref: ModelRef, mesh):
-  """(config, params placed on the mesh) of a model reference: `source` when `ref.path` is None,
-  else the saved model, computing as `source` says."""
-  if ref.path is None:
-    model_config = build.model_config(source)
-    config, params = build.load_model(
-        source, out_shardings=sharding.param_shardings(model_config, mesh))
-    return config, sharding.shard_params(config, params, mesh)
-  if not checkpoint.is_saved_model(ref.path):
+def load(source: build.ModelSource, ref: ModelRef, mesh, *, workdir: pathlib.Path | None = None,
+         dtype: str | None = None, log: Callable[[str], None] = print):
+  """(config, params placed on the mesh) of a model reference: `source` when `ref.path` is None
+  (a checkpoint read once into its copy in `workdir`, then restored from it), else the saved
+  model, computing as `source` says; in `dtype` when given."""
+  shardings = lambda config: sharding.param_shardings(config, mesh)  # noqa: E731
+  if ref.path is None and source.hf_path and workdir is not None:
+    config, params = converted.load(source.hf_path, registry.original_copy(workdir), shardings,
+                                    log)
+  elif ref.path is None:
+    config, params = build.load_model(source, out_shardings=shardings(build.model_config(source)))
+  elif not checkpoint.is_saved_model(ref.path):
     raise ConfigError(f"no saved model at {ref.path}; run the stage that produces it")
-  config = checkpoint.load_config(ref.path).replace(**source.compute)  # how to compute is this run's
-  return config, checkpoint.load_model(ref.path, sharding.param_shardings(config, mesh))[1]
+  else:
+    config = checkpoint.load_config(ref.path)
+    params = checkpoint.load_model(ref.path, shardings(config))[1]
+  config = config.replace(**source.compute)  # how to compute is this run's
+  if dtype is not None and dtype != config.param_dtype:
+    config, params = config.replace(param_dtype=dtype), sharding.cast_params(params, dtype)
+  return config, params
 
 
 def searched_target(directory: pathlib.Path) -> dict | None:

@@ -68,8 +68,10 @@ def weight_shapes(*param_trees) -> set[tuple[int, ...]]:
 
 
 def activation_gathers(hlo: str, weights: set[tuple[int, ...]]) -> tuple[str, ...]:
-  """All-gathers in the program with a result that is no weight's shape nor a slice of one (a
-  mesh axis that does not take part in a gather may still split a weight's other dims)."""
+  """All-gathers in the program with a floating result that is no weight's shape nor a slice of
+  one (a mesh axis that does not take part in a gather may still split a weight's other dims).
+  Integer gathers are token ids (4 bytes a token, against hidden x 4 for an activation): the
+  embedding lookup gathers them rather than the whole table, which FSDP splits."""
   def weight_like(shape):
     return any(len(w) == len(shape) and all(n and m % n == 0 for n, m in zip(shape, w))
                for w in weights)
@@ -78,7 +80,10 @@ def activation_gathers(hlo: str, weights: set[tuple[int, ...]]) -> tuple[str, ..
   for op, text in collectives(hlo):
     if op != "all-gather":
       continue
-    shapes = [tuple(int(d) for d in dims.split(",") if d) for _, dims in _SHAPE.findall(text)]
+    typed = _SHAPE.findall(text)
+    if all(kind.startswith(("s", "u")) for kind, _ in typed):  # s32 / u32: token ids
+      continue
+    shapes = [tuple(int(d) for d in dims.split(",") if d) for _, dims in typed]
     if not all(weight_like(shape) for shape in shapes):
       found.append(text)
   return tuple(found)

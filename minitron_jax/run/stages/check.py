@@ -30,9 +30,8 @@ def run(ctx: stage_context.Context, out: registry.Outputs) -> dict:
   batches = plan.validation(config.vocab_size)
   losses = []
   for i, batch in enumerate(batches):
-    placed = {k: distributed.put(v, partitioning.batch_sharding(mesh, v.shape))
-              for k, v in batch.items()}
-    losses.append(importance.lm_loss(config, params, [placed]))
+    losses.append(importance.lm_loss(config, params, [batch],
+                                     lambda shape: partitioning.batch_sharding(mesh, shape)))
     log(f"[check] batch {i + 1}/{len(batches)} loss {losses[-1]:.4f}")
 
   log(f"[check] exporting to {out.final('hf')}")

@@ -21,7 +21,7 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   steps = ctx.distill_steps or retraining.steps
   teacher_config, teacher, offline = retrain.teacher_for(ctx)
   student_config, student = ctx.load(
-      ModelRef(registry.path(ctx.directory, "prune", "model"), "pruned"))
+      ModelRef(registry.path(ctx.directory, "prune", "model"), "pruned"), dtype=plan.param_dtype)
   ctx.log(f"[distill] {steps} steps of {retraining.data.batch_size}x{retraining.data.seq_len} "
           f"tokens; student "
           f"{student_config.num_params():,}, teacher ({ctx.teacher.label}"

@@ -77,8 +77,10 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   config, params = ctx.load(ctx.source)
   target = chosen_target(ctx)
   rounds = settings.iterative_rounds
-  # On the mesh: the kept indices gathered under jit, the pruned model born sharded.
+  # On the mesh: the kept indices gathered under jit, the pruned model born sharded, in the
+  # source's dtype (distillation casts what it trains).
   shardings = lambda pruned_config: sharding.param_shardings(pruned_config, ctx.mesh)  # noqa: E731
+  batch_sharding = lambda shape: partitioning.batch_sharding(ctx.mesh, shape)  # noqa: E731
   if rounds > 1:
     # Paper Table 10: re-estimate on the partly pruned model between rounds.
     ctx.log(f"[prune] iterative importance over {rounds} rounds")
@@ -86,18 +88,19 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
         config, params, lambda: plan.calibration(settings.calibration, config.vocab_size),
         target, rounds=rounds, log=ctx.log,
         estimate_options=settings.calibration.estimate.options(),
-        batch_sharding=lambda shape: partitioning.batch_sharding(ctx.mesh, shape),
-        shardings=shardings, **settings.selection.options())
+        batch_sharding=batch_sharding, shardings=shardings, merge_dtype=plan.param_dtype, **settings.selection.options())
   else:
     scores = importance.Scores.load(registry.path(ctx.directory, "importance", "directory"))
     pruned_config, pruned = prune.prune(config, params, scores, target, shardings=shardings,
+                                        merge_dtype=plan.param_dtype,
                                         **settings.selection.options())
   if settings.reinitialize:
     ctx.log("[prune] reinitialize: the target architecture with random weights")
+    pruned_config = pruned_config.replace(param_dtype=plan.param_dtype)
     pruned = model.init(pruned_config, settings.reinitialize_seed,
                         out_shardings=shardings(pruned_config))
   batches = plan.validation(config.vocab_size)
-  losses = {name: importance.lm_loss(c, p, batches)
+  losses = {name: importance.lm_loss(c, p, batches, batch_sharding)
             for name, (c, p) in (("source", (config, params)), ("pruned", (pruned_config, pruned)))}
   ctx.log(f"[prune] {config.num_params():,} -> {pruned_config.num_params():,} parameters "
           f"({pruned_config.num_params() / config.num_params():.1%}); zero-shot validation loss "

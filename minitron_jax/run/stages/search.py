@@ -12,7 +12,7 @@ from minitron_jax.compress import importance, prune, search
 from minitron_jax.core import atomic, distributed, preemption
 from minitron_jax.errors import ConfigError
 from minitron_jax.evaluation import evaluate
-from minitron_jax.models import sharding
+from minitron_jax.models import partitioning, sharding
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.run import registry, retrain, search_score, stage_context, task_config
 from minitron_jax.run.stage_context import Context
@@ -91,11 +91,15 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
     pruned_config, pruned = prune.prune(
         config, params, scores, candidate.target,
         shardings=lambda shape: sharding.param_shardings(shape, mesh),
-        **settings.selection.options())
+        merge_dtype=plan.param_dtype, **settings.selection.options())
     if before:  # Model Optimizer's way: score the pruned candidate as it is
-      loss = importance.lm_loss(pruned_config, pruned, plan.validation(config.vocab_size))
+      loss = importance.lm_loss(pruned_config, pruned, plan.validation(config.vocab_size),
+                                lambda shape: partitioning.batch_sharding(mesh, shape))
       return {0: loss}, score_of(pruned_config, pruned, tok)
     run_dir = out.work("candidates") / candidate.name
+    # Trained in the plan's dtype (a bfloat16 checkpoint's slices stay bfloat16 until here).
+    pruned_config = pruned_config.replace(param_dtype=plan.param_dtype)
+    pruned = sharding.cast_params(pruned, plan.param_dtype)
     run = settings.retraining.for_models(pruned_config, teacher_config,
                                          offline=offline is not None)
     trained, _ = retrain.retrain(ctx, run, pruned, teacher, run_dir,

@@ -17,7 +17,7 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   """Follow-up paper (2408.11796): fine-tune the teacher briefly on the distillation data."""
   retraining: Retraining = ctx.settings  # its own optimizer, cross-entropy only
   started = time.perf_counter()
-  config, params = ctx.load(ModelRef())
+  config, params = ctx.load(ModelRef(), dtype=ctx.plan.param_dtype)  # trained: float32
   ctx.log(f"[teacher_correction] {retraining.steps} cross-entropy steps on the original model")
   settings = retraining.for_models(config, config)
   trained, final = retrain.retrain(ctx, settings, params, params, out.final(),
