@@ -38,13 +38,15 @@ def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
           "param_dtype": hf_slices.stored_dtype(path)}
 
 
-def is_current(directory: pathlib.Path, path: str | os.PathLike) -> bool:
-  """Whether `directory` holds the copy of the checkpoint at `path` as it is now."""
-  source = pathlib.Path(directory) / SOURCE_FILE
-  if not checkpoint.is_saved_model(directory) or not source.is_file():
+def is_current(directory: pathlib.Path, path: str | os.PathLike,
+               source: dict[str, Any] | None = None) -> bool:
+  """Whether `directory` holds the copy of the checkpoint at `path` as it is now (`source`: its
+  fingerprint, when already taken)."""
+  saved = pathlib.Path(directory) / SOURCE_FILE
+  if not checkpoint.is_saved_model(directory) or not saved.is_file():
     return False
   try:
-    return json.loads(source.read_text()) == fingerprint(path)
+    return json.loads(saved.read_text()) == (source or fingerprint(path))
   except ValueError:  # a damaged fingerprint: convert again
     return False
 
@@ -55,11 +57,11 @@ def load(path: str | os.PathLike, directory: pathlib.Path,
   that holds its weights exactly: restored from its copy in `directory`, converted first when
   there is none or the checkpoint changed since."""
   directory = pathlib.Path(directory)
-  if is_current(directory, path):
+  source = fingerprint(path)
+  if is_current(directory, path, source):
     config = checkpoint.load_config(directory)
     return checkpoint.load_model(directory, shardings(config))
   started = time.perf_counter()
-  source = fingerprint(path)
   dtype = source["param_dtype"]
   config = hf.load_config(path).replace(param_dtype=dtype)
   config, params = hf_slices.load(path, shardings(config), param_dtype=dtype)

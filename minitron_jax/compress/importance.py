@@ -403,11 +403,11 @@ def drop_layers(config: ModelConfig, params, start: int, count: int):
           {**params, "layers": layers})
 
 
-def placed(batch, batch_sharding: Callable[[tuple[int, ...]], Any] | None = None) -> list:
-  """The batch's tokens, segment ids and positions on the devices: split over the mesh's batch
-  axes by `batch_sharding` (shape -> sharding), else on the default device."""
+def placed(arrays, batch_sharding: Callable[[tuple[int, ...]], Any] | None = None) -> list:
+  """A batch's arrays (as_batch's tokens, segment ids and positions) on the devices: split over
+  the mesh's batch axes by `batch_sharding` (shape -> sharding), else on the default device."""
   return [jnp.asarray(a) if batch_sharding is None else distributed.put(a, batch_sharding(a.shape))
-          for a in as_batch(batch)]
+          for a in arrays]
 
 
 def lm_loss(config: ModelConfig, params, batches: list,
@@ -416,7 +416,7 @@ def lm_loss(config: ModelConfig, params, batches: list,
   over the mesh (without it, a model on a mesh computes the whole batch on every device)."""
   total, count = 0.0, 0
   for batch in batches:
-    loss_sum, n = _lm_loss_sums_jit(config, params, *placed(batch, batch_sharding))
+    loss_sum, n = _lm_loss_sums_jit(config, params, *placed(as_batch(batch), batch_sharding))
     total, count = total + float(loss_sum), count + int(n)
   return total / max(count, 1)
 
@@ -468,7 +468,7 @@ def estimate(config: ModelConfig, params, batches: Iterable, *,
     arrays = as_batch(batch)
     if drop_loss and len(kept_for_drop_loss) < drop_loss_batches:
       kept_for_drop_loss.append(dict(zip(("tokens", "segment_ids", "positions"), arrays)))
-    device_arrays = placed(batch, batch_sharding)
+    device_arrays = placed(arrays, batch_sharding)
     per_sample, token_sums, cosines, has_tokens, n_tokens = _batch_statistics(
         config, params, *device_arrays, block_sizes=block_sizes)
     # Per-sample values stay split over the batch axes: gathered for every process alike.

@@ -254,13 +254,13 @@ def merge_heads(config: ModelConfig, params, scores: Scores, selection: Selectio
   return params if pairs is None else _merged(params, pairs)
 
 
-def _sliced(axes_tree, params, selection: dict, shardings=None):
+def _sliced(axes_tree, params, selection: dict, shardings):
   """Every weight sliced to the selection's indices (a dict of index arrays, traceable).
   `shardings`: a tree like the params of their NamedShardings (_UNNAMED where a leaf has
   none)."""
   per_layer = ("q_heads", "kv_heads", "mlp", "experts", "shared_mlp")
 
-  def slice_leaf(axes: tuple[str, ...], array, sharding=None) -> jax.Array:
+  def slice_leaf(axes: tuple[str, ...], array, sharding) -> jax.Array:
     array = jnp.asarray(array)
     movable = _GatherAxis(sharding, array.shape)
     if axes[0] == "layers":
@@ -280,8 +280,6 @@ def _sliced(axes_tree, params, selection: dict, shardings=None):
         array = jnp.take_along_axis(array, indices, axis=axis)
     return array
 
-  if shardings is None:
-    return jax.tree.map(slice_leaf, axes_tree, params, is_leaf=lambda x: isinstance(x, tuple))
   return jax.tree.map(slice_leaf, axes_tree, params, shardings,
                       is_leaf=lambda x: isinstance(x, tuple))
 

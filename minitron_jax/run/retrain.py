@@ -25,11 +25,14 @@ class OfflineTeacher:
   distill_steps: int | None
 
 
-def teacher_for(ctx: Context):
-  """(teacher config, params or None, OfflineTeacher or None): a stored teacher is never loaded."""
+def teacher_for(ctx: Context, loaded: tuple[ModelRef, object, object] | None = None):
+  """(teacher config, params or None, OfflineTeacher or None): a stored teacher is never loaded,
+  nor one the stage already holds (`loaded`: its reference, config and params)."""
   if ctx.plan.runs(teacher_logits_inputs.STAGE):
     return (teacher_logits_inputs.teacher_config(ctx.plan, ctx.teacher), None,
             OfflineTeacher(ctx.directory, ctx.teacher, ctx.distill_steps))
+  if loaded is not None and loaded[0] == ctx.teacher:
+    return (*loaded[1:], None)
   return (*ctx.load(ctx.teacher), None)
 
 

@@ -88,7 +88,8 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
         config, params, lambda: plan.calibration(settings.calibration, config.vocab_size),
         target, rounds=rounds, log=ctx.log,
         estimate_options=settings.calibration.estimate.options(),
-        batch_sharding=batch_sharding, shardings=shardings, merge_dtype=plan.param_dtype, **settings.selection.options())
+        batch_sharding=batch_sharding, shardings=shardings, merge_dtype=plan.param_dtype,
+        **settings.selection.options())
   else:
     scores = importance.Scores.load(registry.path(ctx.directory, "importance", "directory"))
     pruned_config, pruned = prune.prune(config, params, scores, target, shardings=shardings,

@@ -66,11 +66,13 @@ def run(ctx: Context, out: registry.Outputs) -> dict:
   started = time.perf_counter()
   mesh = ctx.mesh
   config, params = ctx.load(ctx.source)
-  teacher_config, teacher, offline = retrain.teacher_for(ctx)
   scores = importance.Scores.load(registry.path(ctx.directory, "importance", "directory"))
   candidates = settings.candidates(config)
   score = settings.score
   before = score is not None and score.before_retraining
+  # A teacher only where candidates retrain; the source itself when it is the teacher.
+  teacher_config, teacher, offline = ((None, None, None) if before else
+                                      retrain.teacher_for(ctx, (ctx.source, config, params)))
   eval_steps = (0,) if before else settings.eval_steps
   ctx.log(f"[search] {len(candidates)} candidates within {settings.space.tolerance:.0%} of "
           f"{settings.space.describe()}; "
