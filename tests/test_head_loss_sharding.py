@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from minitron_jax.models import partitioning
-from minitron_jax.objectives import chunked_ce
+from minitron_jax.objectives import chunked_ce, head_loss_layout
 from minitron_jax.objectives.fused_kld import fused_kld
 from minitron_jax.objectives.sparse_kld import sparse_kld, teacher_top_k, teacher_top_k_of_hidden
 
@@ -184,3 +184,36 @@ def test_the_chunked_teacher_top_k_equals_one_device(mesh_name):
   np.testing.assert_array_equal(got[1], want[1])
   for got_part, want_part in ((got[0], want[0]), (got[2], want[2])):
     np.testing.assert_allclose(got_part, want_part, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_name", ["data8", "fsdp8", "data2_fsdp2_tensor2", "data2_expert4"])
+def test_vocabulary_first_cross_entropy_equals_one_device(mesh_name):
+  # Fewer tokens (32) than vocabulary entries (64): evaluation's case, where the head is the
+  # larger operand and each device takes a slice of the vocabulary instead of the tokens.
+  hs, ws, _, _, mask = _inputs()
+  hs, mask = hs[:, -4:], mask[:, -4:]  # the rows' ends, with their padding
+  targets = np.random.RandomState(3).randint(0, VOCAB, (B, 4))
+
+  def loss(hs, ws, mask):
+    return chunked_ce.cross_entropy(hs, ws, targets, mask, chunk_size=5, softcap=3.0,
+                                    vocabulary_first=True)
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  want_value, want_grads = fn(hs, ws, mask)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(**MESHES[mesh_name]))
+  with jax.set_mesh(mesh):
+    layout = head_loss_layout.choose(hs.shape[:-1], VOCAB, vocabulary_first=True)
+    placed_hs, placed_ws, _, _, placed_mask = _place(mesh, hs, ws, hs, ws, mask)
+    lowered = fn.lower(placed_hs, placed_ws, placed_mask)
+    got_value, got_grads = fn(placed_hs, placed_ws, placed_mask)
+  if "tensor" in mesh_name:  # the vocabulary is already split over tensor: the tokens split too
+    assert layout.vocab_axis == "tensor" and layout.token_axes
+  else:
+    assert layout.token_axes == () and layout.vocab_axis, layout
+    # No device gathers the whole [D, V] head: it is re-split from D to V, never made whole.
+    gathers = _collectives(lowered.compile().as_text()).get("all-gather", [])
+    assert not [s for s in gathers if s.startswith(f"f32[{DS},{VOCAB}]")], gathers
+  np.testing.assert_allclose(got_value, want_value, rtol=2e-6)
+  for got, want in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-6 * float(np.max(np.abs(want))))

@@ -168,13 +168,16 @@ def _batch_statistics(config: ModelConfig, params, tokens, segment_ids, position
 
 def _lm_loss_sums(config: ModelConfig, params, tokens, segment_ids, positions):
   """(Σ next-token CE, number of predicted tokens) over pairs inside one segment; the CE is
-  chunked over tokens (chunked_ce.py), per device on a mesh, never [tokens x vocab]."""
+  chunked over tokens (chunked_ce.py), per device on a mesh, never [tokens x vocab]; under data
+  parallelism or FSDP each device takes a slice of the vocabulary rather than of the tokens, so
+  none holds the whole head."""
   hidden, _ = model.hidden_states(config, params, tokens[:, :-1], segment_ids=segment_ids[:, :-1],
                                   positions=positions[:, :-1])
   target_valid = losses.next_token_mask(segment_ids)
   count = jnp.sum(target_valid)
   mean = chunked_ce.cross_entropy(hidden, model.lm_head_kernel(config, params), tokens[:, 1:],
-                                  target_valid, softcap=config.final_logit_softcap)
+                                  target_valid, softcap=config.final_logit_softcap,
+                                  vocabulary_first=True)
   return mean * count, count
 
 

@@ -27,11 +27,13 @@ def _ce_terms(z, per_token, constants, w_c, vocab: VocabShard):
 
 
 def cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, mask=None, *,
-                  chunk_size: int = 1024, softcap: float | None = None) -> jax.Array:
+                  chunk_size: int = 1024, softcap: float | None = None,
+                  vocabulary_first: bool = False) -> jax.Array:
   """Mean over counted tokens of -log softmax(cap(hidden @ head))[target].
 
   hidden [..., D] final (post-norm) states, head [D, V], targets [...] int ids, mask [...]
-  (None: every token). 0 when no token counts."""
+  (None: every token). 0 when no token counts. vocabulary_first: see chunked_head_loss."""
   validate_options(chunk_size, 1.0)
   return chunked_head_loss(_ce_terms, hidden, head.astype(hidden.dtype),
-                           ((targets.astype(jnp.int32), 0),), (), mask, chunk_size, softcap)
+                           ((targets.astype(jnp.int32), 0),), (), mask, chunk_size, softcap,
+                           vocabulary_first=vocabulary_first)

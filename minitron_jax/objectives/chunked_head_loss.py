@@ -211,7 +211,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 def chunked_head_loss(chunk_terms: ChunkTerms, student_hidden: jax.Array, student_head: jax.Array,
                       per_token: tuple[tuple[jax.Array, float], ...], constants: tuple, mask,
-                      chunk_size: int, student_softcap: float | None) -> jax.Array:
+                      chunk_size: int, student_softcap: float | None, *,
+                      vocabulary_first: bool = False) -> jax.Array:
   """Sum over the tokens of `chunk_terms`' weighted loss, `chunk_size` tokens at a time.
 
   student_hidden [..., D] and student_head [D, V]; per_token: (array [..., *rest], padding value)
@@ -220,6 +221,8 @@ def chunked_head_loss(chunk_terms: ChunkTerms, student_hidden: jax.Array, studen
   every token) gives the token weights, which sum to one over all counted tokens. The chunk
   shrinks to the tokens there are (per device on a mesh), and the last one is padded with
   uncounted tokens. Differentiable w.r.t. the student hidden states and head only.
+  vocabulary_first: on a mesh that splits the tokens but not the vocabulary, split the vocabulary
+  instead (head_loss_layout.choose), for small batches whose head is the larger operand.
   """
   lead = student_hidden.shape[:-1]
   if math.prod(lead) == 0:
@@ -230,6 +233,6 @@ def chunked_head_loss(chunk_terms: ChunkTerms, student_hidden: jax.Array, studen
   vocab_size = student_head.shape[1]
   static = _Static(int(chunk_size), None if student_softcap is None else float(student_softcap),
                    tuple(fill for _, fill in per_token), vocab_size,
-                   head_loss_layout.choose(lead, vocab_size))
+                   head_loss_layout.choose(lead, vocab_size, vocabulary_first=vocabulary_first))
   return _fused(chunk_terms, static, student_hidden, student_head, per_token_arrays, constants,
                 weights)
