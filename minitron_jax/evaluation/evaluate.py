@@ -31,6 +31,7 @@ from minitron_jax.compress import importance
 from minitron_jax.core import distributed
 from minitron_jax.models import model
 from minitron_jax.models.config import ModelConfig
+from minitron_jax.objectives import target_logprobs
 from minitron_jax.errors import ConfigError
 from minitron_jax.inputs.tokenizer import Tokenizer
 
@@ -135,11 +136,13 @@ def _pack_rows(requests: Sequence[_Request], batch_size: int, pad_to_multiple: i
 def _scored_loglikelihoods(config: ModelConfig, params, tokens, segment_ids, positions, targets,
                            scored) -> tuple[jax.Array, jax.Array]:
   """Per row: Σ over scored positions of log p(target) [B] float32, and whether every scored
-  target is the argmax [B] bool (the harness's `is_greedy`)."""
-  logits = model.apply(config, params, tokens, segment_ids=segment_ids, positions=positions)
-  logprobs = jax.nn.log_softmax(logits, axis=-1)  # [B,T,V]
-  picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]  # [B,T]
-  greedy = jnp.argmax(logits, axis=-1) == targets
+  target is the argmax [B] bool (the harness's `is_greedy`). Chunked over tokens and, on a mesh,
+  split over the vocabulary (target_logprobs.py): never [B, T, V] logits."""
+  hidden, _ = model.hidden_states(config, params, tokens, segment_ids=segment_ids,
+                                  positions=positions)
+  picked, greedy = target_logprobs.target_logprobs(  # [B,T] each
+      hidden, model.lm_head_kernel(config, params), targets,
+      softcap=config.final_logit_softcap)
   return (jnp.sum(jnp.where(scored, picked, 0.0), axis=-1),
           jnp.all(jnp.where(scored, greedy, True), axis=-1))
 
