@@ -25,12 +25,15 @@ _PARAMS_DIR = "params"
 def save_model(directory: str | pathlib.Path, config: ModelConfig, params,
                extra_files: dict[str, str] | None = None) -> None:
   """Saves the params (each process writing its own shards) and the config; `extra_files`
-  (name -> text) appear in the directory with them, all at once."""
+  (name -> text) appear in the directory with them, all at once.
+
+  Uncompressed: orbax's zstd buffers a compressed copy of every shard at once (a bf16
+  Llama-3.2-1B's save on 8 CPU devices peaked 1.5 GiB above the params it wrote, without it 0)
+  and model weights hardly compress. `load_model` (StandardCheckpointer) reads it as it is."""
   orbax_arrays.configure()
   with atomic.directory(directory) as staging:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(staging / _PARAMS_DIR, params)
-      checkpointer.wait_until_finished()
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
+      checkpointer.save(staging / _PARAMS_DIR, args=ocp.args.PyTreeSave(params))  # synchronous
     atomic.write_text(staging / _CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
     for name, text in (extra_files or {}).items():
       atomic.write_text(staging / name, text)

@@ -367,9 +367,22 @@ def apply_selection(config: ModelConfig, params, selection: Selection, *, shardi
       params = _merged(params, pairs)
     return _sliced(axes_tree, params, indices, named)
 
-  out_shardings = None if shardings is None else shardings(new_config)
-  pruned = jax.jit(prune_arrays, out_shardings=out_shardings)(params, indices, merge_pairs)
-  return new_config, pruned
+  # One program per weight: in a program over the whole tree XLA kept several weights' resharded
+  # and gathered copies live at once (a bf16 Llama-3.2-1B's pruning peaked 2.2 GiB above its
+  # params on a host of 4 CPU devices); per weight, at most one weight's copies exist.
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  out_shardings = (None if shardings is None
+                   else treedef.flatten_up_to(shardings(new_config)))
+  leaves = []
+  for index, (path, _) in enumerate(paths):
+    def one_weight(params, indices, pairs, path=path):
+      leaf = prune_arrays(params, indices, pairs)
+      for key in path:
+        leaf = leaf[key.key]
+      return leaf
+    leaves.append(jax.jit(one_weight, out_shardings=None if out_shardings is None
+                          else out_shardings[index])(params, indices, merge_pairs))
+  return new_config, jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def prune(config: ModelConfig, params, scores: Scores, target: Mapping[str, int], *,

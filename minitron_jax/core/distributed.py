@@ -84,13 +84,26 @@ def primary_says(flag: bool) -> bool:
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
+# process_allgather replicates what it gathers onto every device of every process before the
+# host copy is taken: a whole [V, D] embedding on each of a host's 8 devices. Gathered in blocks
+# of leading rows, what the devices hold at once stays under this.
+GATHER_BLOCK_BYTES = 64 * 1024**2
+
+
 def _leaf_to_host(leaf: Any) -> Any:
   if not isinstance(leaf, jax.Array):
     return leaf
   if leaf.is_fully_addressable or leaf.is_fully_replicated:
     return np.asarray(jax.device_get(leaf))
-  # A collective: every process must reach it, which the same program on every process does.
-  return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+  # Collectives: every process must reach them, which the same program on every process does.
+  if leaf.ndim == 0 or leaf.nbytes <= GATHER_BLOCK_BYTES:
+    return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+  rows = max(1, GATHER_BLOCK_BYTES * leaf.shape[0] // leaf.nbytes)
+  whole = np.empty(leaf.shape, leaf.dtype)
+  for start in range(0, leaf.shape[0], rows):
+    whole[start:start + rows] = multihost_utils.process_allgather(leaf[start:start + rows],
+                                                                  tiled=True)
+  return whole
 
 
 def to_host(tree: Any) -> Any:
