@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np

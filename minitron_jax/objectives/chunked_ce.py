@@ -17,10 +17,8 @@ def _ce_terms(z, per_token, constants, w_c, vocab: VocabShard):
   del constants
   (target,) = per_token  # [C] int32, global vocabulary ids
   lse = logsumexp(z, vocab)  # [C,1]
-  local, inside = vocab.local_indices(target[:, None], z.shape[-1])  # [C,1]
-  # The target's logit lies in one vocabulary slice: the others add zero.
-  picked = vocab.across(jnp.where(inside, jnp.take_along_axis(z, local, axis=1, mode="clip"),
-                                  0.0))[:, 0]
+  picked, local, inside = vocab.logits_at(z, target[:, None])  # [C,1] each
+  picked = picked[:, 0]
   one_hot = (jnp.arange(z.shape[-1])[None, :] == local) & inside  # [C,V']
   g = (jnp.exp(z - lse) - one_hot) * w_c[:, None]
   return jnp.sum(w_c * (lse[:, 0] - picked)), g

@@ -66,6 +66,15 @@ class VocabShard:
     inside = (local >= 0) & (local < width)
     return jnp.where(inside, local, width), inside
 
+  def logits_at(self, z: jax.Array, indices: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """z [C,V'] (this slice's logits), indices [C,k] global ids -> (z at each index [C,k], taken
+    from the slice that holds it: the others add zero; the local indices and whether each lies
+    in this slice, as local_indices gives them)."""
+    local, inside = self.local_indices(indices, z.shape[-1])
+    picked = jnp.where(inside, jnp.take_along_axis(z, local, axis=1, mode="clip"), 0.0)
+    return self.across(picked), local, inside
+
 
 WHOLE_VOCAB = lambda size: VocabShard(None, 0, size)  # noqa: E731  (the one-device case)
 

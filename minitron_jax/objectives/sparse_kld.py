@@ -149,10 +149,8 @@ def _sparse_terms(temperature: float, z, per_token, constants, w_c, vocab):
   a, idx, b = per_token  # [C,k] teacher log-probabilities, [C,k] their indices, [C] log tail
   z = z / temperature
   lse = logsumexp(z, vocab)  # [C,1]
-  local, inside = vocab.local_indices(idx, z.shape[-1])
-  # Each index lies in one vocabulary slice: the others add zero.
-  picked = jnp.where(inside, jnp.take_along_axis(z, local, axis=1, mode="clip"), 0.0)
-  log_q = vocab.across(picked) - lse  # [C,k]
+  picked, local, _ = vocab.logits_at(z, idx)
+  log_q = picked - lse  # [C,k]
   p = jnp.exp(a)
   log_q_tail = _log_mass_outside(z, idx, vocab) - lse[:, 0]  # [C]
   p_tail = jnp.exp(b)

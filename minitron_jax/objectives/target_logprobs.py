@@ -34,9 +34,7 @@ def _chunk_scores(hs_c, target_c, ws, cap, vocab: VocabShard):
       jnp.einsum("CD,DV->CV", hs_c, ws, preferred_element_type=jnp.float32), cap)
   peak = vocab.max(z, keepdims=True)  # [C,1]
   log_normaliser = jnp.log(vocab.sum(jnp.exp(z - peak), keepdims=True))[:, 0]
-  local, inside = vocab.local_indices(target_c[:, None], z.shape[-1])
-  picked = vocab.across(jnp.where(inside, jnp.take_along_axis(z, local, axis=1, mode="clip"),
-                                  0.0))[:, 0]
+  picked = vocab.logits_at(z, target_c[:, None])[0][:, 0]
   return picked - peak[:, 0] - log_normaliser, _first_argmax(z, peak, vocab) == target_c
 
 
