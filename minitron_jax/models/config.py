@@ -27,6 +27,9 @@ ROPE_KINDS = ("linear", "llama3")
 ATTENTION_IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn", "splash", "tokamax")
 # Expert dispatch (moe.py): auto, jax.lax.ragged_dot, tokamax's grouped matmul, capacity buffers.
 MOE_DISPATCHES = ("auto", "grouped", "tokamax", "capacity")
+# What one layer of a hybrid model (Nemotron-H) is: a single block with its own pre-norm and
+# residual (models/hybrid.py).
+LAYER_KINDS = ("attention", "mamba", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,49 @@ class RopeScaling:
       raise ConfigError(f"rope scaling kind={self.kind!r} is not supported; allowed: {ROPE_KINDS}")
     if self.factor <= 0:
       raise ConfigError(f"rope scaling factor={self.factor} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+  """The sizes and options of a Mamba-2 mixer (the Hugging Face names in comments)."""
+
+  num_heads: int  # mamba_num_heads
+  head_dim: int  # mamba_head_dim
+  state_size: int  # ssm_state_size
+  num_groups: int  # n_groups
+  conv_kernel: int = 4  # conv_kernel
+  chunk_size: int = 128  # chunk_size
+  conv_bias: bool = True  # use_conv_bias
+  # dt is clamped to [low, high] after softplus (time_step_limit); high may be inf.
+  time_step_limit: tuple[float, float] = (0.0, float("inf"))
+  activation: str = "silu"  # mamba_hidden_act
+
+  def __post_init__(self):
+    for name in ("num_heads", "head_dim", "state_size", "num_groups", "conv_kernel",
+                 "chunk_size"):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value > 0):
+        raise ConfigError(f"mamba {name}={value!r} must be a positive integer")
+    if self.num_heads % self.num_groups:
+      raise ConfigError(f"mamba num_heads={self.num_heads} must be a multiple of "
+                        f"num_groups={self.num_groups}")
+    if self.activation not in ACTIVATIONS:
+      raise ConfigError(f"mamba activation={self.activation!r} is not supported; allowed: "
+                        f"{ACTIVATIONS}")
+    low, high = self.time_step_limit
+    if not 0.0 <= low <= high:
+      raise ConfigError(f"mamba time_step_limit={self.time_step_limit} must be 0 <= low <= high")
+
+  @property
+  def intermediate_size(self) -> int:
+    return self.num_heads * self.head_dim
+
+  def state_bytes(self, batch: int, dtype_bytes: int = 4) -> int:
+    """Bytes a generation of `batch` sequences keeps for one mixer: its scan state and its last
+    conv_kernel - 1 convolution inputs, whatever the sequence length."""
+    scan = self.num_heads * self.head_dim * self.state_size
+    conv = (self.conv_kernel - 1) * (self.intermediate_size + 2 * self.num_groups * self.state_size)
+    return batch * (scan + conv) * dtype_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +156,13 @@ class ModelConfig:
   attention: str = "auto"
   # Queries and keys per tile of the blockwise and splash kernels; memory grows as T x this.
   attention_block_size: int = 512
+  # Hybrid models (Nemotron-H): layer i is one block of kind layer_kinds[i] (LAYER_KINDS), each
+  # with its own pre-norm and residual; None: every layer is attention then MLP (or experts).
+  layer_kinds: tuple[str, ...] | None = None
+  # The Mamba-2 mixer of the `mamba` layers.
+  mamba: Mamba2Config | None = None
+  # False: attention without rotary embeddings (Nemotron-H, whose Mamba layers carry position).
+  rotary: bool = True
   # Hugging Face fields we do not interpret but carry through export (token ids and the like).
   hf_extras: tuple[tuple[str, Any], ...] = ()
 
@@ -165,6 +218,17 @@ class ModelConfig:
                 or self.shared_expert_intermediate_size),
            "num_experts_per_tok, moe_intermediate_size and shared_expert_intermediate_size "
            "need num_experts > 0")
+    if self.layer_kinds is not None:
+      need(len(self.layer_kinds) == self.num_layers,
+           f"layer_kinds has {len(self.layer_kinds)} entries; num_layers={self.num_layers}")
+      unknown = sorted(set(self.layer_kinds) - set(LAYER_KINDS))
+      need(not unknown, f"layer kinds {unknown} are not supported; allowed: {LAYER_KINDS}")
+      need(not self.num_experts, "num_experts with layer_kinds: hybrid expert layers are not "
+           "supported yet; allowed: 0")
+      need(not self.post_norms, "post_norms with layer_kinds; allowed: False")
+    has_mamba = self.layer_kinds is not None and "mamba" in self.layer_kinds
+    need(has_mamba == (self.mamba is not None),
+         "mamba must be set exactly when layer_kinds holds a 'mamba' layer")
     need(self.moe_dispatch in MOE_DISPATCHES,
          f"moe_dispatch={self.moe_dispatch!r} is not supported; allowed: {MOE_DISPATCHES}")
     need(self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
@@ -203,6 +267,12 @@ class ModelConfig:
       fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
     if fields.get("sliding_window_layers") is not None:
       fields["sliding_window_layers"] = tuple(fields["sliding_window_layers"])
+    if fields.get("layer_kinds") is not None:
+      fields["layer_kinds"] = tuple(fields["layer_kinds"])
+    if fields.get("mamba") is not None:
+      mamba = dict(fields["mamba"])
+      mamba["time_step_limit"] = tuple(mamba.get("time_step_limit", (0.0, float("inf"))))
+      fields["mamba"] = Mamba2Config(**mamba)
     fields["hf_extras"] = tuple(
         (k, tuple(v) if isinstance(v, list) else v) for k, v in fields.get("hf_extras", ()))
     return cls(**fields)
@@ -239,18 +309,41 @@ class ModelConfig:
       mlp += (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
     return (4 if self.post_norms else 2) * norm + attn + mlp
 
+  def _hybrid_layer_params(self, kind: str) -> int:
+    d = self.hidden_size
+    norm = d * (2 if self.norm == "layernorm1p" else 1)
+    if kind == "mamba":
+      m = self.mamba
+      conv = m.intermediate_size + 2 * m.num_groups * m.state_size
+      mixer = (d * (m.intermediate_size + conv + m.num_heads)  # in_proj: z, x, B, C, dt
+               + m.conv_kernel * conv + (conv if m.conv_bias else 0)
+               + 3 * m.num_heads + m.intermediate_size  # A_log, D, dt_bias; gated norm
+               + m.intermediate_size * d)  # out_proj
+      return norm + mixer
+    dense = self.replace(layer_kinds=None, mamba=None)
+    both = dense._layer_params(active=False)
+    mlp_only = d * self.intermediate_size * (3 if self.gated_mlp else 2) + (
+        (self.intermediate_size * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0)
+    attention_only = both - mlp_only - 2 * norm  # _layer_params counts both blocks' norms
+    return norm + (mlp_only if kind == "mlp" else attention_only)
+
+  def _all_layer_params(self, active: bool) -> int:
+    if self.layer_kinds is None:
+      return self.num_layers * self._layer_params(active)
+    return sum(self._hybrid_layer_params(kind) for kind in self.layer_kinds)
+
   def num_params(self) -> int:
     """Exact parameter count of the weights this config describes (tied head counted once)."""
     norm = self.hidden_size * (2 if self.norm == "layernorm1p" else 1)
     embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-    return embed + self.num_layers * self._layer_params(active=False) + norm
+    return embed + self._all_layer_params(active=False) + norm
 
   def num_active_params(self) -> int:
     """Parameters one token computes with: num_params less the experts it is not routed to
     (embeddings and the LM head count in full, as model cards count them)."""
     norm = self.hidden_size * (2 if self.norm == "layernorm1p" else 1)
     embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-    return embed + self.num_layers * self._layer_params(active=True) + norm
+    return embed + self._all_layer_params(active=True) + norm
 
   def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str = "bfloat16") -> int:
     """Bytes of the keys and values a generation of `batch` sequences of `seq_len` tokens keeps;

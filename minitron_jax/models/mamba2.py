@@ -15,58 +15,14 @@ G groups, N state size.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from minitron_jax.errors import ConfigError
 from minitron_jax.models import layers, ssd
-
-
-@dataclasses.dataclass(frozen=True)
-class Mamba2Config:
-  """The sizes and options of a Mamba-2 mixer (the Hugging Face names in comments)."""
-
-  num_heads: int  # mamba_num_heads
-  head_dim: int  # mamba_head_dim
-  state_size: int  # ssm_state_size
-  num_groups: int  # n_groups
-  conv_kernel: int = 4  # conv_kernel
-  chunk_size: int = 128  # chunk_size
-  conv_bias: bool = True  # use_conv_bias
-  # dt is clamped to [low, high] after softplus (time_step_limit); high may be inf.
-  time_step_limit: tuple[float, float] = (0.0, float("inf"))
-  activation: str = "silu"  # mamba_hidden_act
-
-  def __post_init__(self):
-    for name in ("num_heads", "head_dim", "state_size", "num_groups", "conv_kernel",
-                 "chunk_size"):
-      value = getattr(self, name)
-      if not (isinstance(value, int) and value > 0):
-        raise ConfigError(f"mamba {name}={value!r} must be a positive integer")
-    if self.num_heads % self.num_groups:
-      raise ConfigError(f"mamba num_heads={self.num_heads} must be a multiple of "
-                        f"num_groups={self.num_groups}")
-    if self.activation not in layers.ACTIVATIONS:
-      raise ConfigError(f"mamba activation={self.activation!r} is not supported; allowed: "
-                        f"{tuple(layers.ACTIVATIONS)}")
-    low, high = self.time_step_limit
-    if not 0.0 <= low <= high:
-      raise ConfigError(f"mamba time_step_limit={self.time_step_limit} must be 0 <= low <= high")
-
-  @property
-  def intermediate_size(self) -> int:
-    return self.num_heads * self.head_dim
-
-  def state_bytes(self, batch: int, dtype_bytes: int = 4) -> int:
-    """Bytes a generation of `batch` sequences keeps for one mixer: its scan state and its last
-    conv_kernel - 1 convolution inputs, whatever the sequence length."""
-    scan = self.num_heads * self.head_dim * self.state_size
-    conv = (self.conv_kernel - 1) * (self.intermediate_size + 2 * self.num_groups * self.state_size)
-    return batch * (scan + conv) * dtype_bytes
+from minitron_jax.models.config import Mamba2Config
 
 
 class MambaCache(NamedTuple):

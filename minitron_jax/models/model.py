@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minitron_jax.models import attention, layers, moe, partitioning, rope
+from minitron_jax.models import attention, hybrid, layers, moe, partitioning, rope
 from minitron_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -88,7 +88,9 @@ class Decoder(nnx.Module):
     def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
       return DecoderLayer(config, rngs)
 
-    self.layers = make_layers(rngs)
+    # A hybrid model's layers are one block each, stacked by kind (hybrid.py).
+    self.layers = (hybrid.HybridLayers(config, rngs) if config.layer_kinds is not None
+                   else make_layers(rngs))
     self.final_norm = layers.Norm(config.hidden_size, config.norm, config.norm_eps, dtype, rngs, "embed")
     if not config.tie_word_embeddings:
       self.lm_head = layers.param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
@@ -108,6 +110,13 @@ class Decoder(nnx.Module):
       # transformers rounds the scale to the compute dtype first (sqrt(3072) is 55.5 in bf16).
       x = x * jnp.asarray(cfg.embedding_scale, jnp.float32).astype(dt)
     tables = rope.rotary_tables(cfg, positions)
+    if cfg.layer_kinds is not None:
+      if cache is not None:
+        raise NotImplementedError("generation of hybrid models is not supported yet")
+      window = cfg.sliding_window or attention.NO_WINDOW
+      x, stacked = self.layers(x, tables, segment_ids, window, intermediates_fn,
+                               constrain=shard_batch_axis)
+      return self.final_norm(x), stacked
     local_layers = cfg.local_rope_layers()
     # Gemma 3: local layers rotate at their own base; one table per kind, picked per layer.
     local_tables = rope.rotary_tables(cfg, positions, local=True) if any(local_layers) else None

@@ -1,0 +1,151 @@
+"""Hybrid layer stacks (Nemotron-H): per-kind stacks scanned with a switch, against transformers'
+NemotronHForCausalLM in logits and gradients on tiny random models of several layer patterns."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hf_reference import assert_close_relative, torch, transformers
+from minitron_jax.errors import ConfigError
+from minitron_jax.models import config as config_lib
+from minitron_jax.models import hybrid, model
+
+FP32_TOLERANCE = 1e-5
+PATTERNS = {
+    "mamba_mlp_attention": ["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"],
+    "mamba_only": ["linear_attention", "linear_attention"],
+    "attention_first": ["full_attention", "linear_attention", "mlp", "linear_attention"],
+}
+TOKENS = np.random.RandomState(0).randint(0, 64, size=(2, 13))
+
+
+def _hf_model(pattern, seed=0):
+  config = transformers.NemotronHConfig(
+      vocab_size=64, hidden_size=24, layers_block_type=pattern, num_attention_heads=4,
+      num_key_value_heads=2, head_dim=8, intermediate_size=40, mamba_num_heads=4,
+      mamba_head_dim=6, n_groups=2, ssm_state_size=5, conv_kernel=4, chunk_size=8,
+      time_step_limit=(0.0, float("inf")), layer_norm_epsilon=1e-5, mlp_hidden_act="relu2")
+  torch.manual_seed(seed)
+  hf = transformers.NemotronHForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, param in hf.named_parameters():
+      param.add_(0.1 * torch.randn_like(param))
+  return config, hf
+
+
+def _ours(config, hf):
+  """Our config and params from the transformers model (as a Nemotron-H import must read them)."""
+  kinds = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "mlp"}
+  mamba = config_lib.Mamba2Config(
+      num_heads=config.mamba_num_heads, head_dim=config.mamba_head_dim,
+      state_size=config.ssm_state_size, num_groups=config.n_groups,
+      conv_kernel=config.conv_kernel, chunk_size=config.chunk_size,
+      conv_bias=config.use_conv_bias, time_step_limit=tuple(config.time_step_limit))
+  ours = config_lib.ModelConfig(
+      family="nemotron", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+      num_layers=len(config.layers_block_type), num_attention_heads=config.num_attention_heads,
+      num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+      intermediate_size=config.intermediate_size, activation="relu2", gated_mlp=False,
+      norm="rms", norm_eps=config.layer_norm_epsilon, rotary=False,
+      layer_kinds=tuple(kinds[k] for k in config.layers_block_type),
+      mamba=mamba if "mamba" in (kinds[k] for k in config.layers_block_type) else None)
+  w = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
+  d, m, p, g, n = (config.hidden_size, mamba.num_heads, mamba.head_dim, mamba.num_groups,
+                   mamba.state_size)
+  i, gn = m * p, g * n
+  blocks = {kind: [] for kind in kinds.values()}
+  for index, hf_kind in enumerate(config.layers_block_type):
+    pre = f"model.layers.{index}.mixer."
+    block = {"norm": {"scale": w[f"model.layers.{index}.norm.weight"]}}
+    if hf_kind == "linear_attention":
+      z, x, b, c, dt = np.split(w[pre + "in_proj.weight"], np.cumsum([i, i, gn, gn]))
+      conv = w[pre + "conv1d.weight"][:, 0, :].T  # [W, channels]
+      cx, cb, cc = np.split(conv, [i, i + gn], axis=1)
+      bx, bb, bc = np.split(w[pre + "conv1d.bias"], [i, i + gn])
+      block["mixer"] = dict(
+          in_z=z.T.reshape(d, m, p), in_x=x.T.reshape(d, m, p), in_B=b.T.reshape(d, g, n),
+          in_C=c.T.reshape(d, g, n), in_dt=dt.T, conv_x=cx.reshape(-1, m, p),
+          conv_B=cb.reshape(-1, g, n), conv_C=cc.reshape(-1, g, n),
+          conv_x_bias=bx.reshape(m, p), conv_B_bias=bb.reshape(g, n),
+          conv_C_bias=bc.reshape(g, n), A_log=w[pre + "A_log"], D=w[pre + "D"],
+          dt_bias=w[pre + "dt_bias"], norm=w[pre + "norm.weight"].reshape(m, p),
+          out_proj=w[pre + "out_proj.weight"].T.reshape(m, p, d))
+    elif hf_kind == "full_attention":
+      h = config.head_dim
+      block["attn"] = {name: w[pre + f"{name}.weight"].T.reshape(d, -1, h)
+                       for name in ("q_proj", "k_proj", "v_proj")}
+      block["attn"]["o_proj"] = w[pre + "o_proj.weight"].T.reshape(-1, h, d)
+    else:
+      block["mlp"] = dict(up_proj=w[pre + "up_proj.weight"].T,
+                          down_proj=w[pre + "down_proj.weight"].T)
+    blocks[kinds[hf_kind]].append(block)
+  stacked = {kind: jax.tree.map(lambda *a: np.stack(a), *layers)
+             for kind, layers in blocks.items() if layers}
+  params = dict(embed=w["model.embeddings.weight"], layers=stacked,
+                final_norm={"scale": w["model.norm_f.weight"]}, lm_head=w["lm_head.weight"].T)
+  return ours, jax.tree.map(jnp.asarray, params)
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_logits_equal_transformers(pattern):
+  config, hf = _hf_model(PATTERNS[pattern])
+  ours, params = _ours(config, hf)
+  assert jax.tree.structure(params) == jax.tree.structure(model.abstract_params(ours))
+  assert ours.num_params() == sum(p.numel() for p in hf.parameters())
+  with torch.no_grad():
+    expected = hf(torch.tensor(TOKENS), use_cache=False).logits.numpy()
+  assert_close_relative(model.apply(ours, params, jnp.asarray(TOKENS)), expected, FP32_TOLERANCE)
+
+
+def test_gradients_equal_transformers():
+  config, hf = _hf_model(PATTERNS["mamba_mlp_attention"], seed=1)
+  ours, params = _ours(config, hf)
+  weights = np.random.default_rng(0).normal(size=TOKENS.shape + (config.vocab_size,))
+  (hf(torch.tensor(TOKENS), use_cache=False).logits * torch.tensor(weights, dtype=torch.float32)).sum().backward()
+
+  def loss(params):
+    return jnp.sum(model.apply(ours, params, jnp.asarray(TOKENS)) * weights)
+
+  grads = jax.grad(loss)(params)
+  torch_grads = dict(hf.named_parameters())
+  # Layer 4 is the second MLP layer (index 1 of the mlp stack), layer 3 the second Mamba one.
+  assert_close_relative(grads["layers"]["mlp"]["mlp"]["up_proj"][1].T,
+                        torch_grads["model.layers.4.mixer.up_proj.weight"].grad.numpy(), 3e-5)
+  assert_close_relative(grads["layers"]["mamba"]["mixer"]["A_log"][1],
+                        torch_grads["model.layers.3.mixer.A_log"].grad.numpy(), 3e-5)
+  assert_close_relative(grads["layers"]["attention"]["attn"]["o_proj"][0].reshape(-1, 24).T,
+                        torch_grads["model.layers.2.mixer.o_proj.weight"].grad.numpy(), 3e-5)
+  assert_close_relative(grads["embed"], torch_grads["model.embeddings.weight"].grad.numpy(), 3e-5)
+
+
+def test_packed_rows_equal_separate_documents():
+  config, hf = _hf_model(PATTERNS["mamba_mlp_attention"], seed=2)
+  ours, params = _ours(config, hf)
+  lengths = (5, 8)
+  tokens = jnp.asarray(TOKENS[:1])
+  segments = jnp.asarray(np.repeat([1, 2], lengths)[None], jnp.int32)
+  positions = jnp.asarray(np.concatenate([np.arange(n) for n in lengths])[None], jnp.int32)
+  packed = model.apply(ours, params, tokens, segment_ids=segments, positions=positions)
+  alone = [model.apply(ours, params, tokens[:, :5]), model.apply(ours, params, tokens[:, 5:])]
+  assert_close_relative(packed, jnp.concatenate(alone, axis=1), FP32_TOLERANCE)
+
+
+def test_schedule_reads_each_kind_in_order():
+  cfg = config_lib.tiny("nemotron", norm="rms", num_layers=5, rotary=False,
+                        layer_kinds=("mamba", "mlp", "mamba", "attention", "mlp"),
+                        mamba=config_lib.Mamba2Config(num_heads=2, head_dim=4, state_size=4,
+                                                      num_groups=1))
+  branch, index = hybrid.layer_schedule(cfg)
+  assert hybrid.kinds_present(cfg) == ("attention", "mamba", "mlp")
+  assert branch.tolist() == [1, 2, 1, 0, 2] and index.tolist() == [0, 0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(layer_kinds=("mamba", "conv")), r"layer kinds \['conv'\] are not supported"),
+    (dict(layer_kinds=("mlp",)), "layer_kinds has 1 entries; num_layers=2"),
+    (dict(layer_kinds=("mamba", "mlp")), "mamba must be set exactly when"),
+])
+def test_bad_layer_kinds_are_refused_in_one_line(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    config_lib.tiny("nemotron", norm="rms", **fields)
