@@ -149,3 +149,17 @@ def test_schedule_reads_each_kind_in_order():
 def test_bad_layer_kinds_are_refused_in_one_line(fields, message):
   with pytest.raises(ConfigError, match=message):
     config_lib.tiny("nemotron", norm="rms", **fields)
+
+
+def test_serving_memory_counts_attention_kv_and_constant_mamba_state():
+  mamba = config_lib.Mamba2Config(num_heads=4, head_dim=8, state_size=16, num_groups=2,
+                                  conv_kernel=4)
+  cfg = config_lib.tiny("nemotron", norm="rms", num_layers=4, rotary=False, mamba=mamba,
+                        layer_kinds=("mamba", "attention", "mlp", "mamba"))
+  # One attention layer: keys and values of 2 KV heads x head_dim 16 per token, in bfloat16.
+  assert cfg.kv_cache_bytes(3, 100) == 3 * 100 * 2 * 2 * 16 * 2
+  # Per Mamba layer and sequence: the 4x8x16 scan state and 3 taps of (32 + 2x2x16) inputs.
+  per_layer = 4 * 8 * 16 + 3 * (32 + 2 * 2 * 16)
+  assert cfg.recurrent_state_bytes(3) == 2 * 3 * per_layer * 2
+  grown = cfg.memory_bytes(3, 1000) - cfg.memory_bytes(3, 100)
+  assert grown == cfg.kv_cache_bytes(3, 1000) - cfg.kv_cache_bytes(3, 100)

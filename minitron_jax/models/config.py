@@ -348,14 +348,27 @@ class ModelConfig:
   def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str = "bfloat16") -> int:
     """Bytes of the keys and values a generation of `batch` sequences of `seq_len` tokens keeps;
     a sliding-window layer keeps the last window - 1 (the next token attends to them and to
-    itself), as transformers' cache does."""
+    itself), as transformers' cache does.
+    A hybrid model's Mamba and MLP layers keep no keys or values (see recurrent_state_bytes)."""
     per_token = 2 * self.num_key_value_heads * self.head_dim * dtype_bytes(dtype)
-    kept = sum(seq_len if w is None else min(seq_len, w - 1) for w in self.layer_windows())
+    windows = self.layer_windows()
+    if self.layer_kinds is not None:
+      windows = [w for w, kind in zip(windows, self.layer_kinds) if kind == "attention"]
+    kept = sum(seq_len if w is None else min(seq_len, w - 1) for w in windows)
     return batch * kept * per_token
 
+  def recurrent_state_bytes(self, batch: int, dtype: str = "bfloat16") -> int:
+    """Bytes of the Mamba layers' scan states and convolution windows a generation of `batch`
+    sequences keeps: constant in sequence length (0 without Mamba layers)."""
+    if self.mamba is None:
+      return 0
+    return self.layer_kinds.count("mamba") * self.mamba.state_bytes(batch, dtype_bytes(dtype))
+
   def memory_bytes(self, batch: int, seq_len: int, dtype: str = "bfloat16") -> int:
-    """Serving memory: every weight at `dtype` plus the KV cache of `kv_cache_bytes`."""
-    return self.num_params() * dtype_bytes(dtype) + self.kv_cache_bytes(batch, seq_len, dtype)
+    """Serving memory: every weight at `dtype` plus the KV cache of `kv_cache_bytes` and the
+    Mamba layers' states, as ModelOpt's `memory_mb` counts them."""
+    return (self.num_params() * dtype_bytes(dtype) + self.kv_cache_bytes(batch, seq_len, dtype)
+            + self.recurrent_state_bytes(batch, dtype))
 
 
 # Bytes per element of the dtypes a memory budget can be counted at.
