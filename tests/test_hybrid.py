@@ -9,7 +9,7 @@ import pytest
 from hf_reference import assert_close_relative, torch, transformers
 from minitron_jax.errors import ConfigError
 from minitron_jax.models import config as config_lib
-from minitron_jax.models import hybrid, model
+from minitron_jax.models import hybrid, model, partitioning, sharding
 
 FP32_TOLERANCE = 1e-5
 PATTERNS = {
@@ -163,3 +163,25 @@ def test_serving_memory_counts_attention_kv_and_constant_mamba_state():
   assert cfg.recurrent_state_bytes(3) == 2 * 3 * per_layer * 2
   grown = cfg.memory_bytes(3, 1000) - cfg.memory_bytes(3, 100)
   assert grown == cfg.kv_cache_bytes(3, 1000) - cfg.kv_cache_bytes(3, 100)
+
+
+def test_sharded_forward_and_gradients_match_one_device():
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py sets --xla_force_host_platform_device_count)")
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
+  config, hf = _hf_model(PATTERNS["mamba_mlp_attention"], seed=3)
+  ours, params = _ours(config, hf)
+  tokens = jnp.asarray(np.tile(TOKENS, (2, 1)))
+
+  def loss(params, tokens):
+    return jnp.mean(jax.nn.logsumexp(model.apply(ours, params, tokens), axis=-1))
+
+  expected = jax.value_and_grad(loss)(params, tokens)
+  placed = sharding.shard_params(ours, params, mesh)
+  in_x = placed["layers"]["mamba"]["mixer"]["in_x"]
+  assert in_x.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  with jax.set_mesh(mesh):
+    got = jax.jit(jax.value_and_grad(loss))(
+        placed, jax.device_put(tokens, partitioning.batch_sharding(mesh, tokens.shape)))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert_close_relative(a, b, FP32_TOLERANCE)

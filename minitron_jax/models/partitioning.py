@@ -35,6 +35,13 @@ LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("experts", ("expert",)),
     ("moe_mlp", ("tensor",)),
     ("shared_mlp", ("tensor",)),
+    # Mamba-2 (mamba2.py): heads split like attention heads; a head's channels, the groups'
+    # B and C (small, read by every head of a group) and the conv taps stay whole.
+    ("mamba_heads", ("tensor",)),
+    ("mamba_head_dim", ()),
+    ("mamba_groups", ()),
+    ("mamba_state", ()),
+    ("mamba_conv", ()),
     ("unit", ()),
     ("length", ()),
 )
