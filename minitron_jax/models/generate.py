@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitron_jax.models import kv_cache
 from minitron_jax.models import model as model_lib
 from minitron_jax.models.config import ModelConfig
 from minitron_jax.errors import ConfigError
@@ -201,7 +200,7 @@ def _generate(config, params, tokens, valid, stops, key, temperature, top_k, top
     return token, recent, done | jnp.any(matched, axis=-1)
 
   # The prefill: pads see nothing and sit at position 0; a row's tokens at 0..length-1.
-  cache = kv_cache.KVCache.create(config, b, p + n - 1)
+  cache = model_lib.new_cache(config, b, p + n - 1)
   positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
   hidden, cache = model_lib.decode(config, params, tokens, cache,
                                    segment_ids=valid.astype(jnp.int32), positions=positions)

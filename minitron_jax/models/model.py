@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from minitron_jax.models import attention, hybrid, layers, moe, partitioning, rope
+from minitron_jax.models import attention, hybrid, kv_cache, layers, moe, partitioning, rope
 from minitron_jax.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -111,11 +111,11 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(cfg.embedding_scale, jnp.float32).astype(dt)
     tables = rope.rotary_tables(cfg, positions)
     if cfg.layer_kinds is not None:
-      if cache is not None:
-        raise NotImplementedError("generation of hybrid models is not supported yet")
+      # With a cache (decode), the layers give back the updated hybrid.HybridCache.
       window = cfg.sliding_window or attention.NO_WINDOW
-      x, stacked = self.layers(x, tables, segment_ids, window, intermediates_fn,
-                               constrain=shard_batch_axis)
+      x, stacked = self.layers(x, tables, segment_ids, window,
+                               None if cache is not None else intermediates_fn,
+                               constrain=shard_batch_axis, cache=cache)
       return self.final_norm(x), stacked
     local_layers = cfg.local_rope_layers()
     # Gemma 3: local layers rotate at their own base; one table per kind, picked per layer.
@@ -238,6 +238,14 @@ def hidden_states(config: ModelConfig, params: Params, tokens: jax.Array, *,
 
 def _kv_cache(intermediates: Intermediates):
   return intermediates["kv_cache"]
+
+
+def new_cache(config: ModelConfig, batch: int, length: int):
+  """An empty generation cache of `length` slots per row: a kv_cache.KVCache, or for a hybrid
+  model a hybrid.HybridCache (keys and values of its attention layers, states of its Mamba ones)."""
+  if config.layer_kinds is not None:
+    return hybrid.HybridCache.create(config, batch, length)
+  return kv_cache.KVCache.create(config, batch, length)
 
 
 def decode(config: ModelConfig, params: Params, tokens: jax.Array, cache, *,
