@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from hf_reference import assert_close_relative, torch, transformers
+from test_mamba2 import mamba_config_from_hf, mixer_params_from_hf
 from minitron_jax.errors import ConfigError
 from minitron_jax.models import config as config_lib
 from minitron_jax.models import hybrid, model, partitioning, sharding
@@ -37,11 +38,7 @@ def _hf_model(pattern, seed=0):
 def _ours(config, hf):
   """Our config and params from the transformers model (as a Nemotron-H import must read them)."""
   kinds = {"linear_attention": "mamba", "full_attention": "attention", "mlp": "mlp"}
-  mamba = config_lib.Mamba2Config(
-      num_heads=config.mamba_num_heads, head_dim=config.mamba_head_dim,
-      state_size=config.ssm_state_size, num_groups=config.n_groups,
-      conv_kernel=config.conv_kernel, chunk_size=config.chunk_size,
-      conv_bias=config.use_conv_bias, time_step_limit=tuple(config.time_step_limit))
+  mamba = mamba_config_from_hf(config)
   ours = config_lib.ModelConfig(
       family="nemotron", vocab_size=config.vocab_size, hidden_size=config.hidden_size,
       num_layers=len(config.layers_block_type), num_attention_heads=config.num_attention_heads,
@@ -51,26 +48,13 @@ def _ours(config, hf):
       layer_kinds=tuple(kinds[k] for k in config.layers_block_type),
       mamba=mamba if "mamba" in (kinds[k] for k in config.layers_block_type) else None)
   w = {k: v.detach().numpy().astype(np.float32) for k, v in hf.state_dict().items()}
-  d, m, p, g, n = (config.hidden_size, mamba.num_heads, mamba.head_dim, mamba.num_groups,
-                   mamba.state_size)
-  i, gn = m * p, g * n
+  d = config.hidden_size
   blocks = {kind: [] for kind in kinds.values()}
   for index, hf_kind in enumerate(config.layers_block_type):
     pre = f"model.layers.{index}.mixer."
     block = {"norm": {"scale": w[f"model.layers.{index}.norm.weight"]}}
     if hf_kind == "linear_attention":
-      z, x, b, c, dt = np.split(w[pre + "in_proj.weight"], np.cumsum([i, i, gn, gn]))
-      conv = w[pre + "conv1d.weight"][:, 0, :].T  # [W, channels]
-      cx, cb, cc = np.split(conv, [i, i + gn], axis=1)
-      bx, bb, bc = np.split(w[pre + "conv1d.bias"], [i, i + gn])
-      block["mixer"] = dict(
-          in_z=z.T.reshape(d, m, p), in_x=x.T.reshape(d, m, p), in_B=b.T.reshape(d, g, n),
-          in_C=c.T.reshape(d, g, n), in_dt=dt.T, conv_x=cx.reshape(-1, m, p),
-          conv_B=cb.reshape(-1, g, n), conv_C=cc.reshape(-1, g, n),
-          conv_x_bias=bx.reshape(m, p), conv_B_bias=bb.reshape(g, n),
-          conv_C_bias=bc.reshape(g, n), A_log=w[pre + "A_log"], D=w[pre + "D"],
-          dt_bias=w[pre + "dt_bias"], norm=w[pre + "norm.weight"].reshape(m, p),
-          out_proj=w[pre + "out_proj.weight"].T.reshape(m, p, d))
+      block["mixer"] = mixer_params_from_hf(w, pre, mamba, d)
     elif hf_kind == "full_attention":
       h = config.head_dim
       block["attn"] = {name: w[pre + f"{name}.weight"].T.reshape(d, -1, h)
@@ -222,3 +206,17 @@ def test_cached_generation_of_a_mamba_only_model_equals_a_full_forward_argmax():
   for prompt, new in zip(GENERATION_PROMPTS, got):
     logits = model.apply(ours, params, jnp.asarray([prompt + new]))[0]
     np.testing.assert_array_equal(np.argmax(logits[len(prompt) - 1:-1], axis=-1), new)
+
+
+def test_attention_without_rotary_embeddings_ignores_positions():
+  # rope.rotary_tables gives empty tables for rotary=False, so any model's attention, dense
+  # ones included, sees no positions: shifting them changes nothing.
+  cfg = config_lib.tiny("llama", rotary=False)
+  params = model.init(cfg)
+  tokens = jnp.asarray(TOKENS % cfg.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(TOKENS.shape[1]), TOKENS.shape)
+  np.testing.assert_array_equal(model.apply(cfg, params, tokens, positions=positions),
+                                model.apply(cfg, params, tokens, positions=positions + 7))
+  rotated = config_lib.tiny("llama")
+  assert not np.array_equal(model.apply(rotated, params, tokens, positions=positions),
+                            model.apply(rotated, params, tokens, positions=positions + 7))

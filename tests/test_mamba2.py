@@ -104,33 +104,44 @@ def _hf_mixer(seed=0, **overrides):
   return config, mixer
 
 
-def _our_mixer(config, mixer) -> tuple[mamba2.Mamba2Mixer, mamba2.Mamba2Config]:
-  ours = mamba2.Mamba2Config(
+def mamba_config_from_hf(config) -> mamba2.Mamba2Config:
+  """Our mixer's config from a transformers NemotronHConfig."""
+  return mamba2.Mamba2Config(
       num_heads=config.mamba_num_heads, head_dim=config.mamba_head_dim,
       state_size=config.ssm_state_size, num_groups=config.n_groups,
       conv_kernel=config.conv_kernel, chunk_size=config.chunk_size,
       conv_bias=config.use_conv_bias, time_step_limit=tuple(config.time_step_limit))
+
+
+def _our_mixer(config, mixer) -> tuple[mamba2.Mamba2Mixer, mamba2.Mamba2Config]:
+  ours = mamba_config_from_hf(config)
   module = mamba2.Mamba2Mixer(ours, config.hidden_size, config.layer_norm_epsilon, "float32",
                               nnx.Rngs(0))
-  m, p, g, n = HEADS, HEAD_DIM, GROUPS, STATE
-  i, gn = m * p, g * n
   w = {k: v.detach().numpy().astype(np.float32) for k, v in mixer.state_dict().items()}
-  z, x, b, c, dt = np.split(w["in_proj.weight"], np.cumsum([i, i, gn, gn]), axis=0)
-  conv = w["conv1d.weight"][:, 0, :]  # [channels, W]
+  values = mixer_params_from_hf(w, "", ours, config.hidden_size)
+  for name, value in values.items():
+    getattr(module, name)[...] = jnp.asarray(value)
+  return module, ours
+
+
+def mixer_params_from_hf(w: dict, prefix: str, mamba: mamba2.Mamba2Config, hidden: int) -> dict:
+  """Our mixer's weights from a NemotronHMamba2Mixer's float32 state dict `w` (names under
+  `prefix`): the fused in_proj rows [z | x | B | C | dt] and conv1d channels [x | B | C] split."""
+  m, p, g, n = mamba.num_heads, mamba.head_dim, mamba.num_groups, mamba.state_size
+  i, gn, d = m * p, g * n, hidden
+  z, x, b, c, dt = np.split(w[prefix + "in_proj.weight"], np.cumsum([i, i, gn, gn]), axis=0)
+  conv = w[prefix + "conv1d.weight"][:, 0, :]  # [channels, W]
   conv_x, conv_b, conv_c = np.split(conv, [i, i + gn], axis=0)
-  bias_x, bias_b, bias_c = np.split(w["conv1d.bias"], [i, i + gn])
-  d = config.hidden_size
-  values = dict(
+  bias_x, bias_b, bias_c = np.split(w[prefix + "conv1d.bias"], [i, i + gn])
+  return dict(
       in_z=z.T.reshape(d, m, p), in_x=x.T.reshape(d, m, p), in_B=b.T.reshape(d, g, n),
       in_C=c.T.reshape(d, g, n), in_dt=dt.T,
       conv_x=conv_x.T.reshape(-1, m, p), conv_B=conv_b.T.reshape(-1, g, n),
       conv_C=conv_c.T.reshape(-1, g, n), conv_x_bias=bias_x.reshape(m, p),
       conv_B_bias=bias_b.reshape(g, n), conv_C_bias=bias_c.reshape(g, n),
-      A_log=w["A_log"], D=w["D"], dt_bias=w["dt_bias"], norm=w["norm.weight"].reshape(m, p),
-      out_proj=w["out_proj.weight"].T.reshape(m, p, d))
-  for name, value in values.items():
-    getattr(module, name)[...] = jnp.asarray(value)
-  return module, ours
+      A_log=w[prefix + "A_log"], D=w[prefix + "D"], dt_bias=w[prefix + "dt_bias"],
+      norm=w[prefix + "norm.weight"].reshape(m, p),
+      out_proj=w[prefix + "out_proj.weight"].T.reshape(m, p, d))
 
 
 def _inputs(batch=2, length=19, seed=3):

@@ -271,7 +271,8 @@ class ModelConfig:
       fields["layer_kinds"] = tuple(fields["layer_kinds"])
     if fields.get("mamba") is not None:
       mamba = dict(fields["mamba"])
-      mamba["time_step_limit"] = tuple(mamba.get("time_step_limit", (0.0, float("inf"))))
+      if "time_step_limit" in mamba:
+        mamba["time_step_limit"] = tuple(mamba["time_step_limit"])
       fields["mamba"] = Mamba2Config(**mamba)
     fields["hf_extras"] = tuple(
         (k, tuple(v) if isinstance(v, list) else v) for k, v in fields.get("hf_extras", ()))
@@ -291,59 +292,60 @@ class ModelConfig:
       return (False,) * self.num_layers
     return tuple(w is not None for w in self.layer_windows())
 
-  def _layer_params(self, active: bool) -> int:
+  def _norm_params(self) -> int:
+    return self.hidden_size * (2 if self.norm == "layernorm1p" else 1)
+
+  def _attention_params(self) -> int:
     d, h = self.hidden_size, self.head_dim
-    n, k, f = self.num_attention_heads, self.num_key_value_heads, self.intermediate_size
-    norm = d * (2 if self.norm == "layernorm1p" else 1)
+    n, k = self.num_attention_heads, self.num_key_value_heads
     attn = d * h * (n + 2 * k) + n * h * d
     attn += h * (n + 2 * k) if self.qkv_bias else 0
     attn += d if self.o_bias else 0
     attn += 2 * h if self.qk_norm else 0
+    return attn
+
+  def _mlp_params(self, active: bool) -> int:
+    d, f = self.hidden_size, self.intermediate_size
     if self.is_moe:
       experts = self.num_experts_per_tok if active else self.num_experts
       mlp = experts * 3 * d * self.moe_intermediate_size + d * self.num_experts  # + router
       if self.shared_expert_intermediate_size:
         mlp += 3 * d * self.shared_expert_intermediate_size + d  # + its sigmoid gate
-    else:
-      mlp = d * f * (3 if self.gated_mlp else 2)
-      mlp += (f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0
-    return (4 if self.post_norms else 2) * norm + attn + mlp
+      return mlp
+    mlp = d * f * (3 if self.gated_mlp else 2)
+    return mlp + ((f * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0)
 
-  def _hybrid_layer_params(self, kind: str) -> int:
-    d = self.hidden_size
-    norm = d * (2 if self.norm == "layernorm1p" else 1)
-    if kind == "mamba":
-      m = self.mamba
-      conv = m.intermediate_size + 2 * m.num_groups * m.state_size
-      mixer = (d * (m.intermediate_size + conv + m.num_heads)  # in_proj: z, x, B, C, dt
-               + m.conv_kernel * conv + (conv if m.conv_bias else 0)
-               + 3 * m.num_heads + m.intermediate_size  # A_log, D, dt_bias; gated norm
-               + m.intermediate_size * d)  # out_proj
-      return norm + mixer
-    dense = self.replace(layer_kinds=None, mamba=None)
-    both = dense._layer_params(active=False)
-    mlp_only = d * self.intermediate_size * (3 if self.gated_mlp else 2) + (
-        (self.intermediate_size * (2 if self.gated_mlp else 1) + d) if self.mlp_bias else 0)
-    attention_only = both - mlp_only - 2 * norm  # _layer_params counts both blocks' norms
-    return norm + (mlp_only if kind == "mlp" else attention_only)
+  def _mamba_params(self) -> int:
+    d, m = self.hidden_size, self.mamba
+    conv = m.intermediate_size + 2 * m.num_groups * m.state_size
+    return (d * (m.intermediate_size + conv + m.num_heads)  # in_proj: z, x, B, C, dt
+            + m.conv_kernel * conv + (conv if m.conv_bias else 0)
+            + 3 * m.num_heads + m.intermediate_size  # A_log, D, dt_bias; gated norm
+            + m.intermediate_size * d)  # out_proj
 
-  def _all_layer_params(self, active: bool) -> int:
+  def _layers_params(self, active: bool) -> int:
+    """Every layer's weights: attention + MLP with their norms, or for a hybrid model one block
+    and its pre-norm per layer."""
     if self.layer_kinds is None:
-      return self.num_layers * self._layer_params(active)
-    return sum(self._hybrid_layer_params(kind) for kind in self.layer_kinds)
+      norms = (4 if self.post_norms else 2) * self._norm_params()
+      return self.num_layers * (norms + self._attention_params() + self._mlp_params(active))
+    block = {"attention": self._attention_params, "mlp": lambda: self._mlp_params(active),
+             "mamba": self._mamba_params}
+    return sum(self._norm_params() + block[kind]() for kind in self.layer_kinds)
+
+  def _outside_layers_params(self) -> int:
+    """The embedding, the untied head and the final norm."""
+    embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+    return embed + self._norm_params()
 
   def num_params(self) -> int:
     """Exact parameter count of the weights this config describes (tied head counted once)."""
-    norm = self.hidden_size * (2 if self.norm == "layernorm1p" else 1)
-    embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-    return embed + self._all_layer_params(active=False) + norm
+    return self._outside_layers_params() + self._layers_params(active=False)
 
   def num_active_params(self) -> int:
     """Parameters one token computes with: num_params less the experts it is not routed to
     (embeddings and the LM head count in full, as model cards count them)."""
-    norm = self.hidden_size * (2 if self.norm == "layernorm1p" else 1)
-    embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-    return embed + self._all_layer_params(active=True) + norm
+    return self._outside_layers_params() + self._layers_params(active=True)
 
   def kv_cache_bytes(self, batch: int, seq_len: int, dtype: str = "bfloat16") -> int:
     """Bytes of the keys and values a generation of `batch` sequences of `seq_len` tokens keeps;

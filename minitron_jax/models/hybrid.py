@@ -125,11 +125,11 @@ class HybridLayers(nnx.Module):
     """x [B,T,D] -> (x after every layer, stacked intermediates_fn outputs or None; with
     `cache`, the cache holding these tokens too in their place).
 
-    `tables`: (cos, sin) for attention; `constrain` re-applies the batch sharding between
+    `tables`: (cos, sin) for attention (rope.rotary_tables); `constrain` re-applies the batch sharding between
     layers (model.shard_batch_axis)."""
     cfg = self.config
     present = kinds_present(cfg)
-    cos, sin = tables if cfg.rotary else (jnp.zeros(x.shape[:2] + (0,), jnp.float32),) * 2
+    cos, sin = tables
     splits = {kind: nnx.split(getattr(self, kind)) for kind in present}
     take = lambda tree, i: jax.tree.map(  # noqa: E731
         lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)

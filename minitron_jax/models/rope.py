@@ -40,7 +40,11 @@ def rope_inverse_frequencies(config: ModelConfig, local: bool = False) -> np.nda
 
 def rotary_tables(config: ModelConfig, positions: jax.Array,
                   local: bool = False) -> tuple[jax.Array, jax.Array]:
-  """cos, sin of shape [B,T,rotary_dim] in float32 (the two halves repeat, as in rotate-half RoPE)."""
+  """cos, sin of shape [B,T,rotary_dim] in float32 (the two halves repeat, as in rotate-half RoPE);
+  [B,T,0] without rotary embeddings (`config.rotary` False), which apply_rotary passes through."""
+  if not config.rotary:
+    empty = jnp.zeros(positions.shape + (0,), jnp.float32)
+    return empty, empty
   inv_freq = rope_inverse_frequencies(config, local)
   angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
   angles = jnp.concatenate([angles, angles], axis=-1)
